@@ -1,0 +1,157 @@
+//! The command line: clap derive structs for each subcommand, and the parsers for sizes,
+//! durations and addresses that turn text into configuration with one clear error line.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::server::{Model, ServerConfig};
+
+/// A TCP echo server with every classic concurrency model, its clients, and a verifying
+/// load generator.
+#[derive(Debug, Parser)]
+#[command(name = "multiecho", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log less (warnings and errors only). Repeat for errors only.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
+    /// Log more (-v debug, -vv trace). RUST_LOG overrides both.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the echo server.
+    Serve(ServeArgs),
+    /// Talk to an echo server from the terminal (the seeds' clients).
+    Client(crate::client::ClientArgs),
+    /// Load an echo server and verify every byte it sends back.
+    Bench(crate::bench::BenchArgs),
+    /// Start each model in turn, benchmark it, and write a side-by-side report with charts.
+    Compare(crate::bench::compare::CompareArgs),
+}
+
+/// `multiecho serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on: HOST:PORT, [V6]:PORT or PORT (loopback). Repeat to listen on
+    /// several; use 0.0.0.0:4000 or [::]:4000 to accept connections from other machines.
+    #[arg(short, long = "listen", value_name = "ADDR", value_parser = parse_addr,
+          default_value = crate::net::DEFAULT_LISTEN)]
+    pub listen: Vec<SocketAddr>,
+    /// How to serve many clients at once.
+    #[arg(short, long, value_enum, default_value_t = Model::Thread)]
+    pub model: Model,
+    /// Listen backlog: finished handshakes waiting to be accepted.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub backlog: u32,
+    /// Serve at most N connections at once; more wait in the backlog (they are not reset).
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_conns: u64,
+    /// Close a connection that sends nothing (or accepts no echo) for this long, e.g. 30s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// On SIGINT/SIGTERM, let live connections finish for up to this long, then close them.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Worker processes or threads (prefork, pool, epoll, async, uring). Default: one per core.
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..4097))]
+    pub workers: Option<u64>,
+    /// Stack size of connection threads (thread model), e.g. 128KiB.
+    #[arg(long, value_name = "BYTES", default_value = "128KiB", value_parser = parse_size)]
+    pub thread_stack: u64,
+}
+
+impl ServeArgs {
+    /// The server configuration these flags describe.
+    pub fn config(&self) -> ServerConfig {
+        let defaults = ServerConfig::default();
+        ServerConfig {
+            backlog: self.backlog,
+            max_conns: usize::try_from(self.max_conns).unwrap_or(usize::MAX),
+            idle_timeout: self.idle_timeout,
+            shutdown_timeout: self.shutdown_timeout,
+            workers: self.workers.map_or(defaults.workers, |w| w as usize),
+            // Below 16 KiB a thread cannot even format a log line.
+            thread_stack: (self.thread_stack as usize).max(16 * 1024),
+        }
+    }
+}
+
+/// Parses an address for clap (see [`crate::net::parse_addr`]).
+pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    crate::net::parse_addr(text)
+}
+
+/// Parses a duration: `30s`, `500ms`, `2m`, or a bare number of seconds (`1.5`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|_| {
+            format!("invalid duration '{text}': must be a non-negative number of seconds")
+        });
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("invalid duration '{text}': {e} (examples: 30s, 500ms, 2m)"))
+}
+
+/// Parses a byte size: `512`, `4k`, `4KiB`, `1m`, `1MiB`, `2GiB` (binary multiples; `kb`/`KB`
+/// are taken as KiB too, as most echo tools do).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size '{text}': expected a number such as 512, 4k or 1MiB"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "invalid size '{text}': unknown unit '{unit}' (use k, KiB, m, MiB, g or GiB)"
+            ))
+        }
+    };
+    value
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("invalid size '{text}': too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("4k").unwrap(), 4096);
+        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

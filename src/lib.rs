@@ -1,0 +1,63 @@
+//! multiecho: a TCP echo server that offers every classic way to serve many clients at once,
+//! the clients from the seed study notes, and a load generator that verifies every byte.
+//!
+//! The binary (`src/main.rs`) is a thin shell over this library: it parses the command line
+//! ([`cli`]), sets up logging and calls into the modules below. Tests drive the same calls.
+//!
+//! # Layout
+//! - [`cli`]: the command line (clap derive) and its validation into configurations.
+//! - [`net`]: binding listeners (backlog, address reuse), per-connection socket options,
+//!   the open-files limit, and the accept-error classification every model shares.
+//! - [`shutdown`]: the one shutdown signal (SIGINT/SIGTERM or a programmatic trigger) that
+//!   every model obeys.
+//! - [`limits`]: the connection limit and the registry of live connections that lets a
+//!   blocking model wait for them to finish and then close them at the shutdown deadline.
+//! - [`stats`]: cheap counters of connections and bytes.
+//! - [`server`]: `enum Model` and one module per concurrency model (`server/<model>.rs`), plus
+//!   what the blocking models share: the accept loop (`server/accept.rs`) and the echo loop
+//!   (`server/echo.rs`).
+//! - [`client`]: the seeds' line client and split-I/O client.
+//! - [`payload`]: deterministic pseudo-random content for load generation and tests.
+//! - [`bench`]: the verifying load generator, and `compare` with its report and charts.
+
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod limits;
+pub mod net;
+pub mod payload;
+pub mod server;
+pub mod shutdown;
+pub mod stats;
+mod wake;
+
+pub use server::{Model, ServerConfig};
+pub use shutdown::Shutdown;
+
+/// Errors from setting a server up. Hot paths use plain `io::Result`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O operation failed; `context` says what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The requested model cannot run on this machine (for example io_uring is unavailable).
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl Error {
+    /// Wraps an I/O error with a description of what was being attempted.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// The library's result type for setup operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

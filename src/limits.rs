@@ -1,0 +1,215 @@
+//! The connection limit and the registry of live connections, shared by the blocking models
+//! (iterative, thread, pool, and prefork's workers).
+//!
+//! `--max-conns` is enforced *before* `accept()`: while the server is full it does not accept,
+//! so extra clients wait in the listen backlog instead of being accepted and reset. The
+//! registry remembers each live socket so that, at the shutdown deadline, the server can shut
+//! them down, which wakes threads blocked in `read()`.
+
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use crate::wake::Wake;
+
+/// Live connections of one server process, with a limit on how many there may be.
+#[derive(Clone, Debug)]
+pub struct Connections {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    max: usize,
+    live: Mutex<Slab<RawFd>>,
+    changed: Condvar,
+    room: Wake,
+}
+
+impl Connections {
+    /// A registry that admits at most `max` connections at once.
+    pub fn new(max: usize) -> io::Result<Self> {
+        Ok(Connections {
+            inner: Arc::new(Inner {
+                max: max.max(1),
+                live: Mutex::new(Slab::new()),
+                changed: Condvar::new(),
+                room: Wake::new()?,
+            }),
+        })
+    }
+
+    /// The limit.
+    pub fn max(&self) -> usize {
+        self.inner.max
+    }
+
+    /// How many connections are live.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether another connection may be accepted now.
+    pub fn has_room(&self) -> bool {
+        self.lock().len() < self.inner.max
+    }
+
+    /// A descriptor that becomes readable when a connection ends; call
+    /// [`Connections::clear_room_signal`] before re-checking [`Connections::has_room`].
+    pub fn room_fd(&self) -> BorrowedFd<'_> {
+        self.inner.room.as_fd()
+    }
+
+    /// Consumes the room signal.
+    pub fn clear_room_signal(&self) {
+        self.inner.room.drain();
+    }
+
+    /// Registers a live connection; it counts until the returned [`Tracked`] is dropped.
+    pub fn admit(&self, stream: TcpStream) -> Tracked {
+        let key = self.lock().insert(stream.as_raw_fd());
+        Tracked {
+            _guard: ConnectionGuard {
+                connections: self.clone(),
+                key,
+            },
+            stream,
+        }
+    }
+
+    /// Waits until no connection is live or `timeout` passes; returns whether none is live.
+    pub fn wait_empty(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut live = self.lock();
+        while !live.is_empty() {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            live = match self.inner.changed.wait_timeout(live, deadline - now) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        true
+    }
+
+    /// Shuts every live connection down in both directions, which makes blocked reads and
+    /// writes on them return, so their owners close them.
+    pub fn close_all(&self) -> usize {
+        let live = self.lock();
+        for (_, &fd) in live.iter() {
+            // SAFETY: the descriptor is open: a connection's guard removes it from the registry,
+            // under this lock, before the connection's socket is closed.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+        live.len()
+    }
+
+    /// The graceful end of a blocking model: let live connections finish for up to
+    /// `timeout`, then close the rest and wait briefly for their owners to notice.
+    /// Returns how many connections had to be closed.
+    pub fn drain(&self, timeout: Duration) -> usize {
+        if self.wait_empty(timeout) {
+            return 0;
+        }
+        let closed = self.close_all();
+        tracing::info!(
+            closed,
+            "shutdown timeout reached; closed remaining connections"
+        );
+        self.wait_empty(Duration::from_secs(2));
+        closed
+    }
+
+    /// Starts a thread that, once shutdown begins, gives live connections `timeout` to finish
+    /// and then closes them. For models whose own thread is busy serving (iterative).
+    pub fn close_at_deadline(
+        &self,
+        shutdown: &crate::shutdown::Shutdown,
+        timeout: Duration,
+    ) -> std::thread::JoinHandle<()> {
+        let connections = self.clone();
+        let shutdown = shutdown.clone();
+        std::thread::spawn(move || {
+            shutdown.wait();
+            connections.drain(timeout);
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slab<RawFd>> {
+        self.inner.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A live connection's socket together with its place in [`Connections`]. Fields drop in
+/// declaration order, so the place is freed before the socket is closed and the registry
+/// never holds a descriptor number that was reused.
+#[derive(Debug)]
+pub struct Tracked {
+    _guard: ConnectionGuard,
+    stream: TcpStream,
+}
+
+impl std::ops::Deref for Tracked {
+    type Target = TcpStream;
+    fn deref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+impl std::ops::DerefMut for Tracked {
+    fn deref_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+#[derive(Debug)]
+struct ConnectionGuard {
+    connections: Connections,
+    key: usize,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let inner = &self.connections.inner;
+        let mut live = self.connections.lock();
+        live.remove(self.key);
+        drop(live);
+        inner.changed.notify_all();
+        inner.room.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn limit_and_registry() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let b = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let conns = Connections::new(2).unwrap();
+        let ga = conns.admit(a);
+        assert!(conns.has_room());
+        let gb = conns.admit(b);
+        assert!(!conns.has_room());
+        assert!(!conns.wait_empty(Duration::from_millis(10)));
+        drop(ga);
+        assert!(conns.has_room());
+        assert_eq!(conns.close_all(), 1);
+        drop(gb);
+        assert!(conns.wait_empty(Duration::ZERO));
+    }
+}

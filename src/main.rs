@@ -1,0 +1,58 @@
+//! The `multiecho` binary: parse the command line, set up logging, run the subcommand, and
+//! turn any error into one line on stderr and a non-zero exit status.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use multiecho::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("multiecho: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => multiecho::server::run(args.model, &args.listen, args.config())
+            .with_context(|| format!("the {} server failed", args.model)),
+        Command::Client(args) => multiecho::client::run(&args),
+        Command::Bench(args) => multiecho::bench::run(&args),
+        Command::Compare(args) => multiecho::bench::compare::run(&args),
+    }
+}
+
+/// Logs to stderr, synchronously (no logging thread: fork-based models fork after this).
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let level = match (cli.quiet, cli.verbose) {
+        (0, 0) => "info",
+        (1, _) => "warn",
+        (q, _) if q > 1 => "error",
+        (_, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// A closed stdout (`multiecho client | head -1`) is a normal way for output to end.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

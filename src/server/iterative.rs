@@ -1,0 +1,39 @@
+//! `iterative`: accept one client, echo until it leaves, then accept the next.
+//!
+//! This is the seeds' "synchronous blocking I/O" starting point, kept on purpose: it shows the
+//! problem every other model solves. While one client is served, the next waits in the listen
+//! backlog (its connect succeeds, but nothing is echoed). Cost: none beyond one buffer; the
+//! limit is one client. Shutdown: stop accepting, let the current client finish for up to the
+//! shutdown timeout, then close it (a watchdog thread enforces the deadline, since the main
+//! thread is inside the blocking echo loop).
+
+use crate::limits::Connections;
+use crate::server::accept::Acceptor;
+use crate::server::{echo, Server};
+
+/// Runs the iterative model.
+pub fn serve(server: &Server) -> crate::Result<()> {
+    let connections = Connections::new(1)
+        .map_err(|e| crate::Error::io("cannot create the connection registry", e))?;
+    let watchdog = connections.close_at_deadline(&server.shutdown, server.config.shutdown_timeout);
+    let result = serve_one_at_a_time(server, &connections);
+    // On a fatal accept error the watchdog must still end.
+    server.shutdown.trigger();
+    let _ = watchdog.join();
+    result
+}
+
+/// Accepts and serves connections one after the other until shutdown. Prefork workers run
+/// this same loop, each in its own process.
+pub fn serve_one_at_a_time(server: &Server, connections: &Connections) -> crate::Result<()> {
+    let mut acceptor = Acceptor::new(&server.listeners, &server.shutdown)
+        .map_err(|e| crate::Error::io("cannot prepare the listeners", e))?;
+    while let Some((stream, peer)) = acceptor
+        .accept_within(connections)
+        .map_err(|e| crate::Error::io("accept failed", e))?
+    {
+        let mut conn = connections.admit(stream);
+        echo::serve_connection(&mut conn, peer, &server.config, &server.stats);
+    }
+    Ok(())
+}

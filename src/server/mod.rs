@@ -1,0 +1,192 @@
+//! The server: [`Model`] names each concurrency model, [`ServerConfig`] holds what every
+//! model obeys (backlog, connection limit, idle timeout, shutdown timeout, workers), and
+//! [`run`] binds the listeners, installs the shutdown signal and hands over to the model.
+//!
+//! Each model lives in its own file and only holds what makes it different. The blocking
+//! models (iterative, process, prefork, thread, pool) share the accept loop in `accept.rs`
+//! and the echo loop in `echo.rs`; the connection limit and live-connection registry live in
+//! [`crate::limits`].
+
+pub mod accept;
+pub mod echo;
+pub mod epoll;
+pub mod iterative;
+pub mod pool;
+pub mod prefork;
+pub mod process;
+pub mod thread;
+pub mod tokio_rt;
+pub mod uring;
+
+use std::fmt;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+
+/// A way of serving many clients at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Model {
+    /// One client at a time: accept, echo until it leaves, repeat (the problem the others solve).
+    Iterative,
+    /// A forked child process per connection (the seeds' 7_server and echo_mpserv).
+    Process,
+    /// N worker processes forked at start, each serving one connection at a time.
+    Prefork,
+    /// A thread per connection (the seeds' 8_server, without its races).
+    Thread,
+    /// N threads taking accepted connections from a bounded queue.
+    Pool,
+    /// Non-blocking event loops on epoll (mio), one per worker.
+    Epoll,
+    /// Tokio tasks on a multi-thread runtime.
+    Async,
+    /// io_uring submission and completion rings, one per worker thread.
+    Uring,
+}
+
+impl Model {
+    /// Every model, in the order the docs present them.
+    pub const ALL: [Model; 8] = [
+        Model::Iterative,
+        Model::Process,
+        Model::Prefork,
+        Model::Thread,
+        Model::Pool,
+        Model::Epoll,
+        Model::Async,
+        Model::Uring,
+    ];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Model::Iterative => "iterative",
+            Model::Process => "process",
+            Model::Prefork => "prefork",
+            Model::Thread => "thread",
+            Model::Pool => "pool",
+            Model::Epoll => "epoll",
+            Model::Async => "async",
+            Model::Uring => "uring",
+        }
+    }
+
+    /// Whether the model forks processes (so it must start from a single-threaded parent).
+    pub fn forks(self) -> bool {
+        matches!(self, Model::Process | Model::Prefork)
+    }
+
+    /// Serves on `server`'s listeners until its shutdown signal, then drains and returns.
+    pub fn serve(self, server: &Server) -> crate::Result<()> {
+        match self {
+            Model::Iterative => iterative::serve(server),
+            Model::Process => process::serve(server),
+            Model::Prefork => prefork::serve(server),
+            Model::Thread => thread::serve(server),
+            Model::Pool => pool::serve(server),
+            Model::Epoll => epoll::serve(server),
+            Model::Async => tokio_rt::serve(server),
+            Model::Uring => uring::serve(server),
+        }
+    }
+}
+
+impl fmt::Display for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What every model obeys.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The listen backlog: how many finished handshakes wait for `accept()`.
+    pub backlog: u32,
+    /// At most this many connections are served at once; more wait in the backlog.
+    pub max_conns: usize,
+    /// A connection that sends nothing (or accepts no echo) for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    /// After SIGINT/SIGTERM, live connections may finish for this long, then are closed.
+    pub shutdown_timeout: Duration,
+    /// Worker processes or threads, for the models that have a fixed number of them.
+    pub workers: usize,
+    /// The stack size of connection threads (thread model).
+    pub thread_stack: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            backlog: 1024,
+            max_conns: 10_000,
+            idle_timeout: None,
+            shutdown_timeout: Duration::from_secs(5),
+            workers: default_workers(),
+            thread_stack: 128 * 1024,
+        }
+    }
+}
+
+/// The number of cores this process may run on.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A bound server, ready for a model to run it.
+#[derive(Debug)]
+pub struct Server {
+    /// Bound, listening sockets (blocking mode; a model changes that if it wants).
+    pub listeners: Vec<TcpListener>,
+    /// What the model obeys.
+    pub config: ServerConfig,
+    /// Triggered by SIGINT/SIGTERM (or a test).
+    pub shutdown: Shutdown,
+    /// Counters the model updates.
+    pub stats: Arc<Stats>,
+}
+
+impl Server {
+    /// A server on already-bound listeners.
+    pub fn new(listeners: Vec<TcpListener>, config: ServerConfig, shutdown: Shutdown) -> Self {
+        Server {
+            listeners,
+            config,
+            shutdown,
+            stats: Arc::new(Stats::default()),
+        }
+    }
+}
+
+/// Binds `listen`, installs the SIGINT/SIGTERM handlers, logs where it listens and runs
+/// `model` until shutdown. Starts no thread before the model runs (fork-based models need a
+/// single-threaded parent).
+pub fn run(model: Model, listen: &[SocketAddr], config: ServerConfig) -> crate::Result<()> {
+    match crate::net::raise_open_files_limit() {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
+    let listeners = listen
+        .iter()
+        .map(|addr| crate::net::bind(*addr, config.backlog))
+        .collect::<crate::Result<Vec<_>>>()?;
+    let shutdown = Shutdown::on_signals()
+        .map_err(|e| crate::Error::io("cannot install signal handlers", e))?;
+    for listener in &listeners {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| crate::Error::io("cannot read the bound address", e))?;
+        tracing::info!("listening on {addr} with the {model} model");
+    }
+    let server = Server::new(listeners, config, shutdown);
+    model.serve(&server)?;
+    tracing::info!(
+        connections = server.stats.accepted(),
+        bytes = server.stats.bytes(),
+        "server stopped"
+    );
+    Ok(())
+}

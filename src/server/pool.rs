@@ -1,0 +1,67 @@
+//! `pool`: N worker threads (`--workers`) take accepted connections from a bounded queue and
+//! serve each with blocking I/O, one at a time.
+//!
+//! The acceptor admits at most `workers + queue` connections (and never more than
+//! `--max-conns`); beyond that it stops accepting, so further clients wait in the listen
+//! backlog. A queued or backlogged client connects at once but is echoed only when a worker
+//! frees up: the pool bounds threads and memory, at the price of waiting. Shutdown: stop
+//! accepting, let queued and live connections finish up to the shutdown timeout, then close
+//! them; the workers then see the queue end and exit.
+
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use crate::limits::{Connections, Tracked};
+use crate::server::accept::Acceptor;
+use crate::server::{echo, Server};
+
+/// Runs the thread-pool model.
+pub fn serve(server: &Server) -> crate::Result<()> {
+    let config = &server.config;
+    let workers = config.workers.max(1);
+    let queue = workers;
+    let connections = Connections::new(config.max_conns.min(workers + queue))
+        .map_err(|e| crate::Error::io("cannot create the connection registry", e))?;
+    let (sender, receiver) = mpsc::sync_channel::<(Tracked, SocketAddr)>(queue);
+    let receiver = Arc::new(Mutex::new(receiver));
+    let mut handles = Vec::with_capacity(workers);
+    for id in 0..workers {
+        let receiver = Arc::clone(&receiver);
+        let config = config.clone();
+        let stats = server.stats.clone();
+        let handle = thread::Builder::new()
+            .name(format!("pool-{id}"))
+            .spawn(move || loop {
+                // Hold the lock only while taking the next connection.
+                let next = receiver.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let Ok((mut conn, peer)) = next else { break };
+                echo::serve_connection(&mut conn, peer, &config, &stats);
+            })
+            .map_err(|e| crate::Error::io("cannot start a pool thread", e))?;
+        handles.push(handle);
+    }
+    tracing::debug!(workers, queue, "pool started");
+
+    let mut acceptor = Acceptor::new(&server.listeners, &server.shutdown)
+        .map_err(|e| crate::Error::io("cannot prepare the listeners", e))?;
+    let accepted = loop {
+        match acceptor.accept_within(&connections) {
+            Ok(Some((stream, peer))) => {
+                let conn = connections.admit(stream);
+                if sender.send((conn, peer)).is_err() {
+                    break Ok(());
+                }
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(crate::Error::io("accept failed", e)),
+        }
+    };
+    drop(sender);
+    connections.drain(config.shutdown_timeout);
+    for handle in handles {
+        let _ = handle.join();
+    }
+    accepted
+}

@@ -1,0 +1,206 @@
+//! Shared test helpers: start the built `multiecho` binary as a subprocess on a free loopback
+//! port, wait for it to say where it listens (no sleeping), and talk to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_multiecho");
+
+/// How long any single wait in a test may take before the test fails instead of hanging.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A `multiecho serve` subprocess. Killed on drop.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts `multiecho serve --model MODEL --listen 127.0.0.1:0 EXTRA...` and waits until it
+    /// logs its address. Returns `None` when the server refused to start (its log says why).
+    pub fn try_start(model: &str, extra: &[&str]) -> Result<Server, String> {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--model", model, "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn multiecho serve");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let log = Arc::clone(&log);
+            thread::spawn(move || {
+                let mut tx = Some(tx);
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(rest) = line.split("listening on ").nth(1) {
+                        if let Some(tx) = tx.take() {
+                            let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                            let _ = tx.send(addr);
+                        }
+                    }
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        match rx.recv_timeout(PATIENCE) {
+            Ok(addr) => Ok(Server {
+                child,
+                addr: addr.parse().expect("listen address in log"),
+                log,
+            }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                // Give the reader thread a moment to collect the last lines.
+                thread::sleep(Duration::from_millis(100));
+                let log = log.lock().unwrap().clone();
+                Err(log)
+            }
+        }
+    }
+
+    /// Like [`Server::try_start`], but panics with the server's log if it did not start.
+    pub fn start(model: &str, extra: &[&str]) -> Server {
+        Server::try_start(model, extra)
+            .unwrap_or_else(|log| panic!("{model} server did not start; its log:\n{log}"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        signal(self.pid(), libc::SIGTERM);
+    }
+
+    /// Waits for the server to exit, up to `timeout`; `None` if it is still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then wait; panics if the server does not exit in time.
+    pub fn stop(mut self) -> ExitStatus {
+        self.terminate();
+        self.wait_timeout(PATIENCE)
+            .unwrap_or_else(|| panic!("server did not exit after SIGTERM; log:\n{}", self.log()))
+    }
+
+    /// Waits until `check(log)` holds, or panics after [`PATIENCE`].
+    pub fn wait_for_log(&self, what: &str, check: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        while !check(&self.log()) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", self.log());
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// Connects with the test patience as read/write timeout, so a broken server fails the test
+/// instead of hanging it.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.set_write_timeout(Some(PATIENCE)).unwrap();
+    stream
+}
+
+/// Sends `payload` from one thread while reading the echo on this one, then half-closes and
+/// expects end of stream after exactly `payload.len()` bytes. Returns what came back.
+pub fn round_trip(stream: TcpStream, payload: &[u8]) -> Vec<u8> {
+    let mut writer = stream.try_clone().unwrap();
+    let data = payload.to_vec();
+    let sender = thread::spawn(move || {
+        writer.write_all(&data).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut reader = stream;
+    let mut echoed = Vec::with_capacity(payload.len());
+    reader.read_to_end(&mut echoed).expect("read the echo until EOF");
+    sender.join().expect("sender thread");
+    echoed
+}
+
+/// Asserts two byte strings are equal, naming the first difference instead of dumping them.
+pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let first = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{what}: got {} bytes, want {}; first difference at {:?}",
+            got.len(),
+            want.len(),
+            first
+        );
+    }
+}
+
+/// Number of zombie children of `pid` (state Z in /proc).
+pub fn zombie_children(pid: u32) -> usize {
+    children_states(pid).iter().filter(|s| *s == "Z").count()
+}
+
+/// The states of `pid`'s children, from /proc.
+pub fn children_states(pid: u32) -> Vec<String> {
+    let mut states = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return states };
+    for entry in entries.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...; comm may contain spaces, so split after the last ')'.
+        let Some(after) = stat.rsplit_once(')').map(|(_, a)| a) else { continue };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        if fields.len() > 1 && fields[1] == pid.to_string() {
+            states.push(fields[0].to_string());
+        }
+    }
+    states
+}
+
+/// Resident memory of a process in KiB, from /proc/PID/status.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
