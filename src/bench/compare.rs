@@ -541,7 +541,10 @@ struct ServerProcess {
     child: Child,
     addr: SocketAddr,
     log: Arc<Mutex<VecDeque<String>>>,
+    log_reader: thread::JoinHandle<()>,
     stopped: bool,
+    /// Why the server ended, when it was found dead during the sweep.
+    died: Option<String>,
 }
 
 impl ServerProcess {
@@ -578,20 +581,27 @@ impl ServerProcess {
         let log = Arc::new(Mutex::new(VecDeque::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
         let stderr = child.stderr.take().expect("stderr is piped");
-        {
+        let log_reader = {
             let log = Arc::clone(&log);
-            thread::spawn(move || drain_log(stderr, &log, ready_tx));
-        }
+            thread::spawn(move || drain_log(stderr, &log, ready_tx))
+        };
         let mut server = ServerProcess {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log,
+            log_reader,
             stopped: false,
+            died: None,
         };
         match ready_rx.recv_timeout(START_PATIENCE) {
             Ok(addr) => {
                 server.addr = addr;
-                Ok(Ok(server))
+                // A model that cannot run may still bind and log its address before it
+                // fails, so only a round trip shows it really serves.
+                match probe(addr) {
+                    Ok(()) => Ok(Ok(server)),
+                    Err(e) => Ok(Err(server.not_serving(&e))),
+                }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 // Its stderr closed before it listened: it exited.
@@ -612,9 +622,41 @@ impl ServerProcess {
         }
     }
 
+    /// Why a server that said where it listens does not echo: its last log line if it
+    /// exited (it is given a moment to), else the probe's error (and it is killed).
+    fn not_serving(&mut self, probe_error: &std::io::Error) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.stopped = true;
+                self.wait_for_log_end(Duration::from_secs(1));
+                return self
+                    .last_log_line()
+                    .unwrap_or_else(|| format!("the server {}", describe(status)));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        format!("it does not echo: {probe_error}")
+    }
+
+    /// Waits (a bounded time: children may hold stderr open) until the log thread has read
+    /// everything the server wrote.
+    fn wait_for_log_end(&self, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        while !self.log_reader.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The server's last log line, without the `multiecho: error: ` every error line has.
     fn last_log_line(&self) -> Option<String> {
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        log.back().cloned()
+        let line = log.back()?;
+        Some(
+            line.strip_prefix("multiecho: error: ")
+                .unwrap_or(line)
+                .to_string(),
+        )
     }
 
     /// Why the server is no longer running, or `None` while it runs.
@@ -623,11 +665,11 @@ impl ServerProcess {
             Ok(None) => None,
             Ok(Some(status)) => {
                 self.stopped = true;
+                self.wait_for_log_end(Duration::from_secs(1));
                 let last = self.last_log_line().unwrap_or_default();
-                Some(format!(
-                    "the server {} during the sweep: {last}",
-                    describe(status)
-                ))
+                let reason = format!("the server {} during the sweep: {last}", describe(status));
+                self.died = Some(reason.clone());
+                Some(reason)
             }
             Err(e) => Some(format!("cannot check on the server: {e}")),
         }
@@ -640,7 +682,10 @@ impl ServerProcess {
         if self.stopped {
             return StopOutcome {
                 clean: false,
-                detail: "it had already exited".into(),
+                detail: self
+                    .died
+                    .clone()
+                    .unwrap_or_else(|| "it had already exited".into()),
             };
         }
         self.stopped = true;
@@ -696,6 +741,23 @@ impl Drop for ServerProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// One small round trip to `addr`: does something there echo?
+fn probe(addr: SocketAddr) -> std::io::Result<()> {
+    use std::io::Write;
+    let patience = Duration::from_secs(10);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, patience)?;
+    stream.set_read_timeout(Some(patience))?;
+    stream.set_write_timeout(Some(patience))?;
+    let hello = b"multiecho compare probe\n";
+    stream.write_all(hello)?;
+    let mut back = [0; 24];
+    stream.read_exact(&mut back)?;
+    if &back[..] != hello {
+        return Err(std::io::Error::other("it sent back different bytes"));
+    }
+    Ok(())
 }
 
 /// Keeps the server's last log lines and reports the address from its
