@@ -1,12 +1,14 @@
 //! `multiecho compare` end to end: short sweeps against real servers, then the report files
 //! are read back and checked for structure and plausible figures.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_multiecho");
+use common::BIN;
 
 /// A fresh output directory for one test.
 fn out_dir(name: &str) -> PathBuf {
@@ -238,4 +240,74 @@ fn bad_options_get_one_clear_line() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
     assert!(!out.exists(), "nothing written for bad options");
+}
+
+#[test]
+fn external_servers_and_pinning() {
+    let external = common::Server::start("thread", &[]);
+    let with_pid = format!("mine={}@{}", external.addr, external.pid());
+    let without_pid = format!("anon={}", external.addr);
+    let out = out_dir("external");
+    let output = compare(
+        &[
+            "--models",
+            "pool",
+            "--conns",
+            "2",
+            "--size",
+            "4k",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+            "--external",
+            &with_pid,
+            "--external",
+            &without_pid,
+            "--server-cpus",
+            "0",
+            "--client-cpus",
+            "0",
+        ],
+        &out,
+    );
+    let context = text(&output);
+    assert!(output.status.success(), "{context}");
+    let (report, md) = read_report(&out);
+    assert_eq!(report["settings"]["server_cpus"], "0");
+    assert_eq!(report["settings"]["client_cpus"], "0");
+    assert!(md.contains("server 0, load generator 0"), "{md}");
+    let servers = report["servers"].as_array().unwrap();
+    let names: Vec<&str> = servers
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["pool", "mine", "anon"]);
+    for server in &servers[1..] {
+        assert_eq!(server["kind"], "external");
+        assert!(
+            server["stop"].is_null(),
+            "compare does not stop what it did not start"
+        );
+        let median = &server["points"][0]["median"];
+        assert_eq!(server["points"][0]["size"], 4096);
+        assert!(
+            median["round_trips_per_sec"].as_f64().unwrap() > 0.0,
+            "{context}"
+        );
+    }
+    // Only with a PID can compare read what the server costs.
+    assert!(
+        servers[1]["points"][0]["median"]["peak_rss_kib"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(servers[2]["points"][0]["median"]["peak_rss_kib"].is_null());
+    assert!(servers[2]["points"][0]["median"]["server_cpu_us_per_round_trip"].is_null());
+    assert!(
+        external.stop().success(),
+        "the external server is left running for its owner"
+    );
+    let _ = std::fs::remove_dir_all(&out);
 }

@@ -332,6 +332,9 @@ struct BenchOutput {
     connections: f64,
     errors: f64,
     mismatches: f64,
+    /// The first failure in words (not every load generator says).
+    #[serde(default)]
+    first_error: Option<String>,
 }
 
 /// Finds bench's JSON object in its stdout.
@@ -473,7 +476,10 @@ fn run_bench(exe: &Path, target: &Target<'_>, conns: usize, size: u64, args: &Co
     }
     let failure = (!problems.is_empty()).then(|| {
         let mut text = problems.join(", ");
-        if let Some(line) = last_err_line.filter(|_| !status.success()) {
+        let why = output
+            .first_error
+            .or(last_err_line.filter(|_| !status.success()));
+        if let Some(line) = why {
             text.push_str(": ");
             text.push_str(&line);
         }
@@ -862,10 +868,8 @@ impl Progress {
         }
         match &self.bar {
             Some(bar) => {
+                bar.println(format!("compare: {text}"));
                 bar.inc(1);
-                if run.failure.is_some() {
-                    bar.println(format!("compare: {text}"));
-                }
             }
             None => eprintln!("compare: {text}"),
         }
