@@ -348,3 +348,28 @@ fn iterative_serves_the_second_client_only_after_the_first() {
     expect_echo(&mut second, b"second", "second client after the first left");
     assert!(server.stop().success());
 }
+
+/// The pool bounds its threads: with two workers, a third client waits until one frees up.
+#[test]
+fn pool_serves_extra_clients_once_a_worker_frees_up() {
+    let server = common::Server::start("pool", &["--workers", "2"]);
+    let mut busy: Vec<TcpStream> = (0..2).map(|_| connect(server.addr)).collect();
+    for (i, client) in busy.iter_mut().enumerate() {
+        let msg = format!("worker {i}");
+        client.write_all(msg.as_bytes()).unwrap();
+        expect_echo(client, msg.as_bytes(), "a client holding a worker");
+    }
+    let mut waiting = connect(server.addr);
+    waiting.write_all(b"my turn?").unwrap();
+    assert!(
+        !receives_within(&mut waiting, Duration::from_millis(400)),
+        "pool with 2 workers served a third client at once"
+    );
+    drop(busy.pop());
+    expect_echo(
+        &mut waiting,
+        b"my turn?",
+        "the waiting client once a worker freed up",
+    );
+    assert!(server.stop().success());
+}
