@@ -371,5 +371,6 @@ fn pool_serves_extra_clients_once_a_worker_frees_up() {
         b"my turn?",
         "the waiting client once a worker freed up",
     );
+    drop((busy, waiting));
     assert!(server.stop().success());
 }
