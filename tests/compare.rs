@@ -104,8 +104,9 @@ fn short_sweep_of_two_models() {
             "0.5",
             "--warmup",
             "0",
+            // Closed-loop clients: the pool needs a worker per connection.
             "--workers",
-            "2",
+            "4",
         ],
         &out,
     );
@@ -123,7 +124,7 @@ fn short_sweep_of_two_models() {
     assert!(!env["cpu_model"].as_str().unwrap().is_empty());
     assert!(env["command_line"].as_array().unwrap().len() > 5);
     assert_eq!(report["settings"]["conns"], serde_json::json!([1, 4]));
-    assert_eq!(report["settings"]["workers"], 2);
+    assert_eq!(report["settings"]["workers"], 4);
 
     let servers = report["servers"].as_array().unwrap();
     let names: Vec<&str> = servers
@@ -251,7 +252,7 @@ fn external_servers_and_pinning() {
     let output = compare(
         &[
             "--models",
-            "pool",
+            "thread",
             "--conns",
             "2",
             "--size",
@@ -282,7 +283,7 @@ fn external_servers_and_pinning() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["pool", "mine", "anon"]);
+    assert_eq!(names, ["thread", "mine", "anon"]);
     for server in &servers[1..] {
         assert_eq!(server["kind"], "external");
         assert!(
