@@ -1,5 +1,5 @@
 //! SVG charts of a comparison (plotters): for each message size and each metric, the metric
-//! against the number of connections (log scale), one line per server.
+//! against the number of connections, one line per server.
 
 use std::path::Path;
 
@@ -7,14 +7,15 @@ use plotters::prelude::*;
 
 use super::report::{size_label, Metric, Report};
 
-/// One line of a chart: a server's (connections, value) points.
+/// One line of a chart: a server's values, by position in the sweep's connection counts.
 struct Series {
     name: String,
-    points: Vec<(f64, f64)>,
+    points: Vec<(usize, f64)>,
 }
 
 /// Writes every chart into `dir`; returns their file names.
 pub fn write_all(report: &Report, dir: &Path) -> anyhow::Result<Vec<String>> {
+    let conns = &report.settings.conns;
     let mut files = Vec::new();
     for &size in &report.settings.sizes {
         for metric in Metric::ALL {
@@ -24,13 +25,12 @@ pub fn write_all(report: &Report, dir: &Path) -> anyhow::Result<Vec<String>> {
                 .filter(|server| server.skipped.is_none())
                 .map(|server| Series {
                     name: server.name.clone(),
-                    points: report
-                        .settings
-                        .conns
+                    points: conns
                         .iter()
-                        .filter_map(|&conns| {
-                            let figures = server.point(conns, size)?.median.as_ref()?;
-                            Some((conns as f64, metric.value(figures)?))
+                        .enumerate()
+                        .filter_map(|(i, &c)| {
+                            let figures = server.point(c, size)?.median.as_ref()?;
+                            Some((i, metric.value(figures)?))
                         })
                         .collect(),
                 })
@@ -41,20 +41,29 @@ pub fn write_all(report: &Report, dir: &Path) -> anyhow::Result<Vec<String>> {
             }
             let file = format!("{}_{size}B.svg", metric.slug());
             let title = format!("{}, {} messages", metric.title(), size_label(size));
-            draw(&dir.join(&file), &title, metric.unit(), &series)?;
+            draw(&dir.join(&file), &title, metric.unit(), conns, &series)?;
             files.push(file);
         }
     }
     Ok(files)
 }
 
-/// Draws one chart: value against connections (log scale), a line and dots per series.
-fn draw(path: &Path, title: &str, unit: &str, series: &[Series]) -> anyhow::Result<()> {
-    let all = || series.iter().flat_map(|s| s.points.iter());
-    let x_min = all().map(|p| p.0).fold(f64::INFINITY, f64::min).max(1.0);
-    let x_max = all().map(|p| p.0).fold(0.0, f64::max).max(x_min);
-    let y_max = all().map(|p| p.1).fold(0.0, f64::max);
+/// Draws one chart: value against connections, a line and dots per series. The sweep's
+/// connection counts are usually spaced by factors (1, 50, 500), so each gets an equal step
+/// on the axis, labelled with its count: the effect of a log scale, with exact labels.
+fn draw(
+    path: &Path,
+    title: &str,
+    unit: &str,
+    conns: &[usize],
+    series: &[Series],
+) -> anyhow::Result<()> {
+    let y_max = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .fold(0.0, f64::max);
     let y_max = if y_max > 0.0 { y_max * 1.15 } else { 1.0 };
+    let at = |i: usize| SegmentValue::CenterOf(i as i32);
 
     let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -63,26 +72,35 @@ fn draw(path: &Path, title: &str, unit: &str, series: &[Series]) -> anyhow::Resu
         .margin(20)
         .x_label_area_size(45)
         .y_label_area_size(80)
-        .build_cartesian_2d((x_min / 1.5..x_max * 1.5).log_scale(), 0.0..y_max)?;
+        .build_cartesian_2d((0..conns.len() as i32 - 1).into_segmented(), 0.0..y_max)?;
     chart
         .configure_mesh()
         .x_desc("connections")
         .y_desc(unit)
-        .x_label_formatter(&|x| format!("{}", x.round()))
+        .disable_x_mesh()
+        .x_labels(conns.len())
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(i) => usize::try_from(*i)
+                .ok()
+                .and_then(|i| conns.get(i))
+                .map_or(String::new(), ToString::to_string),
+            _ => String::new(),
+        })
         .y_label_formatter(&|y| axis_label(*y))
         .draw()?;
     for (i, line) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
+        let points: Vec<_> = line.points.iter().map(|&(x, y)| (at(x), y)).collect();
         chart
-            .draw_series(LineSeries::new(line.points.clone(), color.stroke_width(2)))?
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
             .label(line.name.as_str())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
         chart.draw_series(
-            line.points
-                .iter()
-                .map(|&point| Circle::new(point, 4, color.filled())),
+            points
+                .into_iter()
+                .map(|point| Circle::new(point, 4, color.filled())),
         )?;
     }
     chart
@@ -152,6 +170,20 @@ mod tests {
             assert!(!svg.contains("uring"), "{file}");
             assert!(svg.contains("<polyline"), "{file}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_single_point_sweep_still_charts() {
+        let dir = std::env::temp_dir().join(format!("multiecho-chart1-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut report = super::super::report::tests::synthetic();
+        report.settings.conns = vec![50];
+        let files = write_all(&report, &dir).unwrap();
+        assert_eq!(files.len(), 4);
+        let svg = std::fs::read_to_string(dir.join(&files[0])).unwrap();
+        assert!(svg.contains("<circle"), "{svg}");
+        assert!(svg.contains("\n50\n"), "{svg}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
