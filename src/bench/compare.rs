@@ -141,10 +141,9 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
 
-    let conns: Vec<usize> = args.conns.iter().map(|&c| c as usize).collect();
-    let mut settings = report::Settings {
-        conns: conns.clone(),
-        sizes: args.size.clone(),
+    let settings = report::Settings {
+        conns: distinct(args.conns.iter().map(|&c| c as usize)),
+        sizes: distinct(args.size.iter().copied()),
         duration_secs: args.duration.as_secs_f64(),
         warmup_secs: args.warmup.as_secs_f64(),
         repeat: args.repeat,
@@ -153,15 +152,21 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         server_cpus: args.server_cpus.as_ref().map(ToString::to_string),
         client_cpus: args.client_cpus.as_ref().map(ToString::to_string),
     };
-    settings.conns.dedup();
-    settings.sizes.dedup();
+    let models = distinct(args.models.iter().copied());
 
-    let servers = args.models.len() + args.external.len();
+    let servers = models.len() + args.external.len();
     let total = (servers * settings.conns.len() * settings.sizes.len()) as u64 * args.repeat as u64;
     let progress = Progress::new(total);
-    let mut results = Vec::new();
-    for &model in &args.models {
-        results.push(compare_model(&exe, model, args, &settings, &progress)?);
+    let mut report = Report {
+        environment: environment(),
+        settings,
+        servers: Vec::new(),
+    };
+    for model in models {
+        let result = compare_model(&exe, model, args, &report.settings, &progress)?;
+        report.servers.push(result);
+        // A long sweep interrupted later still leaves the figures so far.
+        write_report(&report, &args.out)?;
     }
     for external in &args.external {
         let target = Target {
@@ -169,8 +174,8 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
             addr: external.addr,
             pid: external.pid,
         };
-        let points = sweep(&exe, &target, args, &settings, &progress, None);
-        results.push(ServerResult {
+        let points = sweep(&exe, &target, args, &report.settings, &progress, None);
+        report.servers.push(ServerResult {
             name: external.name.clone(),
             kind: "external".into(),
             address: Some(external.addr.to_string()),
@@ -180,13 +185,10 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         });
     }
     progress.finish();
-
-    let report = Report {
-        environment: environment(),
-        settings,
-        servers: results,
-    };
-    write_report(&report, &args.out)?;
+    let files = write_report(&report, &args.out)?;
+    for file in files {
+        println!("{}", file.display());
+    }
     let failed_points: usize = report
         .servers
         .iter()
@@ -214,8 +216,19 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes report.json, the charts and report.md into `dir`, and says where on stdout.
-fn write_report(report: &Report, dir: &Path) -> anyhow::Result<()> {
+/// `items` in their first order, without repeats.
+fn distinct<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut out = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
+}
+
+/// Writes report.json, the charts and report.md into `dir`; returns their paths.
+fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let json = serde_json::to_string_pretty(report)?;
     let json_path = dir.join("report.json");
     std::fs::write(&json_path, json + "\n")
@@ -225,12 +238,9 @@ fn write_report(report: &Report, dir: &Path) -> anyhow::Result<()> {
     let md_path = dir.join("report.md");
     std::fs::write(&md_path, report::markdown(report, &charts))
         .with_context(|| format!("cannot write {}", md_path.display()))?;
-    println!("{}", json_path.display());
-    println!("{}", md_path.display());
-    for chart in &charts {
-        println!("{}", dir.join(chart).display());
-    }
-    Ok(())
+    let mut files = vec![json_path, md_path];
+    files.extend(charts.iter().map(|chart| dir.join(chart)));
+    Ok(files)
 }
 
 /// Starts `model`, sweeps it, stops it.
@@ -380,6 +390,11 @@ fn environment() -> report::Environment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distinct_keeps_first_order() {
+        assert_eq!(distinct([1, 50, 1, 500, 50]), [1, 50, 500]);
+    }
 
     #[test]
     fn external_servers() {

@@ -35,6 +35,44 @@ fn read_stat(pid: i32) -> Option<Stat> {
 
 /// `root` and every live process below it.
 fn tree(root: i32) -> Vec<i32> {
+    tree_from_children_files(root).unwrap_or_else(|| tree_from_full_scan(root))
+}
+
+/// The children of `pid` from /proc/PID/task/TID/children (cheap, but only on kernels
+/// built with CONFIG_PROC_CHILDREN); `None` where that file does not exist.
+fn children_of(pid: i32) -> Option<Vec<i32>> {
+    let mut children = Vec::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Some(children); // it just exited
+    };
+    for task in tasks.flatten() {
+        match fs::read_to_string(task.path().join("children")) {
+            Ok(list) => children.extend(
+                list.split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok()),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && task.path().exists() => {
+                return None
+            }
+            Err(_) => {} // the thread exited
+        }
+    }
+    Some(children)
+}
+
+fn tree_from_children_files(root: i32) -> Option<Vec<i32>> {
+    let mut all = vec![root];
+    let mut next = 0;
+    while next < all.len() {
+        let children = children_of(all[next])?;
+        all.extend(children);
+        next += 1;
+    }
+    Some(all)
+}
+
+/// The same from the parent of every process on the machine (slower).
+fn tree_from_full_scan(root: i32) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
     if let Ok(entries) = fs::read_dir("/proc") {
         for entry in entries.flatten() {
@@ -126,5 +164,29 @@ mod tests {
             parse_vm_rss_kib("Name:\tx\nVmRSS:\t  1234 kB\n"),
             Some(1234)
         );
+    }
+
+    #[test]
+    fn finds_descendants_both_ways() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 5 & sleep 5 & wait"])
+            .spawn()
+            .expect("start sh");
+        let pid = child.id() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut scanned = tree_from_full_scan(pid);
+        while scanned.len() < 3 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            scanned = tree_from_full_scan(pid);
+        }
+        let fast = tree_from_children_files(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(scanned.len(), 3, "{scanned:?}");
+        if let Some(mut fast) = fast {
+            fast.sort_unstable();
+            scanned.sort_unstable();
+            assert_eq!(fast, scanned);
+        }
     }
 }

@@ -6,13 +6,16 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::report::{Figures, Latency, Run};
 use super::{describe, last_line, procfs, CompareArgs};
 
 /// How often peak memory is sampled during a point.
-const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// How long bench may run past its measured window (connecting, draining) before it is
+/// killed, so a stuck server cannot stall the whole comparison.
+const BENCH_GRACE: Duration = Duration::from_secs(60);
 
 /// A server to load: where it listens and, if known, its process.
 pub(super) struct Target<'a> {
@@ -98,6 +101,7 @@ pub(super) fn run_bench(
         pid.and_then(procfs::cpu_seconds)
             .map(|s| (Instant::now(), s))
     };
+    let give_up = window_end + BENCH_GRACE;
     let status = loop {
         if let Some(pid) = target.pid {
             if let Some(rss) = procfs::rss_kib(pid) {
@@ -113,6 +117,12 @@ pub(super) fn run_bench(
         }
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),
+            Ok(None) if now >= give_up => {
+                break Err(std::io::Error::other(format!(
+                    "it was still running {} s after its measured window; killed",
+                    BENCH_GRACE.as_secs()
+                )))
+            }
             Ok(None) => {}
             Err(e) => break Err(e),
         }
@@ -133,7 +143,7 @@ pub(super) fn run_bench(
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            return failed(format!("cannot wait for bench: {e}"));
+            return failed(format!("bench: {e}"));
         }
     };
     let stdout = stdout.join().unwrap_or_default();
@@ -173,6 +183,9 @@ pub(super) fn run_bench(
     let mut problems = Vec::new();
     if !status.success() {
         problems.push(format!("bench {}", describe(status)));
+    }
+    if figures.requests <= 0.0 {
+        problems.push("no round trip completed".to_string());
     }
     if figures.errors > 0.0 {
         problems.push(format!("{} errors", figures.errors));
