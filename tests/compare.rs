@@ -157,10 +157,12 @@ fn short_sweep_of_two_models() {
 #[test]
 fn every_model_is_listed_ran_or_skipped_with_a_reason() {
     let out = out_dir("all");
+    // One connection: the iterative model serves one client at a time, so with more the
+    // others would wait out bench's drain timeout (a failed point, seconds lost).
     let output = compare(
         &[
             "--conns",
-            "2",
+            "1",
             "--size",
             "64",
             "--duration",
@@ -213,9 +215,9 @@ fn every_model_is_listed_ran_or_skipped_with_a_reason() {
                 let point = &server["points"][0];
                 if point["failed"] == true {
                     assert!(!point["failures"][0].as_str().unwrap().is_empty());
-                    assert!(md.contains(&format!("- {name} at 2 conns")), "{md}");
+                    assert!(md.contains(&format!("- {name} at 1 conn,")), "{md}");
                 } else {
-                    check_ran(server, &[2], &context);
+                    check_ran(server, &[1], &context);
                 }
             }
         }

@@ -50,7 +50,8 @@ impl Progress {
                 String::new()
             };
             bar.set_message(format!(
-                "{name}: {conns} conns, {}{of}",
+                "{name}: {}, {}{of}",
+                report::conns_label(conns),
                 report::size_label(size)
             ));
         }
@@ -63,8 +64,9 @@ impl Progress {
             *done
         };
         let mut text = format!(
-            "[{done}/{}] {name}: {conns} conns, {}:",
+            "[{done}/{}] {name}: {}, {}:",
             self.total,
+            report::conns_label(conns),
             report::size_label(size)
         );
         if let Some(f) = &run.figures {

@@ -284,6 +284,11 @@ pub fn size_label(size: u64) -> String {
     }
 }
 
+/// `1 conn`, `50 conns`.
+pub fn conns_label(conns: usize) -> String {
+    format!("{conns} conn{}", if conns == 1 { "" } else { "s" })
+}
+
 /// Text safe inside a Markdown table cell.
 fn cell(text: &str) -> String {
     text.replace('|', "\\|").replace('\n', " ")
@@ -295,7 +300,7 @@ fn table(report: &Report, size: u64, metric: Metric) -> String {
     let mut out = String::new();
     let _ = write!(out, "| server |");
     for c in conns {
-        let _ = write!(out, " {c} conn{} |", if *c == 1 { "" } else { "s" });
+        let _ = write!(out, " {} |", conns_label(*c));
     }
     out.push_str("\n|---|");
     out.push_str(&"---:|".repeat(conns.len()));
@@ -384,9 +389,9 @@ pub fn markdown(report: &Report, charts: &[String]) -> String {
         for point in server.points.iter().filter(|p| p.failed) {
             for failure in &point.failures {
                 problems.push(format!(
-                    "{} at {} conns, {}: {failure}",
+                    "{} at {}, {}: {failure}",
                     server.name,
-                    point.conns,
+                    conns_label(point.conns),
                     size_label(point.size)
                 ));
             }
