@@ -350,7 +350,7 @@ impl<'a> Worker<'a> {
                         let nothing_to_flush = self
                             .connections
                             .get(key)
-                            .is_none_or(|conn| conn.pending.is_empty());
+                            .map_or(true, |conn| conn.pending.is_empty());
                         let only_writable = event.is_writable()
                             && !event.is_readable()
                             && !event.is_read_closed()
