@@ -8,7 +8,8 @@
 //! everything edge-triggered, so the loop follows the edge rules: it accepts until WouldBlock
 //! (up to a batch, then comes back), and reads until WouldBlock or until a read returns less
 //! than the buffer holds (the socket was drained at that moment, and any later arrival raises a
-//! fresh edge; tokio relies on the same fact). A connection is registered once for both
+//! fresh edge; tokio relies on the same fact), except once an event has reported the peer's
+//! FIN or an error: that edge is spent, so reads go on until they return it. A connection is registered once for both
 //! readable and writable and never re-registered. Each read is written straight back; if the
 //! socket takes only part of it, the rest is copied into that connection's `pending` buffer
 //! and the connection stops reading (backpressure) until a writable edge lets it flush; then
@@ -75,6 +76,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
         live: AtomicUsize::new(0),
         max: server.config.max_conns.max(1),
         exhausted_warned: AtomicBool::new(false),
+        draining_logged: AtomicBool::new(false),
     };
     let workers = (0..server.config.workers.max(1))
         .map(|_| Worker::new(server, &shared))
@@ -110,11 +112,13 @@ pub fn serve(server: &Server) -> crate::Result<()> {
     results.into_iter().collect()
 }
 
-/// What the workers share: the live-connection count behind `--max-conns`.
+/// What the workers share: the live-connection count behind `--max-conns`, and which
+/// once-per-server log lines were written.
 struct Shared {
     live: AtomicUsize,
     max: usize,
     exhausted_warned: AtomicBool,
+    draining_logged: AtomicBool,
 }
 
 impl Shared {
@@ -158,6 +162,9 @@ struct Connection {
     pending: Vec<u8>,
     /// How much of `pending` has been written.
     pending_sent: usize,
+    /// An event reported the peer's FIN or an error: that edge is spent, so reads must go on
+    /// until they see it (a short read no longer proves there is nothing left).
+    peer_closing: bool,
 }
 
 /// What a connection needs after it has been driven.
@@ -210,8 +217,8 @@ impl Connection {
                 self.pending_sent = 0;
                 return Next::Wait;
             }
-            if read < buffer.len() {
-                // A short read drained the socket; new data will raise a new edge.
+            if read < buffer.len() && !self.peer_closing {
+                // A short read drained the socket; new data or a FIN will raise a new edge.
                 return Next::Wait;
             }
         }
@@ -347,15 +354,16 @@ impl<'a> Worker<'a> {
                         self.accept_ready = true;
                     }
                     Token(key) => {
-                        let nothing_to_flush = self
-                            .connections
-                            .get(key)
-                            .map_or(true, |conn| conn.pending.is_empty());
-                        let only_writable = event.is_writable()
-                            && !event.is_readable()
-                            && !event.is_read_closed()
-                            && !event.is_error();
-                        if !(nothing_to_flush && only_writable) {
+                        let Some(conn) = self.connections.get_mut(key) else {
+                            // Closed earlier in this turn.
+                            continue;
+                        };
+                        if event.is_read_closed() || event.is_error() {
+                            conn.peer_closing = true;
+                        }
+                        let only_writable =
+                            event.is_writable() && !event.is_readable() && !conn.peer_closing;
+                        if !(only_writable && conn.pending.is_empty()) {
                             self.drive(key, now);
                         }
                     }
@@ -420,7 +428,7 @@ impl<'a> Worker<'a> {
     }
 
     fn drive(&mut self, key: usize, now: Instant) {
-        // A stale key (closed earlier in this turn) has no connection: nothing to do.
+        // A stale key (a deferred connection closed since) has no connection: nothing to do.
         let Some(conn) = self.connections.get_mut(key) else {
             return;
         };
@@ -511,6 +519,7 @@ impl<'a> Worker<'a> {
             bytes: 0,
             pending: Vec::new(),
             pending_sent: 0,
+            peer_closing: false,
         });
     }
 
@@ -555,6 +564,10 @@ impl<'a> Worker<'a> {
         self.accept_ready = false;
         self.accept_paused_until = None;
         self.drain_deadline = Some(now + self.config.shutdown_timeout);
+        if !self.shared.draining_logged.swap(true, Ordering::Relaxed) {
+            let live = self.shared.live.load(Ordering::Relaxed);
+            crate::shutdown::log_draining(live, self.config.shutdown_timeout);
+        }
         tracing::debug!(live = self.connections.len(), "epoll worker draining");
     }
 }
