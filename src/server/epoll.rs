@@ -361,9 +361,15 @@ impl<'a> Worker<'a> {
                         if event.is_read_closed() || event.is_error() {
                             conn.peer_closing = true;
                         }
-                        let only_writable =
-                            event.is_writable() && !event.is_readable() && !conn.peer_closing;
-                        if !(only_writable && conn.pending.is_empty()) {
+                        // Skip what cannot make progress: a writable edge with nothing to
+                        // flush, or a readable edge while the echo is stuck (it is not read
+                        // before the writable edge comes anyway).
+                        let useless = if conn.pending.is_empty() {
+                            event.is_writable() && !event.is_readable() && !conn.peer_closing
+                        } else {
+                            !event.is_writable() && !conn.peer_closing
+                        };
+                        if !useless {
                             self.drive(key, now);
                         }
                     }
