@@ -9,13 +9,14 @@
 //! (up to a batch, then comes back), and reads until WouldBlock or until a read returns less
 //! than the buffer holds (the socket was drained at that moment, and any later arrival raises a
 //! fresh edge; tokio relies on the same fact), except once an event has reported the peer's
-//! FIN or an error: that edge is spent, so reads go on until they return it. A connection is registered once for both
-//! readable and writable and never re-registered. Each read is written straight back; if the
-//! socket takes only part of it, the rest is copied into that connection's `pending` buffer
-//! and the connection stops reading (backpressure) until a writable edge lets it flush; then
-//! it reads again, since the edge that announced new data was already spent. A connection that
-//! keeps its socket full is read at most `READ_BUDGET` times per turn and then put at the back
-//! of the queue, so one fast client cannot starve the others.
+//! FIN or an error: that edge is spent, so reads go on until they return it. A connection is
+//! registered once for both readable and writable and never re-registered (no `epoll_ctl` on
+//! the hot path). Each read is written straight back; if the socket takes only part of it, the
+//! rest is copied into that connection's `pending` buffer and the connection stops reading
+//! (backpressure) until a writable edge lets it flush; then it reads again, since the edge
+//! that announced new data was already spent. A connection that keeps its socket full is read
+//! at most `READ_BUDGET` times per turn and then put at the back of the queue, so one fast
+//! client cannot starve the others.
 //!
 //! Costs: one thread per worker, two syscalls per echoed message (read, write) plus the shared
 //! `epoll_wait`, no allocation on the hot path. An idle connection costs its slab entry
@@ -346,10 +347,9 @@ impl<'a> Worker<'a> {
                 Err(e) => return Err(crate::Error::io("epoll_wait failed", e)),
             }
             now = Instant::now();
-            let mut shutdown_signalled = false;
             for event in events.iter() {
                 match event.token() {
-                    SHUTDOWN => shutdown_signalled = true,
+                    SHUTDOWN => {}
                     Token(key) if key > listener_token(self.listeners.len()).0 => {
                         self.accept_ready = true;
                     }
@@ -380,7 +380,8 @@ impl<'a> Worker<'a> {
                 self.drive(key, now);
             }
 
-            if shutdown_signalled && self.drain_deadline.is_none() && self.shutdown.is_triggered() {
+            // The event wakes the worker; the flag (one load) is what decides.
+            if self.drain_deadline.is_none() && self.shutdown.is_triggered() {
                 self.begin_shutdown(now);
             }
             if self.accept_ready && self.drain_deadline.is_none() {
