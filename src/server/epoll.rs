@@ -584,3 +584,51 @@ impl<'a> Worker<'a> {
 fn sweep_period(idle: Duration) -> Duration {
     (idle / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_limit_counts_slots() {
+        let shared = Shared {
+            live: AtomicUsize::new(0),
+            max: 2,
+            exhausted_warned: AtomicBool::new(false),
+            draining_logged: AtomicBool::new(false),
+        };
+        assert!(shared.reserve());
+        assert!(shared.reserve());
+        assert!(!shared.reserve(), "the limit holds");
+        assert!(!shared.has_room());
+        assert!(
+            shared.release(),
+            "releasing at the limit says the server was full"
+        );
+        assert!(shared.has_room());
+        assert!(!shared.release());
+    }
+
+    #[test]
+    fn sweep_period_is_a_fraction_of_the_idle_timeout() {
+        assert_eq!(
+            sweep_period(Duration::from_secs(2)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            sweep_period(Duration::from_millis(1)),
+            Duration::from_millis(5)
+        );
+        assert_eq!(
+            sweep_period(Duration::from_secs(60)),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn listener_tokens_stay_clear_of_connections_and_shutdown() {
+        assert_ne!(listener_token(0), SHUTDOWN);
+        assert!(listener_token(1).0 < listener_token(0).0);
+        assert!(listener_token(16).0 > 1 << 40);
+    }
+}
