@@ -111,7 +111,12 @@ pub fn line_client(
     loop {
         piece.clear();
         {
-            let available = input.fill_buf().context("cannot read standard input")?;
+            let available = loop {
+                match input.fill_buf() {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    result => break result.context("cannot read standard input")?,
+                }
+            };
             if available.is_empty() {
                 break;
             }

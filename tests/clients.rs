@@ -348,3 +348,74 @@ fn split_client_sends_without_waiting_for_the_echo() {
     assert_clean_exit(&output, "split client");
     assert_eq!(rest, b"four\n");
 }
+
+/// `multiecho client ... | head -c 10`: a closed stdout is a normal end, not an error.
+#[test]
+fn both_clients_end_quietly_when_stdout_closes() {
+    let server = Server::start("thread", &[]);
+    let input = binary_input();
+    for (name, extra) in CLIENTS {
+        let mut child = spawn_client(&server.addr.to_string(), extra);
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.clone();
+        let feeder = thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = [0u8; 10];
+        stdout.read_exact(&mut first).unwrap();
+        drop(stdout);
+        let output = wait_with_deadline(child);
+        feeder.join().unwrap();
+        assert_clean_exit(&output, name);
+        assert!(output.stderr.is_empty(), "{name}: {}", stderr_of(&output));
+    }
+}
+
+/// At a terminal, a line `q` ends the split client's input: it half-closes, prints the rest
+/// of the echo and exits 0. The terminal is a pseudo-terminal made for the test.
+#[test]
+fn split_client_ends_on_q_at_a_terminal() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let server = Server::start("thread", &[]);
+    let (mut master, slave) = {
+        let (mut master, mut slave) = (-1, -1);
+        // SAFETY: openpty writes two descriptors into the integers passed; the name, termios
+        // and window size pointers may be null.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened by openpty and are owned by nobody else.
+        unsafe {
+            (
+                std::fs::File::from(OwnedFd::from_raw_fd(master)),
+                OwnedFd::from_raw_fd(slave),
+            )
+        }
+    };
+    let child = Command::new(BIN)
+        .args(["client", "--split", &server.addr.to_string()])
+        .stdin(Stdio::from(slave))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn multiecho client");
+    // The terminal echoes what is typed back to the master side; drain it so it never fills.
+    let mut typed_echo = master.try_clone().unwrap();
+    thread::spawn(move || {
+        let mut sink = [0u8; 1024];
+        while matches!(typed_echo.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    master.write_all(b"hello\nq\nnot sent\n").unwrap();
+    let output = wait_with_deadline(child);
+    drop(master);
+    assert_clean_exit(&output, "split client at a terminal");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "hello\n");
+}
