@@ -307,6 +307,8 @@ fn start_our_server(model: &str) -> Option<Server> {
         return Some(server);
     }
     server.wait_timeout(PATIENCE);
+    // The log reader may still be catching up with the server's last words.
+    server.wait_for_log("the server's error line", |log| log.contains("error"));
     let log = server.log();
     if log.contains("not written yet") {
         eprintln!("skipping the {model} model: not written yet in this build");
