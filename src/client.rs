@@ -232,8 +232,9 @@ pub fn split_client(
     Ok(())
 }
 
-/// Sends stdin line by line until end of input (or a `q`/`Q` line when `end_on_q`), then
-/// half-closes. Returns the number of bytes sent.
+/// Sends stdin until end of input (or a `q`/`Q` line when `end_on_q`), then half-closes.
+/// Returns the number of bytes sent. Input goes out as it is read, a buffer at a time (a line
+/// at a time when `q` must be recognised), so a long line never has to fit in memory.
 fn send_lines(
     mut stream: TcpStream,
     addr: SocketAddr,
@@ -242,18 +243,32 @@ fn send_lines(
     input_ended: &AtomicBool,
 ) -> anyhow::Result<u64> {
     let mut sent = 0u64;
-    let mut line = Vec::new();
+    let mut at_line_start = true;
     loop {
-        line.clear();
-        let n = input
-            .read_until(b'\n', &mut line)
-            .context("cannot read standard input")?;
-        if n == 0 || (end_on_q && is_quit(&line)) {
+        let available = loop {
+            match input.fill_buf() {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                result => break result.context("cannot read standard input")?,
+            }
+        };
+        if available.is_empty() {
+            break;
+        }
+        let piece = if end_on_q {
+            let line_end = available.iter().position(|&b| b == b'\n');
+            &available[..line_end.map_or(available.len(), |i| i + 1)]
+        } else {
+            available
+        };
+        if end_on_q && at_line_start && is_quit(piece) {
             break;
         }
         stream
-            .write_all(&line)
+            .write_all(piece)
             .map_err(|e| connection_error(addr, "cannot send to", e))?;
+        at_line_start = piece.ends_with(b"\n");
+        let n = piece.len();
+        input.consume(n);
         sent += n as u64;
     }
     input_ended.store(true, Ordering::Release);

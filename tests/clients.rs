@@ -8,7 +8,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -91,14 +91,16 @@ fn assert_clean_exit(output: &Output, what: &str) {
 
 /// A test server on a free loopback port: each connection is handled by `handler` on its
 /// own thread. The listener thread lives as long as the test process.
-fn test_server(handler: fn(TcpStream)) -> SocketAddr {
+fn test_server(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let handler = Arc::new(handler);
     thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
             stream.set_nodelay(true).unwrap();
             stream.set_read_timeout(Some(PATIENCE)).unwrap();
+            let handler = Arc::clone(&handler);
             thread::spawn(move || handler(stream));
         }
     });
@@ -125,14 +127,21 @@ fn dribbling_echo(mut stream: TcpStream) {
     }
 }
 
-/// Echoes nothing until it has received three lines, then echoes as usual.
-fn echo_after_three_lines(mut stream: TcpStream) {
+/// Echoes nothing until it has received three lines, then echoes as usual. Reports the
+/// number of lines received so far each time it grows.
+fn echo_after_three_lines(mut stream: TcpStream, lines_received: &mpsc::Sender<usize>) {
     let mut held = Vec::new();
     let mut buf = [0u8; 4096];
-    while held.iter().filter(|&&b| b == b'\n').count() < 3 {
+    let mut lines = 0;
+    while lines < 3 {
         match stream.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => held.extend_from_slice(&buf[..n]),
+        }
+        let now = held.iter().filter(|&&b| b == b'\n').count();
+        if now > lines {
+            lines = now;
+            let _ = lines_received.send(lines);
         }
     }
     if stream.write_all(&held).is_err() {
@@ -304,21 +313,32 @@ fn split_client_treats_q_as_data_when_stdin_is_not_a_terminal() {
     assert_eq!(output.stdout, input);
 }
 
-/// The server answers only once three lines are in: the split client gets there because it
-/// sends without waiting for echoes. Its stdin stays open until the echo is seen, so this is
-/// not end of input doing the work. (The line client would wait forever for the first echo.)
+/// The server answers only once three lines are in. The test types each line only after the
+/// server has received the previous one, and keeps stdin open: the split client gets through
+/// because it sends without waiting for echoes. (The line client would send the first line
+/// and wait for its echo forever.)
 #[test]
 fn split_client_sends_without_waiting_for_the_echo() {
-    let addr = test_server(echo_after_three_lines).to_string();
+    let (tx, lines_received) = mpsc::channel();
+    let addr = test_server(move |stream| echo_after_three_lines(stream, &tx)).to_string();
     let mut child = spawn_client(&addr, &["--split"]);
     let mut stdin: ChildStdin = child.stdin.take().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    stdin.write_all(b"one\ntwo\nthree\n").unwrap();
-    stdin.flush().unwrap();
+    let stdout = child.stdout.take().unwrap();
+
+    for (count, line) in [(1, "one\n"), (2, "two\n"), (3, "three\n")] {
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        if lines_received.recv_timeout(PATIENCE) != Ok(count) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server did not receive line {count}: the split client waited");
+        }
+    }
 
     let want = b"one\ntwo\nthree\n";
     let (tx, rx) = mpsc::channel();
     let reader = thread::spawn(move || {
+        let mut stdout = stdout;
         let mut seen = Vec::new();
         let mut buf = [0u8; 64];
         while seen.len() < want.len() {
@@ -330,11 +350,10 @@ fn split_client_sends_without_waiting_for_the_echo() {
         let _ = tx.send(seen);
         stdout
     });
-    let seen = rx.recv_timeout(PATIENCE);
-    let Ok(seen) = seen else {
+    let Ok(seen) = rx.recv_timeout(PATIENCE) else {
         let _ = child.kill();
         let _ = child.wait();
-        panic!("no echo while stdin was open: the split client waited for it");
+        panic!("no echo printed while stdin was open");
     };
     assert_eq!(seen, want, "echo while stdin is still open");
 
