@@ -364,7 +364,10 @@ pub fn markdown(report: &Report, charts: &[String]) -> String {
         "\nServer CPU time is user+system time of the server and all its processes \
          (reaped children included) over the measured window, divided by the round trips. \
          ✗ marks a point where the load generator saw errors or mismatched bytes (see \
-         Problems below).\n",
+         Problems below). The models that serve a fixed number of connections at once \
+         (iterative: one; pool and prefork: one per worker) leave the other clients waiting \
+         in the backlog, so with more connections than that their waiting clients time out: \
+         a ✗ there shows the model's limit, not lost data.\n",
     );
     for &size in &settings.sizes {
         let _ = writeln!(out, "\n## {} messages\n", size_label(size));
