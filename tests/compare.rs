@@ -314,3 +314,72 @@ fn external_servers_and_pinning() {
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// An echo server that flips one bit of everything it sends back.
+fn start_liar() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    buf[0] ^= 1;
+                    if stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn wrong_bytes_fail_the_comparison_after_the_report() {
+    let liar = format!("liar={}", start_liar());
+    let out = out_dir("liar");
+    let output = compare(
+        &[
+            "--models",
+            "thread",
+            "--external",
+            &liar,
+            "--conns",
+            "1",
+            "--size",
+            "64",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+        ],
+        &out,
+    );
+    let context = text(&output);
+    assert!(!output.status.success(), "{context}");
+    assert!(
+        context.contains("wrong bytes came back from liar"),
+        "{context}"
+    );
+    let (report, md) = read_report(&out);
+    let liar = &report["servers"][1];
+    assert_eq!(liar["name"], "liar");
+    let point = &liar["points"][0];
+    assert_eq!(point["failed"], true, "{point}");
+    assert!(
+        point["median"]["mismatches"].as_f64().unwrap() > 0.0,
+        "{point}"
+    );
+    assert!(md.contains("| liar |") && md.contains(" ✗ |"), "{md}");
+    assert!(md.contains("- liar at 1 conn, 64 B: "), "{md}");
+    assert!(md.contains("mismatches"), "{md}");
+    // The honest server beside it is unaffected.
+    assert_eq!(report["servers"][0]["points"][0]["failed"], false);
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -103,6 +103,16 @@ impl Point {
     }
 }
 
+impl Point {
+    /// Whether any run got wrong bytes back.
+    pub fn saw_mismatches(&self) -> bool {
+        self.runs
+            .iter()
+            .filter_map(|run| run.figures.as_ref())
+            .any(|figures| figures.mismatches > 0.0)
+    }
+}
+
 /// One run of the load generator against one point.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Run {
