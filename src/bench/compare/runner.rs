@@ -84,6 +84,7 @@ pub(super) fn run_bench(
     if let Some(cpus) = &args.client_cpus {
         cpus.pin(&mut command);
     }
+    super::end_with_parent(&mut command);
     let started = Instant::now();
     let mut child = match command.spawn() {
         Ok(child) => child,

@@ -56,6 +56,7 @@ impl ServerProcess {
         if let Some(cpus) = &args.server_cpus {
             cpus.pin(&mut command);
         }
+        super::end_with_parent(&mut command);
         let mut child = command.spawn().with_context(|| {
             let pinned = args
                 .server_cpus
