@@ -131,14 +131,7 @@ async fn run(
     while acceptors.join_next().await.is_some() {}
 
     connections.close();
-    let live = connections.len();
-    if live > 0 {
-        tracing::info!(
-            live,
-            timeout = ?shared.config.shutdown_timeout,
-            "waiting for live connections"
-        );
-    }
+    crate::shutdown::log_draining(connections.len(), shared.config.shutdown_timeout);
     if tokio::time::timeout(shared.config.shutdown_timeout, connections.wait())
         .await
         .is_err()
