@@ -2,9 +2,9 @@
 //!
 //! How it works: the model builds its own runtime (not `#[tokio::main]`, so that `main` stays
 //! single-threaded for the fork-based models). Each listener gets an accept task; each accepted
-//! connection gets a task that waits for the socket to become readable, reads with `try_read`
-//! into a buffer owned by the worker *thread* (not the task), and writes the echo back at once
-//! with `try_write`. Only when the kernel takes less than all of it is the remainder copied into
+//! connection gets a task that waits for the socket to become readable, reads into a buffer
+//! owned by the worker *thread* (not the task, and borrowed only within one poll), and writes
+//! the echo back at once with `try_write`. Only when the kernel takes less than all of it is the remainder copied into
 //! a task-owned `Vec` and awaited before the next read, so a client that does not read its echo
 //! stops being read (backpressure) and pins at most one read's worth of memory.
 //!
@@ -28,11 +28,13 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -291,9 +293,13 @@ async fn echo_until_end(
     idle: Option<Duration>,
 ) -> Result<(), End> {
     loop {
-        within(idle, stream.readable()).await?;
-        // The borrow of the thread's buffer ends before the next await.
-        let step = READ_BUFFER.with_borrow_mut(|buf| read_and_echo(stream, buf));
+        let step = match idle {
+            None => read_and_echo(stream).await,
+            Some(idle) => match tokio::time::timeout(idle, read_and_echo(stream)).await {
+                Ok(step) => step,
+                Err(_elapsed) => return Err(End::IdleTimeout),
+            },
+        };
         match step {
             Ok(Step::Ended) => break,
             Ok(Step::Echoed(n)) => *echoed += n as u64,
@@ -301,13 +307,13 @@ async fn echo_until_end(
                 write_rest(stream, &rest, idle).await?;
                 *echoed += read as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(End::Failed(e)),
         }
     }
-    // The client half-closed and has had every byte back: close our side as well.
-    stream.shutdown().await?;
+    // The client half-closed and has had every byte back: close our side as well. If it has
+    // gone entirely, the shutdown fails (ENOTCONN), which changes nothing: it got everything.
+    let _ = stream.shutdown().await;
     Ok(())
 }
 
@@ -321,15 +327,33 @@ enum Step {
     Pending { read: usize, rest: Vec<u8> },
 }
 
-/// Reads once into `buf` and writes as much of it back as the socket takes right now.
-fn read_and_echo(stream: &TcpStream, buf: &mut [u8]) -> io::Result<Step> {
-    let read = stream.try_read(buf)?;
+/// Waits until the socket is readable, reads once into the worker thread's buffer and writes
+/// as much of it back as the socket takes right now.
+///
+/// The buffer is borrowed only within one poll, never across an await, so it can belong to the
+/// thread rather than the connection. Reading through `poll_read` rather than `readable` and
+/// `try_read` lets tokio note that a short read emptied the socket, which saves the read that
+/// would otherwise only return `WouldBlock` on every round trip.
+fn read_and_echo(stream: &mut TcpStream) -> impl Future<Output = io::Result<Step>> + '_ {
+    std::future::poll_fn(move |cx| {
+        READ_BUFFER.with_borrow_mut(|buf| {
+            let mut unfilled = ReadBuf::new(buf);
+            ready!(Pin::new(&mut *stream).poll_read(cx, &mut unfilled))?;
+            let read = unfilled.filled().len();
+            Poll::Ready(echo_now(stream, &buf[..read]))
+        })
+    })
+}
+
+/// Writes as much of `data` (just read) as the socket takes without waiting.
+fn echo_now(stream: &TcpStream, data: &[u8]) -> io::Result<Step> {
+    let read = data.len();
     if read == 0 {
         return Ok(Step::Ended);
     }
     let mut written = 0;
     while written < read {
-        match stream.try_write(&buf[written..read]) {
+        match stream.try_write(&data[written..]) {
             Ok(n) => written += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -341,7 +365,7 @@ fn read_and_echo(stream: &TcpStream, buf: &mut [u8]) -> io::Result<Step> {
     } else {
         Ok(Step::Pending {
             read,
-            rest: buf[written..read].to_vec(),
+            rest: data[written..].to_vec(),
         })
     }
 }
