@@ -38,6 +38,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -287,24 +288,27 @@ async fn serve_connection(
 
 /// Echoes until the client half-closes (then closes our side too), an error, or the idle
 /// timeout. Counts echoed bytes in `echoed` as they go, so a cancelled echo still reports them.
+///
+/// This future is what an idle connection costs, so whatever only some connections need (the
+/// idle timer, a pending echo) is boxed rather than stored in it.
 async fn echo_until_end(
     stream: &mut TcpStream,
     echoed: &mut u64,
     idle: Option<Duration>,
 ) -> Result<(), End> {
+    let mut timer = IdleTimer::new(idle);
     loop {
-        let step = match idle {
-            None => read_and_echo(stream).await,
-            Some(idle) => match tokio::time::timeout(idle, read_and_echo(stream)).await {
-                Ok(step) => step,
-                Err(_elapsed) => return Err(End::IdleTimeout),
-            },
+        let step = tokio::select! {
+            biased;
+            step = read_and_echo(stream) => step,
+            () = timer.expired() => return Err(End::IdleTimeout),
         };
+        timer.restart();
         match step {
             Ok(Step::Ended) => break,
             Ok(Step::Echoed(n)) => *echoed += n as u64,
             Ok(Step::Pending { read, rest }) => {
-                write_rest(stream, &rest, idle).await?;
+                Box::pin(write_rest(stream, &rest, &mut timer)).await?;
                 *echoed += read as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -315,6 +319,34 @@ async fn echo_until_end(
     // gone entirely, the shutdown fails (ENOTCONN), which changes nothing: it got everything.
     let _ = stream.shutdown().await;
     Ok(())
+}
+
+/// The `--idle-timeout` of one connection: a single boxed timer, pushed back on activity.
+struct IdleTimer {
+    sleep: Option<(Pin<Box<Sleep>>, Duration)>,
+}
+
+impl IdleTimer {
+    fn new(idle: Option<Duration>) -> Self {
+        IdleTimer {
+            sleep: idle.map(|idle| (Box::pin(tokio::time::sleep(idle)), idle)),
+        }
+    }
+
+    /// Something moved: the connection gets a whole idle timeout again.
+    fn restart(&mut self) {
+        if let Some((sleep, idle)) = &mut self.sleep {
+            sleep.as_mut().reset(tokio::time::Instant::now() + *idle);
+        }
+    }
+
+    /// Resolves when the connection has been idle for the timeout; never without one.
+    async fn expired(&mut self) {
+        match &mut self.sleep {
+            Some((sleep, _)) => sleep.as_mut().await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// What one read and the synchronous part of its echo did.
@@ -371,16 +403,19 @@ fn echo_now(stream: &TcpStream, data: &[u8]) -> io::Result<Step> {
 }
 
 /// Writes `rest` in full, waiting for the socket to become writable; any progress restarts the
-/// idle timeout.
-async fn write_rest(
-    stream: &TcpStream,
-    mut rest: &[u8],
-    idle: Option<Duration>,
-) -> Result<(), End> {
+/// idle timer.
+async fn write_rest(stream: &TcpStream, mut rest: &[u8], timer: &mut IdleTimer) -> Result<(), End> {
     while !rest.is_empty() {
-        within(idle, stream.writable()).await?;
+        tokio::select! {
+            biased;
+            writable = stream.writable() => writable?,
+            () = timer.expired() => return Err(End::IdleTimeout),
+        }
         match stream.try_write(rest) {
-            Ok(n) => rest = &rest[n..],
+            Ok(n) => {
+                rest = &rest[n..];
+                timer.restart();
+            }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
                     || e.kind() == io::ErrorKind::Interrupted => {}
@@ -388,18 +423,4 @@ async fn write_rest(
         }
     }
     Ok(())
-}
-
-/// Awaits a readiness future, for at most `idle` when there is an idle timeout.
-async fn within(
-    idle: Option<Duration>,
-    ready: impl Future<Output = io::Result<()>>,
-) -> Result<(), End> {
-    match idle {
-        None => Ok(ready.await?),
-        Some(idle) => match tokio::time::timeout(idle, ready).await {
-            Ok(ready) => Ok(ready?),
-            Err(_elapsed) => Err(End::IdleTimeout),
-        },
-    }
 }
