@@ -198,3 +198,36 @@ fn idle_timeout_closes_only_the_idle_client() {
     drop(active);
     assert!(server.stop().success());
 }
+
+#[test]
+fn a_client_that_never_reads_is_not_buffered_without_bound() {
+    let server = Server::start(MODEL, &["--workers", "1"]);
+    let rss_before = common::rss_kib(server.pid());
+    let mut hog = connect(server.addr);
+    hog.set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    // Send until the server stops reading (its echo is stuck, so it must stop taking more).
+    let chunk = payload::bytes(5, 256 * 1024);
+    let mut sent = 0usize;
+    loop {
+        match hog.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+            Err(e) => panic!("never-reading client: {e}"),
+        }
+        assert!(
+            sent < 256 << 20,
+            "the server kept reading 256 MiB it cannot echo"
+        );
+    }
+    let grown = common::rss_kib(server.pid()).saturating_sub(rss_before);
+    assert!(
+        grown < 8 * 1024,
+        "the server grew by {grown} KiB holding a stuck echo ({sent} bytes sent)"
+    );
+    // Others are served meanwhile.
+    let mut other = connect(server.addr);
+    echo_once(&mut other, b"not blocked by the hog");
+    drop((hog, other));
+    assert!(server.stop().success());
+}
