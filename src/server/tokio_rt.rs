@@ -18,7 +18,8 @@
 //! so clients beyond the limit wait in the listen backlog (connected, not reset) until a
 //! connection closes. `--idle-timeout` is one `tokio::time` timer per connection, pushed back
 //! by every read and every partial write. Running out of descriptors on accept (EMFILE,
-//! ENFILE...) warns once and backs off for [`crate::net::ACCEPT_BACKOFF`] instead of spinning.
+//! ENFILE...) warns once and backs off for [`crate::net::ACCEPT_BACKOFF`] instead of spinning;
+//! an aborted handshake is skipped; any other accept error drains and ends the server.
 //!
 //! Shutdown: the server's shutdown descriptor is watched through [`AsyncFd`]. Then the accept
 //! tasks stop, the [`TaskTracker`] is closed and connections may finish for
@@ -85,7 +86,8 @@ pub fn serve(server: &Server) -> crate::Result<()> {
         close_connections: CancellationToken::new(),
     });
     let result = runtime.block_on(run(listeners, server.shutdown.clone(), shared));
-    // Every connection task has ended by now; nothing should be left to wait for.
+    // Connection tasks have ended by now (or been given up on after the grace period); any
+    // task left is dropped here.
     runtime.shutdown_timeout(CLOSE_GRACE);
     result
 }
