@@ -27,6 +27,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::timer::Timer;
 use super::verify::Messages;
 
 /// Connects in flight per thread: enough to open thousands of connections in well under a
@@ -42,6 +43,8 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 const PUBLISH_EVERY: Duration = Duration::from_millis(50);
 /// Size of the per-thread read, write and scratch buffers.
 const BUF_LEN: usize = 64 * 1024;
+/// The open loop's schedule timer (connections use their index as token).
+const TIMER: Token = Token(usize::MAX);
 /// Failures kept with full detail per thread (all of them are counted).
 pub const MAX_FAILURES: usize = 10;
 
@@ -520,6 +523,11 @@ impl<'a> Worker<'a> {
         let mut events = Events::with_capacity(1024);
         let mut scheduled: u64 = 0;
         let interval = self.share.rate.map(|r| Duration::from_secs_f64(1.0 / r));
+        let mut timer = match interval {
+            Some(_) => Some(Timer::new(self.poll.registry(), TIMER)?),
+            None => None,
+        };
+        let mut armed_for: Option<Instant> = None;
         let mut drain_deadline: Option<Instant> = None;
         let mut last_publish = start;
         loop {
@@ -569,8 +577,12 @@ impl<'a> Worker<'a> {
             if let (true, Some(end)) = (self.sending, self.end) {
                 timeout = timeout.min(end.saturating_duration_since(now));
             }
-            if let Some(due) = next_due {
-                timeout = timeout.min(due.saturating_duration_since(now));
+            if let (Some(due), Some(timer)) = (next_due, timer.as_ref()) {
+                // epoll's timeout has millisecond resolution; the timer is exact.
+                if armed_for != Some(due) {
+                    timer.arm(due.saturating_duration_since(now))?;
+                    armed_for = Some(due);
+                }
             }
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
@@ -578,6 +590,13 @@ impl<'a> Worker<'a> {
                 Err(e) => return Err(e),
             }
             for event in events.iter() {
+                if event.token() == TIMER {
+                    if let Some(timer) = timer.as_mut() {
+                        timer.clear();
+                    }
+                    armed_for = None;
+                    continue;
+                }
                 let idx = event.token().0;
                 if self.conns[idx].state != State::Open {
                     continue;

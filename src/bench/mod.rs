@@ -11,6 +11,7 @@
 pub mod compare;
 pub mod generator;
 pub mod report;
+mod timer;
 pub mod verify;
 
 use std::io::{IsTerminal, Write};
