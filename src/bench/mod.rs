@@ -327,3 +327,44 @@ fn show_progress<T>(
     }
     bar.finish_and_clear();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_shares_connections_requests_and_rate() {
+        let shares = split(10, Some(7), Some(1000.0), 3);
+        let conns: Vec<usize> = shares.iter().map(|s| s.conns).collect();
+        assert_eq!(conns, [4, 3, 3]);
+        let firsts: Vec<u64> = shares.iter().map(|s| s.first_conn).collect();
+        assert_eq!(firsts, [0, 4, 7]);
+        assert_eq!(shares.iter().map(|s| s.quota.unwrap()).sum::<u64>(), 7);
+        let rate: f64 = shares.iter().map(|s| s.rate.unwrap()).sum();
+        assert!((rate - 1000.0).abs() < 1e-6);
+        assert_eq!(shares[0].rate, Some(400.0));
+    }
+
+    #[test]
+    fn spreads_over_loopback_sources_only_when_ports_run_out() {
+        let loopback: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        assert!(source_addresses(loopback, 100).is_empty());
+        let many = source_addresses(loopback, 200_000);
+        assert!(many.len() > 1);
+        assert_eq!(many[0], IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)));
+        assert!(many.iter().all(|ip| ip.is_loopback()));
+        let remote: SocketAddr = "[::1]:4000".parse().unwrap();
+        assert!(source_addresses(remote, 200_000).is_empty());
+    }
+
+    #[test]
+    fn rejects_bad_sizes_and_rates() {
+        assert_eq!(parse_message_size("4k"), Ok(4096));
+        assert!(parse_message_size("0").is_err());
+        assert!(parse_message_size("2GiB").is_err());
+        assert_eq!(parse_rate("2500"), Ok(2500.0));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("NaN").is_err());
+    }
+}

@@ -149,7 +149,7 @@ impl Report {
         let l = &self.latency_us;
         let _ = writeln!(
             out,
-            "  latency (us)  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            "  latency (us)  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
             l.p50, l.p90, l.p99, l.p999, l.max
         );
         let _ = writeln!(
