@@ -169,6 +169,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         Ok(results)
     })?;
 
+    let finished = Instant::now();
     let mut outcome = Outcome::empty();
     for result in results {
         outcome.merge(result.context("the benchmark's event loop failed")?);
@@ -186,7 +187,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let start = shared.start.get().copied().unwrap_or_else(Instant::now);
     let measure_start = start + args.warmup;
     let duration_secs = match duration {
-        Some(d) => d.as_secs_f64(),
+        // Shorter than asked when every connection failed before the end.
+        Some(d) => d
+            .min(finished.saturating_duration_since(measure_start))
+            .as_secs_f64(),
         None => outcome.last_completion.map_or(0.0, |t| {
             t.saturating_duration_since(measure_start).as_secs_f64()
         }),
