@@ -281,3 +281,29 @@ fn bad_options_are_rejected() {
         assert!(stderr.starts_with("error:"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn warm_up_round_trips_are_not_counted() {
+    let server = common::Server::start("thread", &[]);
+    let output = bench(
+        server.addr,
+        &[
+            "--conns",
+            "2",
+            "--requests",
+            "300",
+            "--warmup",
+            "0.3",
+            "--json",
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = json(&output);
+    assert_eq!(report["requests"], 300, "{report}");
+    assert_eq!(report["connections"], 2, "{report}");
+    server.stop();
+}

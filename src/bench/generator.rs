@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -88,6 +88,8 @@ pub struct Shared {
     pub completed: AtomicU64,
     /// Connections opened so far.
     pub opened: AtomicU64,
+    /// Set by SIGINT/SIGTERM: stop sending, collect the echoes in flight, report.
+    pub interrupted: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -99,6 +101,7 @@ impl Shared {
             start: OnceLock::new(),
             completed: AtomicU64::new(0),
             opened: AtomicU64::new(0),
+            interrupted: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -532,7 +535,10 @@ impl<'a> Worker<'a> {
         let mut last_publish = start;
         loop {
             let now = Instant::now();
-            if self.sending && self.end.is_some_and(|end| now >= end) {
+            if self.sending
+                && (self.end.is_some_and(|end| now >= end)
+                    || shared.interrupted.load(Ordering::Relaxed))
+            {
                 self.sending = false;
             }
             let mut next_due = None;

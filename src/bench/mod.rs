@@ -17,6 +17,7 @@ pub mod verify;
 use std::io::{IsTerminal, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -141,6 +142,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     };
 
     let shared = Shared::new(threads);
+    // The first Ctrl-C ends the run early with a report; a second one kills it.
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_default(signal, Arc::clone(&shared.interrupted))
+            .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&shared.interrupted)))
+            .context("cannot install the signal handlers")?;
+    }
     let results = std::thread::scope(|scope| {
         let handles: Vec<_> = shares
             .into_iter()
@@ -187,7 +194,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let start = shared.start.get().copied().unwrap_or_else(Instant::now);
     let measure_start = start + args.warmup;
     let duration_secs = match duration {
-        // Shorter than asked when every connection failed before the end.
+        // Shorter than asked when interrupted or when every connection failed early.
         Some(d) => d
             .min(finished.saturating_duration_since(measure_start))
             .as_secs_f64(),
@@ -195,7 +202,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             t.saturating_duration_since(measure_start).as_secs_f64()
         }),
     };
-    let report = Report::new(&outcome, duration_secs, config);
+    let mut report = Report::new(&outcome, duration_secs, config);
+    report.interrupted = shared.interrupted.load(Ordering::Relaxed);
     let text = if args.json {
         report.to_json() + "\n"
     } else {

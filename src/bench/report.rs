@@ -55,6 +55,8 @@ pub struct Report {
     pub first_error: Option<String>,
     /// The first few failures with where they happened.
     pub failures: Vec<Failure>,
+    /// The run was cut short by SIGINT/SIGTERM.
+    pub interrupted: bool,
     pub config: Config,
 }
 
@@ -109,6 +111,7 @@ impl Report {
             first_connect_error: outcome.first_connect_error.clone(),
             first_error,
             failures,
+            interrupted: false,
             config,
         }
     }
@@ -157,6 +160,9 @@ impl Report {
             "  connections   {} opened, {} failed to connect",
             self.connections, self.connect_failures
         );
+        if self.interrupted {
+            let _ = writeln!(out, "  interrupted   the run was cut short");
+        }
         let _ = writeln!(out, "  errors        {}", self.errors);
         let _ = writeln!(out, "  mismatches    {}", self.mismatches);
         if let Some(e) = &self.first_connect_error {
