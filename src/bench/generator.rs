@@ -179,6 +179,9 @@ pub struct Outcome {
     pub failures: Vec<Failure>,
     /// When the last measured round trip completed.
     pub last_completion: Option<Instant>,
+    /// Open loop: requests that fell due but were never sent because every connection
+    /// still waited for its echoes (the server could not keep up with the rate).
+    pub backlog: u64,
 }
 
 impl Outcome {
@@ -196,6 +199,7 @@ impl Outcome {
             mismatches: 0,
             failures: Vec::new(),
             last_completion: None,
+            backlog: 0,
         }
     }
 
@@ -214,6 +218,7 @@ impl Outcome {
         self.mismatches += other.mismatches;
         self.failures.extend(other.failures);
         self.last_completion = self.last_completion.max(other.last_completion);
+        self.backlog += other.backlog;
     }
 
     /// An empty outcome to merge threads into.
@@ -532,15 +537,10 @@ impl<'a> Worker<'a> {
         };
         let mut armed_for: Option<Instant> = None;
         let mut drain_deadline: Option<Instant> = None;
+        let mut stopped_at: Option<Instant> = None;
         let mut last_publish = start;
         loop {
             let now = Instant::now();
-            if self.sending
-                && (self.end.is_some_and(|end| now >= end)
-                    || shared.interrupted.load(Ordering::Relaxed))
-            {
-                self.sending = false;
-            }
             let mut next_due = None;
             if let Some(interval) = interval {
                 while self.sending {
@@ -558,6 +558,16 @@ impl<'a> Worker<'a> {
                     scheduled += 1;
                     self.flush(idx);
                 }
+            }
+            // Requests due before the end go out first, even when the loop woke late.
+            if self.sending
+                && (self.end.is_some_and(|end| now >= end)
+                    || shared.interrupted.load(Ordering::Relaxed))
+            {
+                self.sending = false;
+            }
+            if !self.sending && stopped_at.is_none() {
+                stopped_at = Some(now);
             }
             if self.live == 0 || (!self.sending && self.in_flight_total == 0) {
                 break;
@@ -614,6 +624,12 @@ impl<'a> Worker<'a> {
                     self.flush(idx);
                 }
             }
+        }
+        if let (Some(interval), Some(stopped), None) = (interval, stopped_at, self.share.quota) {
+            let stopped = self.end.map_or(stopped, |end| stopped.min(end));
+            let window = stopped.saturating_duration_since(start).as_secs_f64();
+            let due = (window / interval.as_secs_f64()).ceil() as u64;
+            self.outcome.backlog = due.saturating_sub(scheduled);
         }
         shared
             .completed

@@ -55,6 +55,9 @@ pub struct Report {
     pub first_error: Option<String>,
     /// The first few failures with where they happened.
     pub failures: Vec<Failure>,
+    /// Open loop: requests that fell due but were never sent, because every connection was
+    /// still waiting for echoes (the server could not keep up with `--rate`).
+    pub backlog: u64,
     /// The run was cut short by SIGINT/SIGTERM.
     pub interrupted: bool,
     pub config: Config,
@@ -111,6 +114,7 @@ impl Report {
             first_connect_error: outcome.first_connect_error.clone(),
             first_error,
             failures,
+            backlog: outcome.backlog,
             interrupted: false,
             config,
         }
@@ -160,6 +164,13 @@ impl Report {
             "  connections   {} opened, {} failed to connect",
             self.connections, self.connect_failures
         );
+        if self.backlog > 0 {
+            let _ = writeln!(
+                out,
+                "  backlog       {} requests fell due but were never sent: the server could not keep up",
+                self.backlog
+            );
+        }
         if self.interrupted {
             let _ = writeln!(out, "  interrupted   the run was cut short");
         }
