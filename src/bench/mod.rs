@@ -3,13 +3,15 @@
 //! Other echo benchmarks count bytes; this one checks them. Every message carries its
 //! connection id and sequence number and a pseudo-random fill that can be regenerated, and
 //! every echoed byte is compared with what was sent, however the server cuts the echo up
-//! ([`verify`]). Connections run on one mio event loop per thread ([`generator`]); the
-//! figures are reported as text or one JSON object ([`report`]). A wrong byte, an early EOF
-//! or a reset is counted, reported with its connection and byte offset, and makes the exit
-//! status non-zero.
+//! ([`verify`]). Connections run on one mio event loop per thread ([`generator`], with a
+//! timerfd for the open loop's schedule); each thread's figures and failures ([`outcome`])
+//! are merged and reported as text or one JSON object ([`report`]). A wrong byte, an early
+//! EOF or a reset is counted, reported with its connection and byte offset, and makes the
+//! exit status non-zero. SIGINT/SIGTERM end a run early, with a report.
 
 pub mod compare;
 pub mod generator;
+pub mod outcome;
 pub mod report;
 mod timer;
 pub mod verify;
