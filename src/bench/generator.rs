@@ -769,3 +769,39 @@ impl<'a> Worker<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_the_source_address_before_connecting() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let plan = Plan {
+            addr: listener.local_addr().unwrap(),
+            messages: Messages::new(1, 16),
+            pipeline: 1,
+            warmup: Duration::ZERO,
+            duration: Some(Duration::from_millis(10)),
+            requests: None,
+            sources: vec![IpAddr::from([127, 0, 0, 2]), IpAddr::from([127, 0, 0, 3])],
+        };
+        let share = Share {
+            first_conn: 0,
+            conns: 2,
+            quota: None,
+            rate: None,
+        };
+        let shared = Shared::new(1);
+        let mut worker = Worker::new(&plan, share).unwrap();
+        worker.connect_all(&shared);
+        assert_eq!(
+            worker.outcome.opened, 2,
+            "{:?}",
+            worker.outcome.first_connect_error
+        );
+        let mut peers: Vec<IpAddr> = (0..2).map(|_| listener.accept().unwrap().1.ip()).collect();
+        peers.sort();
+        assert_eq!(peers, plan.sources);
+    }
+}
