@@ -9,7 +9,7 @@
 //! scheduled time, so queueing in front of a slow server shows up instead of being hidden.
 //!
 //! The hot path allocates nothing: messages are generated straight into one write buffer per
-//! thread, and echoes are checked against bytes regenerated into one scratch buffer (see
+//! thread, and echoes are compared in place with the bytes they should be (see
 //! [`super::verify`]). Sockets are edge-triggered and never re-registered; a read that
 //! brings back everything written so far ends the read loop without the extra EAGAIN read.
 //! A wrong byte, an early EOF, a reset or a stall ends that connection only and is recorded
@@ -41,7 +41,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a thread publishes its progress counters.
 const PUBLISH_EVERY: Duration = Duration::from_millis(50);
-/// Size of the per-thread read, write and scratch buffers.
+/// Size of the per-thread read and write buffers.
 const BUF_LEN: usize = 64 * 1024;
 /// The open loop's schedule timer (connections use their index as token).
 const TIMER: Token = Token(usize::MAX);
@@ -185,7 +185,6 @@ struct Worker<'a> {
     conns: Vec<Conn>,
     write_buf: Vec<u8>,
     read_buf: Vec<u8>,
-    expect_buf: Vec<u8>,
     /// Open loop: one entry per free pipeline slot of a connection.
     ready: VecDeque<usize>,
     outcome: Outcome,
@@ -229,7 +228,6 @@ impl<'a> Worker<'a> {
             conns,
             write_buf: vec![0; BUF_LEN],
             read_buf: vec![0; BUF_LEN],
-            expect_buf: vec![0; BUF_LEN],
             outcome: Outcome::new(),
             measure_start: now,
             end: None,
@@ -576,7 +574,7 @@ impl<'a> Worker<'a> {
 
     /// Writes as much of the queued messages as the socket takes.
     fn flush(&mut self, idx: usize) {
-        let messages = self.plan.messages;
+        let messages = &self.plan.messages;
         let size = messages.size();
         let mut buf = std::mem::take(&mut self.write_buf);
         let result = loop {
@@ -685,7 +683,7 @@ impl<'a> Worker<'a> {
     /// Checks echoed bytes against what was sent and completes the messages they finish.
     /// Returns false when the connection failed.
     fn check_echo(&mut self, idx: usize, mut data: &[u8], now: Instant) -> bool {
-        let messages = self.plan.messages;
+        let messages = &self.plan.messages;
         let size = messages.size();
         while !data.is_empty() {
             let conn = &mut self.conns[idx];
@@ -703,13 +701,7 @@ impl<'a> Worker<'a> {
                 .min(data.len())
                 .min(usize::try_from(owed).unwrap_or(usize::MAX));
             let (piece, rest) = data.split_at(take);
-            if let Some((at, want)) = messages.check(
-                conn.id,
-                conn.recv_seq,
-                conn.recv_off,
-                piece,
-                &mut self.expect_buf,
-            ) {
+            if let Some((at, want)) = messages.check(conn.id, conn.recv_seq, conn.recv_off, piece) {
                 conn.read += at as u64;
                 conn.recv_off += at;
                 let got = piece[at];
