@@ -296,7 +296,8 @@ impl<'a> Worker<'a> {
                 if let State::Connecting(since) = self.conns[idx].state {
                     if now.duration_since(since) > CONNECT_TIMEOUT {
                         connecting -= 1;
-                        self.connect_failed(idx, &io::Error::from(io::ErrorKind::TimedOut));
+                        let why = format!("no answer within {}s", CONNECT_TIMEOUT.as_secs());
+                        self.connect_failed(idx, &io::Error::new(io::ErrorKind::TimedOut, why));
                     }
                 }
             }
