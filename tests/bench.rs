@@ -307,3 +307,63 @@ fn warm_up_round_trips_are_not_counted() {
     assert_eq!(report["connections"], 2, "{report}");
     server.stop();
 }
+
+/// Pairs up the connections that send data and echoes each one's bytes to the other: the
+/// crossed streams of a server that lets two threads serve one socket.
+fn crossing_server() -> SocketAddr {
+    use std::sync::{Arc, Mutex};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    type Waiting = Arc<Mutex<Option<(TcpStream, Vec<u8>)>>>;
+    let waiting: Waiting = Arc::default();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let waiting = Arc::clone(&waiting);
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                // bench's probe connection sends nothing and is not paired.
+                let n = match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let partner = {
+                    let mut waiting = waiting.lock().unwrap();
+                    match waiting.take() {
+                        Some(partner) => partner,
+                        None => {
+                            *waiting = Some((stream, buf[..n].to_vec()));
+                            return;
+                        }
+                    }
+                };
+                let (mut other, first) = partner;
+                let _ = other.write_all(&buf[..n]);
+                let _ = stream.write_all(&first);
+                let mut other_reader = other.try_clone().unwrap();
+                let mut this_writer = stream.try_clone().unwrap();
+                thread::spawn(move || std::io::copy(&mut other_reader, &mut this_writer));
+                let _ = std::io::copy(&mut stream, &mut other);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn crossed_streams_name_where_the_bytes_came_from() {
+    let addr = crossing_server();
+    let output = bench(addr, &["--conns", "2", "--duration", "0.5", "--json"]);
+    assert!(!output.status.success());
+    let report = json(&output);
+    assert_eq!(report["mismatches"], 2, "{report}");
+    for failure in report["failures"].as_array().unwrap() {
+        let me = failure["connection"].as_u64().unwrap();
+        let detail = failure["detail"].as_str().unwrap();
+        assert_eq!(failure["offset"], 0, "{report}");
+        assert!(
+            detail.contains(&format!("message 0 of connection {}", 1 - me)),
+            "{detail}"
+        );
+    }
+}

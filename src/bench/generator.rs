@@ -28,7 +28,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 pub use super::outcome::{Failure, FailureKind, Outcome};
 use super::timer::Timer;
-use super::verify::Messages;
+use super::verify::{self, Messages, HEADER_LEN};
 
 /// Connects in flight per thread: enough to open thousands of connections in well under a
 /// second, few enough not to overflow the server's listen backlog.
@@ -706,10 +706,17 @@ impl<'a> Worker<'a> {
                 conn.read += at as u64;
                 conn.recv_off += at;
                 let got = piece[at];
+                // A whole foreign header says where the bytes came from (crossed streams).
+                let origin = match (conn.recv_off - at, piece.get(..HEADER_LEN)) {
+                    (0, Some(header)) if at < HEADER_LEN => verify::parse_header(header)
+                        .map(|(c, q)| format!(" (they look like message {q} of connection {c})"))
+                        .unwrap_or_default(),
+                    _ => String::new(),
+                };
                 self.fail(
                     idx,
                     FailureKind::Mismatch,
-                    format!("got byte 0x{got:02x}, expected 0x{want:02x}"),
+                    format!("got byte 0x{got:02x}, expected 0x{want:02x}{origin}"),
                 );
                 return false;
             }

@@ -107,6 +107,13 @@ fn header(conn: u64, seq: u64) -> [u8; HEADER_LEN] {
     header
 }
 
+/// The connection id and sequence number in a message header.
+pub fn parse_header(header: &[u8]) -> Option<(u64, u64)> {
+    let conn = u64::from_le_bytes(header.get(..8)?.try_into().ok()?);
+    let seq = u64::from_le_bytes(header.get(8..HEADER_LEN)?.try_into().ok()?);
+    Some((conn, seq))
+}
+
 /// The index of the first byte where `got` and `want` (equally long) differ.
 fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
     if got == want {
@@ -129,8 +136,8 @@ mod tests {
     fn header_names_connection_and_sequence() {
         let messages = Messages::new(1, 64);
         let msg = whole(&messages, 7, 9);
-        assert_eq!(u64::from_le_bytes(msg[..8].try_into().unwrap()), 7);
-        assert_eq!(u64::from_le_bytes(msg[8..16].try_into().unwrap()), 9);
+        assert_eq!(parse_header(&msg), Some((7, 9)));
+        assert_eq!(parse_header(&msg[..15]), None);
     }
 
     #[test]
