@@ -55,10 +55,8 @@ pub struct Plan {
     pub messages: Messages,
     pub pipeline: usize,
     pub warmup: Duration,
-    /// Measure for this long after the warm-up (duration mode)...
+    /// Measure for this long after the warm-up; `None`: until each thread's quota is done.
     pub duration: Option<Duration>,
-    /// ...or until this many requests were sent after the warm-up (split over threads).
-    pub requests: Option<u64>,
     /// Source addresses to spread connections over (empty: let the kernel choose).
     pub sources: Vec<IpAddr>,
 }
@@ -783,7 +781,6 @@ mod tests {
             pipeline: 1,
             warmup: Duration::ZERO,
             duration: Some(Duration::from_millis(10)),
-            requests: None,
             sources: vec![IpAddr::from([127, 0, 0, 2]), IpAddr::from([127, 0, 0, 3])],
         };
         let share = Share {

@@ -126,7 +126,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         pipeline,
         warmup: args.warmup,
         duration,
-        requests: args.requests,
         sources: sources.clone(),
     };
     let shares = split(conns, args.requests, args.rate, threads);
