@@ -400,9 +400,26 @@ pub fn markdown(report: &Report, charts: &[String]) -> String {
             problems.push(format!("{}: skipped: {reason}", server.name));
         }
         for point in server.points.iter().filter(|p| p.failed) {
+            // Repeated runs often fail alike: say each failure once, with how often.
+            let mut distinct: Vec<(&str, usize)> = Vec::new();
             for failure in &point.failures {
+                match distinct
+                    .iter_mut()
+                    .find(|(text, _)| *text == failure.as_str())
+                {
+                    Some((_, count)) => *count += 1,
+                    None => distinct.push((failure, 1)),
+                }
+            }
+            for (failure, count) in distinct {
+                let runs = point.runs.len();
+                let often = if runs > 1 {
+                    format!(" (in {count} of {runs} runs)")
+                } else {
+                    String::new()
+                };
                 problems.push(format!(
-                    "{} at {}, {}: {failure}",
+                    "{} at {}, {}: {failure}{often}",
                     server.name,
                     conns_label(point.conns),
                     size_label(point.size)
@@ -574,6 +591,27 @@ pub(crate) mod tests {
             "{md}"
         );
         assert!(md.contains("server 0, load generator not pinned"), "{md}");
+    }
+
+    #[test]
+    fn repeated_failures_are_said_once() {
+        let mut report = synthetic();
+        let run = |failure: &str| Run {
+            figures: None,
+            failure: Some(failure.into()),
+        };
+        report.servers[0].points[0] =
+            Point::from_runs(1, 64, vec![run("reset"), run("timeout"), run("reset")]);
+        let md = markdown(&report, &[]);
+        assert!(
+            md.contains("- thread at 1 conn, 64 B: reset (in 2 of 3 runs)\n"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- thread at 1 conn, 64 B: timeout (in 1 of 3 runs)\n"),
+            "{md}"
+        );
+        assert!(md.contains("| thread | – ✗ |"), "{md}");
     }
 
     #[test]
