@@ -21,7 +21,7 @@ client_cpu=${CLIENT_CPU:-1}
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/target/bench-c"
 mkdir -p "$out"
-cc -O2 -o "$out/epoll_echo" "${EPOLL_ECHO_C:-/work/shared/bench/epoll_echo.c}"
+cc -O2 -o "$out/epoll_echo" "${EPOLL_ECHO_C:-$root/../shared/bench/epoll_echo.c}"
 cc -O2 -o "$out/c_epoll_client" "$root/scripts/c_epoll_client.c"
 (cd "$root" && cargo build --release --quiet)
 multiecho="$root/target/release/multiecho"
