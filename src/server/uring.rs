@@ -62,6 +62,7 @@ use std::net::{Shutdown as Direction, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use io_uring::types::{BufRingEntry, Fd, Timespec};
@@ -80,6 +81,11 @@ pub const POOL_BYTES: usize = 4 * 1024 * 1024;
 /// Submission queue entries per ring; the completion queue has four times as many.
 const RING_ENTRIES: u32 = 1024;
 
+/// A worker that accepts a connection while serving this many more than the least loaded
+/// worker hands it over to that one. Needed because a multishot accept would otherwise take
+/// them all: the kernel wakes the first waiter on the listener, and that one stays armed.
+const BALANCE_SLACK: usize = 4;
+
 /// The buffer group id of every worker's (only) buffer ring.
 const BUFFER_GROUP: u16 = 0;
 
@@ -90,8 +96,14 @@ pub fn serve(server: &Server) -> crate::Result<()> {
     let shared = Shared {
         live: AtomicUsize::new(0),
         max: server.config.max_conns.max(1),
-        rooms: (0..workers)
-            .map(|_| Wake::new())
+        workers: (0..workers)
+            .map(|_| {
+                Ok(Mailbox {
+                    wake: Wake::new()?,
+                    load: AtomicUsize::new(0),
+                    inbox: Mutex::new(Vec::new()),
+                })
+            })
             .collect::<io::Result<_>>()
             .map_err(|e| crate::Error::io("cannot create wake-up descriptors", e))?,
     };
@@ -198,12 +210,21 @@ fn unavailable(e: &io::Error) -> crate::Error {
     ))
 }
 
-/// What the workers share: the connection count against `--max-conns`, and one wake-up
-/// descriptor per worker, written when a connection ends while the server was full.
+/// What the workers share: the connection count against `--max-conns`, and each worker's
+/// mailbox.
 struct Shared {
     live: AtomicUsize,
     max: usize,
-    rooms: Vec<Wake>,
+    workers: Vec<Mailbox>,
+}
+
+/// How other workers reach one worker: connections handed over to it, its load, and a
+/// wake-up descriptor its ring always polls (written for a hand-over, and when a connection
+/// ends while the server was full).
+struct Mailbox {
+    wake: Wake,
+    load: AtomicUsize,
+    inbox: Mutex<Vec<TcpStream>>,
 }
 
 impl Shared {
@@ -220,13 +241,31 @@ impl Shared {
         self.live.load(Ordering::Acquire) < self.max
     }
 
-    /// Gives a connection's room back; wakes every worker if the server was full.
-    fn release(&self) {
+    /// Gives back the room of worker `id`'s connection; wakes every worker if the server was
+    /// full, so those that stopped accepting start again.
+    fn release(&self, id: usize) {
+        self.workers[id].load.fetch_sub(1, Ordering::Relaxed);
         if self.live.fetch_sub(1, Ordering::AcqRel) >= self.max {
-            for room in &self.rooms {
-                room.wake();
+            for worker in &self.workers {
+                worker.wake.wake();
             }
         }
+    }
+
+    /// The worker that should serve a connection accepted by worker `id`: itself, unless it
+    /// serves [`BALANCE_SLACK`] more than the least loaded one. Counts the connection there.
+    fn assign(&self, id: usize) -> usize {
+        let load = |w: usize| self.workers[w].load.load(Ordering::Relaxed);
+        let least = (0..self.workers.len())
+            .min_by_key(|&w| load(w))
+            .unwrap_or(id);
+        let target = if load(id) > load(least) + BALANCE_SLACK {
+            least
+        } else {
+            id
+        };
+        self.workers[target].load.fetch_add(1, Ordering::Relaxed);
+        target
     }
 }
 
@@ -238,7 +277,7 @@ enum Kind {
     Recv,
     Send,
     ShutdownSignal,
-    Room,
+    Wake,
     IdleSweep,
     AcceptBackoff,
     Deadline,
@@ -253,7 +292,7 @@ impl Kind {
             Recv,
             Send,
             ShutdownSignal,
-            Room,
+            Wake,
             IdleSweep,
             AcceptBackoff,
             Deadline,
@@ -449,10 +488,13 @@ struct Worker<'a> {
     /// Accepted while the server was full; served when there is room.
     parked: VecDeque<TcpStream>,
     listeners: Vec<Listener>,
-    room_armed: bool,
     backing_off: bool,
     warned_exhausted: bool,
     stopping: bool,
+    /// How often a recv found the pool empty (reported at debug level when the worker ends).
+    buffer_waits: u64,
+    /// Connections this worker served.
+    served: u64,
     /// Entries that did not fit in the submission queue yet.
     backlog: VecDeque<squeue::Entry>,
     completions: Vec<(u64, i32, u32)>,
@@ -494,10 +536,11 @@ impl<'a> Worker<'a> {
                     cancel_sent: false,
                 })
                 .collect(),
-            room_armed: false,
             backing_off: false,
             warned_exhausted: false,
             stopping: false,
+            buffer_waits: 0,
+            served: 0,
             backlog: VecDeque::new(),
             completions: Vec::with_capacity(RING_ENTRIES as usize * 4),
             idle_interval,
@@ -513,6 +556,7 @@ impl<'a> Worker<'a> {
                 .build()
                 .user_data(token(Kind::ShutdownSignal, 0, 0)),
         );
+        self.arm_wake();
         self.arm_idle_sweep();
         loop {
             self.sync_accepting();
@@ -540,6 +584,13 @@ impl<'a> Worker<'a> {
         }
         // Nothing of ours uses the buffers any more; stop the kernel from using them too.
         let _ = self.ring.submitter().unregister_buf_ring(BUFFER_GROUP);
+        tracing::debug!(
+            worker = self.id,
+            buffers = self.pool.count,
+            buffer_waits = self.buffer_waits,
+            served = self.served,
+            "worker stopped"
+        );
         Ok(())
     }
 
@@ -586,9 +637,10 @@ impl<'a> Worker<'a> {
             Some(Kind::Recv) => self.received(index, generation, result, flags),
             Some(Kind::Send) => self.sent(index, generation, result),
             Some(Kind::ShutdownSignal) => self.begin_shutdown(),
-            Some(Kind::Room) => {
-                self.room_armed = false;
-                self.shared.rooms[self.id].drain();
+            Some(Kind::Wake) => {
+                self.shared.workers[self.id].wake.drain();
+                self.take_handed_over();
+                self.arm_wake();
             }
             Some(Kind::IdleSweep) => {
                 self.sweep_idle();
@@ -608,19 +660,10 @@ impl<'a> Worker<'a> {
     fn sync_accepting(&mut self) {
         while !self.stopping && !self.parked.is_empty() && self.shared.try_admit() {
             let stream = self.parked.pop_front().expect("not empty");
-            self.start_connection(stream);
+            self.assign(stream);
         }
         let full = !self.parked.is_empty() || !self.shared.has_room();
         let accepting = !self.stopping && !self.backing_off && !full;
-        if full && !self.stopping && !self.room_armed {
-            self.room_armed = true;
-            let fd = self.shared.rooms[self.id].as_fd().as_raw_fd();
-            self.push(
-                opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
-                    .build()
-                    .user_data(token(Kind::Room, 0, 0)),
-            );
-        }
         for index in 0..self.listeners.len() {
             let listener = &mut self.listeners[index];
             if accepting && !listener.in_flight {
@@ -665,7 +708,7 @@ impl<'a> Worker<'a> {
                 return Ok(()); // Closed unserved: the server no longer accepts.
             }
             if self.parked.is_empty() && self.shared.try_admit() {
-                self.start_connection(stream);
+                self.assign(stream);
             } else {
                 self.parked.push_back(stream);
             }
@@ -700,13 +743,56 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// Serves a connection whose room is already reserved.
+    /// Serves an admitted connection here, or hands it over to a less loaded worker.
+    fn assign(&mut self, stream: TcpStream) {
+        let target = self.shared.assign(self.id);
+        if target == self.id {
+            self.start_connection(stream);
+            return;
+        }
+        let mailbox = &self.shared.workers[target];
+        mailbox
+            .inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(stream);
+        mailbox.wake.wake();
+    }
+
+    /// Serves the connections other workers handed over.
+    fn take_handed_over(&mut self) {
+        let streams = std::mem::take(
+            &mut *self.shared.workers[self.id]
+                .inbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for stream in streams {
+            if self.stopping {
+                drop(stream);
+                self.shared.release(self.id);
+            } else {
+                self.start_connection(stream);
+            }
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let fd = self.shared.workers[self.id].wake.as_fd().as_raw_fd();
+        self.push(
+            opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
+                .build()
+                .user_data(token(Kind::Wake, 0, 0)),
+        );
+    }
+
+    /// Serves a connection admitted and counted for this worker.
     fn start_connection(&mut self, stream: TcpStream) {
         let peer = match stream.peer_addr() {
             Ok(peer) => peer,
             Err(e) => {
                 tracing::debug!("connection gone before it was served: {e}");
-                self.shared.release();
+                self.shared.release(self.id);
                 return;
             }
         };
@@ -714,6 +800,7 @@ impl<'a> Worker<'a> {
             tracing::debug!(%peer, "cannot set TCP_NODELAY: {e}");
         }
         self.server.stats.connection_opened();
+        self.served += 1;
         tracing::debug!(%peer, "connection accepted");
         let now = Instant::now();
         let connection = Connection {
@@ -818,6 +905,7 @@ impl<'a> Worker<'a> {
                 connection.last_active = Instant::now();
                 connection.io = Io::WaitingForBuffer;
                 self.waiting.push_back((index, generation));
+                self.buffer_waits += 1;
             }
             (e, None) if e == -libc::EINTR || e == -libc::EAGAIN => self.post_recv(index),
             (e, buffer) => {
@@ -909,7 +997,7 @@ impl<'a> Worker<'a> {
         self.server.stats.connection_closed(connection.bytes);
         echo::log_close(connection.peer, connection.bytes, connection.started, &end);
         drop(connection);
-        self.shared.release();
+        self.shared.release(self.id);
     }
 
     /// Ends a connection at the server's initiative: shutting the socket down completes its

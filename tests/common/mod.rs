@@ -117,7 +117,11 @@ impl Server {
     pub fn wait_for_log(&self, what: &str, check: impl Fn(&str) -> bool) {
         let deadline = Instant::now() + PATIENCE;
         while !check(&self.log()) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log:\n{}",
+                self.log()
+            );
             thread::sleep(Duration::from_millis(10));
         }
     }
@@ -155,7 +159,9 @@ pub fn round_trip(stream: TcpStream, payload: &[u8]) -> Vec<u8> {
     });
     let mut reader = stream;
     let mut echoed = Vec::with_capacity(payload.len());
-    reader.read_to_end(&mut echoed).expect("read the echo until EOF");
+    reader
+        .read_to_end(&mut echoed)
+        .expect("read the echo until EOF");
     sender.join().expect("sender thread");
     echoed
 }
@@ -181,11 +187,17 @@ pub fn zombie_children(pid: u32) -> usize {
 /// The states of `pid`'s children, from /proc.
 pub fn children_states(pid: u32) -> Vec<String> {
     let mut states = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return states };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return states;
+    };
     for entry in entries.flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
         // pid (comm) state ppid ...; comm may contain spaces, so split after the last ')'.
-        let Some(after) = stat.rsplit_once(')').map(|(_, a)| a) else { continue };
+        let Some(after) = stat.rsplit_once(')').map(|(_, a)| a) else {
+            continue;
+        };
         let fields: Vec<&str> = after.split_whitespace().collect();
         if fields.len() > 1 && fields[1] == pid.to_string() {
             states.push(fields[0].to_string());

@@ -1,0 +1,270 @@
+//! Tests specific to the io_uring model: exact echo of random payloads, many concurrent
+//! connections whose echoes share a small buffer pool (the buffer-recycling corruption case),
+//! half-close, a client reset, shutdown with an idle connection, `--max-conns` and
+//! `--idle-timeout`. Each test is skipped, with a message, where the server reports that
+//! io_uring is unavailable; any other failure to start fails the test.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{assert_same, connect, round_trip, Server, PATIENCE};
+use multiecho::payload;
+
+/// Starts a uring server, or returns `None` (after saying so) where io_uring is unavailable.
+fn start(extra: &[&str]) -> Option<Server> {
+    match Server::try_start("uring", extra) {
+        Ok(server) => Some(server),
+        Err(log) if log.contains("io_uring is not available") => {
+            eprintln!("skipped: io_uring is unavailable here; the server said:\n{log}");
+            None
+        }
+        Err(log) => panic!("uring server did not start; its log:\n{log}"),
+    }
+}
+
+#[test]
+fn echoes_random_payloads_exactly() {
+    let Some(server) = start(&["--workers", "2"]) else {
+        return;
+    };
+    let sizes = [
+        1,
+        2,
+        1000,
+        16 * 1024 - 1,
+        16 * 1024,
+        16 * 1024 + 1,
+        100_003,
+        1 << 20,
+    ];
+    for (seed, len) in sizes.into_iter().enumerate() {
+        let data = payload::bytes(seed as u64 + 1, len);
+        let echoed = round_trip(connect(server.addr), &data);
+        assert_same(&echoed, &data, &format!("{len}-byte payload"));
+    }
+    assert!(server.stop().success());
+}
+
+/// 1,000 connections at once, each sending a distinct payload of a few KiB in several
+/// writes: far more data in flight than a worker's buffer pool holds, so buffers are recycled
+/// all the time and receives run out of buffers. Every byte must come back on its own
+/// connection, in order.
+#[test]
+fn thousand_concurrent_connections_are_echoed_byte_exact() {
+    multiecho::net::raise_open_files_limit().expect("raise the open files limit");
+    let Some(server) = start(&["--workers", "1", "--backlog", "2048"]) else {
+        return;
+    };
+    const CONNECTIONS: usize = 1000;
+    const THREADS: usize = 10;
+    let addr = server.addr;
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            thread::spawn(move || {
+                let ids: Vec<usize> = (t..CONNECTIONS).step_by(THREADS).collect();
+                let mut streams: Vec<_> = ids.iter().map(|_| connect(addr)).collect();
+                let payloads: Vec<Vec<u8>> = ids
+                    .iter()
+                    .map(|&id| {
+                        let len = 2048 + (id * 37) % 6144;
+                        payload::bytes(1000 + id as u64, len)
+                    })
+                    .collect();
+                // Interleave the writes: every connection has its first chunk in flight
+                // before any sends its second.
+                const CHUNKS: usize = 4;
+                for chunk in 0..CHUNKS {
+                    for (stream, data) in streams.iter_mut().zip(&payloads) {
+                        let step = data.len().div_ceil(CHUNKS);
+                        let start = (chunk * step).min(data.len());
+                        let end = ((chunk + 1) * step).min(data.len());
+                        stream.write_all(&data[start..end]).unwrap();
+                    }
+                }
+                for stream in &streams {
+                    stream.shutdown(Shutdown::Write).unwrap();
+                }
+                for ((stream, data), id) in streams.iter_mut().zip(&payloads).zip(&ids) {
+                    let mut echoed = Vec::with_capacity(data.len());
+                    stream.read_to_end(&mut echoed).expect("read the echo");
+                    assert_same(&echoed, data, &format!("connection {id}"));
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.join().expect("client thread");
+    }
+    server.wait_for_log("all connections logged", |log| {
+        log.matches("connection closed").count() >= CONNECTIONS
+    });
+    assert!(server.stop().success());
+}
+
+#[test]
+fn half_close_echoes_everything_then_closes() {
+    let Some(server) = start(&[]) else { return };
+    let mut stream = connect(server.addr);
+    stream.write_all(b"hello").unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut echoed = Vec::new();
+    stream.read_to_end(&mut echoed).unwrap();
+    assert_eq!(echoed, b"hello");
+    // A large payload followed at once by the half-close: still all of it.
+    let data = payload::bytes(7, 300_000);
+    assert_same(
+        &round_trip(connect(server.addr), &data),
+        &data,
+        "300 KB then half-close",
+    );
+    server.wait_for_log("the close line", |log| log.contains("client closed"));
+    assert!(server.stop().success());
+}
+
+#[test]
+fn a_reset_client_affects_only_itself() {
+    let Some(server) = start(&["--workers", "1"]) else {
+        return;
+    };
+    let survivor = connect(server.addr);
+    let mut victim = connect(server.addr);
+    victim.write_all(&payload::bytes(3, 100_000)).unwrap();
+    socket2::SockRef::from(&victim)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(victim); // RST
+    let data = payload::bytes(4, 50_000);
+    assert_same(&round_trip(survivor, &data), &data, "the other connection");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn sigterm_with_an_idle_connection_exits_after_the_shutdown_timeout() {
+    let Some(mut server) = start(&["--shutdown-timeout", "1s"]) else {
+        return;
+    };
+    let mut idle = connect(server.addr);
+    idle.write_all(b"x").unwrap();
+    let mut byte = [0u8; 1];
+    idle.read_exact(&mut byte).unwrap();
+    let started = Instant::now();
+    server.terminate();
+    let status = server
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no exit within 5 s of SIGTERM; log:\n{}", server.log()));
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "exited before the shutdown timeout"
+    );
+    assert_eq!(
+        idle.read(&mut byte).unwrap_or(0),
+        0,
+        "the idle client sees the close"
+    );
+    assert!(
+        server.log().contains("closed at shutdown"),
+        "{}",
+        server.log()
+    );
+}
+
+#[test]
+fn max_conns_makes_the_third_client_wait_in_the_backlog() {
+    let Some(server) = start(&["--max-conns", "2", "--workers", "2"]) else {
+        return;
+    };
+    let mut first = connect(server.addr);
+    let mut second = connect(server.addr);
+    for stream in [&mut first, &mut second] {
+        stream.write_all(b"a").unwrap();
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).unwrap();
+    }
+    let mut third = connect(server.addr);
+    third.write_all(b"waiting").unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    match third.read(&mut buf) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("the third client was served (or reset) at the limit: {other:?}"),
+    }
+    drop(first);
+    third.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut echoed = [0u8; 7];
+    third
+        .read_exact(&mut echoed)
+        .expect("served once a slot freed");
+    assert_eq!(&echoed, b"waiting");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn idle_timeout_closes_silent_connections_only() {
+    let Some(server) = start(&["--idle-timeout", "300ms"]) else {
+        return;
+    };
+    let mut silent = connect(server.addr);
+    let mut active = connect(server.addr);
+    let started = Instant::now();
+    // The active one sends every 100 ms for 700 ms and must stay open throughout.
+    for i in 0..7u8 {
+        active.write_all(&[i]).unwrap();
+        let mut byte = [0u8; 1];
+        active.read_exact(&mut byte).unwrap();
+        assert_eq!(byte[0], i);
+        thread::sleep(Duration::from_millis(100));
+    }
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        silent.read(&mut buf).unwrap_or(0),
+        0,
+        "the silent one is closed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(server.log().contains("idle timeout"), "{}", server.log());
+    active.write_all(b"z").unwrap();
+    let mut byte = [0u8; 1];
+    active
+        .read_exact(&mut byte)
+        .expect("the active one is still served");
+    assert!(server.stop().success());
+}
+
+/// A client that reads its echo late makes the server's sends partial (its socket buffers
+/// fill up); each partial send must be continued from exactly the first unsent byte.
+#[test]
+fn a_late_reader_gets_every_byte_after_partial_sends() {
+    let Some(server) = start(&["--workers", "1"]) else {
+        return;
+    };
+    let stream = connect(server.addr);
+    let mut writer = stream.try_clone().unwrap();
+    let data = payload::bytes(11, 4 << 20);
+    let sent = data.clone();
+    let sender = thread::spawn(move || {
+        writer.write_all(&sent).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    thread::sleep(Duration::from_millis(300));
+    let mut reader = stream;
+    let mut echoed = Vec::with_capacity(data.len());
+    // Read in small pieces, so the server keeps meeting a nearly full socket.
+    let mut piece = [0u8; 3000];
+    loop {
+        let n = reader.read(&mut piece).expect("read the echo");
+        if n == 0 {
+            break;
+        }
+        echoed.extend_from_slice(&piece[..n]);
+    }
+    sender.join().unwrap();
+    assert_same(&echoed, &data, "4 MiB read late");
+    assert!(server.stop().success());
+}
