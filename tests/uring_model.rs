@@ -16,14 +16,7 @@ use multiecho::payload;
 
 /// Starts a uring server, or returns `None` (after saying so) where io_uring is unavailable.
 fn start(extra: &[&str]) -> Option<Server> {
-    match Server::try_start("uring", extra) {
-        Ok(server) => Some(server),
-        Err(log) if log.contains("io_uring is not available") => {
-            eprintln!("skipped: io_uring is unavailable here; the server said:\n{log}");
-            None
-        }
-        Err(log) => panic!("uring server did not start; its log:\n{log}"),
-    }
+    common::start_or_skip("uring", extra)
 }
 
 #[test]

@@ -61,7 +61,7 @@ use std::io;
 use std::net::{Shutdown as Direction, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -95,6 +95,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
     let workers = server.config.workers.max(1);
     let shared = Shared {
         live: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
         max: server.config.max_conns.max(1),
         workers: (0..workers)
             .map(|_| {
@@ -216,6 +217,8 @@ struct Shared {
     live: AtomicUsize,
     max: usize,
     workers: Vec<Mailbox>,
+    /// Whether a worker has logged the start of the shutdown (once for the server).
+    draining: AtomicBool,
 }
 
 /// How other workers reach one worker: connections handed over to it, its load, and a
@@ -1053,12 +1056,13 @@ impl<'a> Worker<'a> {
         self.stopping = true;
         // Accepted while full, never admitted nor served: close them.
         self.parked.clear();
-        if self.active > 0 {
-            tracing::debug!(
-                worker = self.id,
-                live = self.active,
-                "shutting down; waiting for live connections"
+        if !self.shared.draining.swap(true, Ordering::AcqRel) {
+            crate::shutdown::log_draining(
+                self.shared.live.load(Ordering::Acquire),
+                self.server.config.shutdown_timeout,
             );
+        }
+        if self.active > 0 {
             let timespec: *const Timespec = &*self.deadline;
             self.push(opcode::Timeout::new(timespec).build().user_data(token(
                 Kind::Deadline,
