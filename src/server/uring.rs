@@ -86,6 +86,10 @@ const RING_ENTRIES: u32 = 1024;
 /// them all: the kernel wakes the first waiter on the listener, and that one stays armed.
 const BALANCE_SLACK: usize = 4;
 
+/// IORING_RECVSEND_POLL_FIRST: wait for data before trying the receive. The next message of
+/// an echo client arrives after its echo, so trying at once would fail nearly every time.
+const RECV_POLL_FIRST: u16 = 1;
+
 /// The buffer group id of every worker's (only) buffer ring.
 const BUFFER_GROUP: u16 = 0;
 
@@ -501,6 +505,8 @@ struct Worker<'a> {
     /// Entries that did not fit in the submission queue yet.
     backlog: VecDeque<squeue::Entry>,
     completions: Vec<(u64, i32, u32)>,
+    /// When the current batch of completions was reaped (one clock read per batch).
+    now: Instant,
     // Timeouts read their timespec when submitted; boxed so the addresses stay put.
     idle_interval: Option<Box<Timespec>>,
     backoff: Box<Timespec>,
@@ -545,6 +551,7 @@ impl<'a> Worker<'a> {
             buffer_waits: 0,
             served: 0,
             backlog: VecDeque::new(),
+            now: Instant::now(),
             completions: Vec::with_capacity(RING_ENTRIES as usize * 4),
             idle_interval,
             backoff: Box::new(Timespec::from(ACCEPT_BACKOFF)),
@@ -573,6 +580,7 @@ impl<'a> Worker<'a> {
                 Err(e) if is_transient(&e) => {}
                 Err(e) => return Err(crate::Error::io("io_uring enter failed", e)),
             }
+            self.now = Instant::now();
             let mut completions = std::mem::take(&mut self.completions);
             completions.extend(
                 self.ring
@@ -854,6 +862,7 @@ impl<'a> Worker<'a> {
             BUFFER_SIZE as u32,
         )
         .buf_group(BUFFER_GROUP)
+        .ioprio(RECV_POLL_FIRST)
         .build()
         .flags(squeue::Flags::BUFFER_SELECT)
         .user_data(token(Kind::Recv, index, generation));
@@ -880,6 +889,7 @@ impl<'a> Worker<'a> {
 
     fn received(&mut self, index: u32, generation: u32, result: i32, flags: u32) {
         let buffer = cqueue::buffer_select(flags);
+        let now = self.now;
         let Some(connection) = self.connection(index, generation) else {
             // Cannot happen (a slot is freed only with no operation in flight), but a buffer
             // must never be lost.
@@ -890,7 +900,7 @@ impl<'a> Worker<'a> {
         };
         match (result, buffer) {
             (n, Some(bid)) if n > 0 => {
-                connection.last_active = Instant::now();
+                connection.last_active = now;
                 connection.io = Io::Sending {
                     bid,
                     len: n as u32,
@@ -905,7 +915,7 @@ impl<'a> Worker<'a> {
                 self.finish(index, None, true);
             }
             (e, None) if e == -libc::ENOBUFS => {
-                connection.last_active = Instant::now();
+                connection.last_active = now;
                 connection.io = Io::WaitingForBuffer;
                 self.waiting.push_back((index, generation));
                 self.buffer_waits += 1;
@@ -926,6 +936,7 @@ impl<'a> Worker<'a> {
     }
 
     fn sent(&mut self, index: u32, generation: u32, result: i32) {
+        let now = self.now;
         let Some(connection) = self.connection(index, generation) else {
             return;
         };
@@ -948,7 +959,7 @@ impl<'a> Worker<'a> {
         }
         let sent = sent + result as u32;
         connection.bytes += result as u64;
-        connection.last_active = Instant::now();
+        connection.last_active = now;
         if sent < len {
             connection.io = Io::Sending { bid, len, sent };
             self.post_send(index);
