@@ -342,11 +342,13 @@ impl BufferPool {
             4096,
         )
         .map_err(io::Error::other)?;
-        let memory_layout = Layout::from_size_align(usize::from(count) * BUFFER_SIZE, 4096)
+        // Small alignment on purpose: a large zeroed allocation with it comes from calloc,
+        // which maps fresh pages and does not write them, so buffers never used cost no
+        // resident memory. (Over-aligned zeroed allocations are memset, touching them all.)
+        let memory_layout = Layout::from_size_align(usize::from(count) * BUFFER_SIZE, 16)
             .map_err(io::Error::other)?;
-        // SAFETY: both layouts have a non-zero size. Zeroed memory is what the kernel expects
-        // of a new buffer ring (tail 0), and for the buffers it comes from untouched pages,
-        // so buffers that are never used cost no resident memory.
+        // SAFETY: both layouts have a non-zero size. A new buffer ring must be zeroed (its
+        // tail starts at 0).
         let (ring, memory) = unsafe {
             (
                 alloc::alloc_zeroed(ring_layout).cast::<BufRingEntry>(),
