@@ -261,3 +261,95 @@ fn a_late_reader_gets_every_byte_after_partial_sends() {
     assert_same(&echoed, &data, "4 MiB read late");
     assert!(server.stop().success());
 }
+
+/// Where io_uring is blocked (here by a seccomp filter that fails io_uring_setup with EPERM,
+/// as container runtimes do), the server refuses to start, before it listens, with one clear
+/// line and a non-zero exit status.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn refuses_to_start_with_one_clear_line_where_io_uring_is_blocked() {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let mut command = Command::new(common::BIN);
+    command
+        .args(["serve", "--model", "uring", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: the hook only calls prctl(2) on data on its own stack, which is allowed between
+    // fork and exec.
+    unsafe { command.pre_exec(block_io_uring_setup) };
+    let mut child = command.spawn().expect("spawn multiecho serve");
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server started although io_uring_setup fails");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "exit status {status}; stderr:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected:\n{stderr}");
+    assert!(
+        lines[0].contains("io_uring is not available on this system"),
+        "{stderr}"
+    );
+}
+
+/// Installs a seccomp filter failing io_uring_setup (425 on x86_64) with EPERM.
+#[cfg(target_arch = "x86_64")]
+fn block_io_uring_setup() -> std::io::Result<()> {
+    const IO_URING_SETUP: u32 = 425;
+    let statement = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let mut filter = [
+        // Load the system call number (offset 0 of struct seccomp_data).
+        statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
+        statement(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            IO_URING_SETUP,
+            0,
+            1,
+        ),
+        statement(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+            0,
+            0,
+        ),
+        statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW, 0, 0),
+    ];
+    let program = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: prctl with these options reads only `program`, which outlives the calls.
+    let failed = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &program as *const libc::sock_fprog,
+            ) != 0
+    };
+    if failed {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

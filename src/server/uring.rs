@@ -6,7 +6,7 @@
 //! completions". Every socket operation is a ring operation:
 //! - **accept**: one multishot accept per listener and ring (all rings share the listening
 //!   sockets), which keeps posting a completion per new connection. The kernel hands every
-//!   connection to the first armed accept, so a worker serving [`BALANCE_SLACK`] more
+//!   connection to the first armed accept, so a worker serving a few (`BALANCE_SLACK`) more
 //!   connections than the least loaded one hands the new one over (a mailbox plus a wake-up
 //!   descriptor each ring polls);
 //! - **recv**: one single-shot recv per connection with *buffer select*: the kernel picks a
@@ -164,8 +164,10 @@ fn buffers_per_worker(workers: usize) -> u16 {
     power.clamp(32, 256) as u16
 }
 
-/// Checks, before serving, that io_uring and the features this model needs are available.
-fn probe() -> crate::Result<()> {
+/// Checks that io_uring and the features this model needs are available: an
+/// [`crate::Error::Unsupported`] saying why if not. [`serve`] calls it first; `run` calls it
+/// before binding, so the error comes before any "listening on" line.
+pub fn probe() -> crate::Result<()> {
     let ring = IoUring::new(8).map_err(unavailable)?;
     let mut probe = Probe::new();
     ring.submitter()
@@ -203,10 +205,11 @@ fn probe() -> crate::Result<()> {
 /// The error for a ring that cannot be created.
 fn unavailable(e: io::Error) -> crate::Error {
     let reason = match e.raw_os_error() {
-        Some(libc::ENOSYS) => "the kernel has no io_uring (ENOSYS)".to_string(),
-        Some(libc::EPERM | libc::EACCES) => {
-            format!("io_uring is not permitted ({e}; seccomp, or sysctl kernel.io_uring_disabled)")
-        }
+        Some(libc::ENOSYS) => "the kernel has no io_uring (io_uring_setup: ENOSYS)".to_string(),
+        Some(code @ (libc::EPERM | libc::EACCES)) => format!(
+            "io_uring_setup was refused ({}; blocked by seccomp or sysctl kernel.io_uring_disabled)",
+            if code == libc::EPERM { "EPERM" } else { "EACCES" }
+        ),
         _ => return crate::Error::io("cannot create an io_uring instance", e),
     };
     crate::Error::Unsupported(format!(
