@@ -577,8 +577,7 @@ impl<'a> Worker<'a> {
             if self.stopping && self.active == 0 {
                 break;
             }
-            self.flush_backlog()
-                .map_err(|e| crate::Error::io("io_uring submit failed", e))?;
+            self.flush_backlog();
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if is_transient(&e) => {}
@@ -635,14 +634,13 @@ impl<'a> Worker<'a> {
         false
     }
 
-    fn flush_backlog(&mut self) -> io::Result<()> {
+    fn flush_backlog(&mut self) {
         while let Some(entry) = self.backlog.pop_front() {
             if !self.try_push(&entry) {
                 self.backlog.push_front(entry);
                 break;
             }
         }
-        Ok(())
     }
 
     fn complete(&mut self, user_data: u64, result: i32, flags: u32) -> crate::Result<()> {
@@ -1123,4 +1121,34 @@ fn new_ring() -> io::Result<IoUring> {
                 .setup_cqsize(cq_entries)
                 .build(RING_ENTRIES)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip() {
+        let user_data = token(Kind::Send, 123_456, 0x1_23_45_67);
+        assert_eq!(
+            untoken(user_data),
+            (Some(Kind::Send), 123_456, 0x23_45_67),
+            "generations keep their low 24 bits"
+        );
+        assert_eq!(untoken(0).0, None);
+        for kind in [Kind::Accept, Kind::Cancel, Kind::Wake] {
+            assert_eq!(untoken(token(kind, u32::MAX, 0)), (Some(kind), u32::MAX, 0));
+        }
+    }
+
+    #[test]
+    fn buffer_pool_shares() {
+        assert_eq!(buffers_per_worker(1), 256);
+        assert_eq!(buffers_per_worker(2), 128);
+        assert_eq!(buffers_per_worker(3), 64);
+        assert_eq!(buffers_per_worker(64), 32);
+        for workers in 1..=64 {
+            assert!(buffers_per_worker(workers).is_power_of_two());
+        }
+    }
 }
