@@ -353,3 +353,93 @@ fn block_io_uring_setup() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// With a pool of only 4 buffers, 200 clients sending at once keep running the pool dry:
+/// receives fail with ENOBUFS and must be re-armed when buffers come back, never dropped, and
+/// every echo must still be exact.
+#[test]
+fn a_dry_buffer_pool_delays_receives_but_loses_nothing() {
+    let Some(mut server) = start_with_env(
+        &["--workers", "1"],
+        &[(multiecho::server::uring::BUFFERS_ENV, "4")],
+    ) else {
+        return;
+    };
+    const CONNECTIONS: usize = 200;
+    let addr = server.addr;
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            thread::spawn(move || {
+                let ids: Vec<usize> = (t..CONNECTIONS).step_by(4).collect();
+                let mut streams: Vec<_> = ids.iter().map(|_| connect(addr)).collect();
+                let payloads: Vec<Vec<u8>> = ids
+                    .iter()
+                    .map(|&id| payload::bytes(5000 + id as u64, 20_000 + id * 101))
+                    .collect();
+                for (stream, data) in streams.iter_mut().zip(&payloads) {
+                    stream.write_all(data).unwrap();
+                    stream.shutdown(Shutdown::Write).unwrap();
+                }
+                for ((stream, data), id) in streams.iter_mut().zip(&payloads).zip(&ids) {
+                    let mut echoed = Vec::with_capacity(data.len());
+                    stream.read_to_end(&mut echoed).expect("read the echo");
+                    assert_same(&echoed, data, &format!("connection {id}"));
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.join().expect("client thread");
+    }
+    server.terminate();
+    assert!(server.wait_timeout(PATIENCE).expect("exit").success());
+    let log = strip_ansi(&server.log());
+    let waits: u64 = log
+        .lines()
+        .filter(|l| l.contains("worker stopped"))
+        .filter_map(|l| l.split("buffer_waits=").nth(1))
+        .filter_map(|v| {
+            v.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        waits > 0,
+        "the pool never ran dry, so this tested nothing; log:\n{log}"
+    );
+}
+
+/// Like [`start`], with extra environment variables for the server, and debug logging for
+/// the uring module (its per-worker summary counts buffer waits).
+fn start_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Option<Server> {
+    let mut envs = envs.to_vec();
+    envs.push(("RUST_LOG", "info,multiecho::server::uring=debug"));
+    match Server::try_start_with("uring", extra, None, &envs) {
+        Ok(server) => Some(server),
+        Err(log) if common::uring_unavailable(&log) => {
+            eprintln!("skipped: io_uring is unavailable here; the server said:\n{log}");
+            None
+        }
+        Err(log) => panic!("uring server did not start; its log:\n{log}"),
+    }
+}
+
+/// The log without terminal colour sequences (ESC [ ... m).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

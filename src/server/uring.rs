@@ -22,13 +22,15 @@
 //! Every submission carries a `user_data` token of (operation kind, connection slot,
 //! generation); a completion whose generation does not match its slot is stale and touches
 //! nothing. A recv that finds the pool empty completes with ENOBUFS: the connection waits in
-//! a queue and its recv is posted again when a buffer comes back. A full submission queue is
+//! a queue and its recv is posted again once buffers are free (checked after every batch of
+//! completions, as many as there are free buffers). A full submission queue is
 //! submitted and retried (and entries the kernel cannot take yet wait in a backlog); completion
 //! overflow is left to the kernel (FEAT_NODROP) and reaped on the next enter.
 //!
 //! # Costs
 //! Per worker: a ring (about 130 KiB of mapped queues) and a buffer pool of [`BUFFER_SIZE`]
-//! buffers; the workers share [`POOL_BYTES`] of them, resident only once used. Per
+//! buffers; the workers share [`POOL_BYTES`] of them, resident only once used (the
+//! environment variable [`BUFFERS_ENV`] overrides the number per worker). Per
 //! connection: a socket and a slot of about a hundred bytes; no buffer while idle (measured:
 //! under 6 MiB total RSS with 10,000 idle connections). Submissions are batched: one
 //! `io_uring_enter` per loop turn both submits everything queued and waits; a receive waits
@@ -82,6 +84,10 @@ pub const BUFFER_SIZE: usize = 16 * 1024;
 /// Buffer memory of all workers together (each worker gets a power-of-two share).
 pub const POOL_BYTES: usize = 4 * 1024 * 1024;
 
+/// Overrides the number of buffers per worker (a power of two), for tests that need the pool
+/// to run dry and for tuning.
+pub const BUFFERS_ENV: &str = "MULTIECHO_URING_BUFFERS";
+
 /// Submission queue entries per ring; the completion queue has four times as many.
 const RING_ENTRIES: u32 = 1024;
 
@@ -116,7 +122,19 @@ pub fn serve(server: &Server) -> crate::Result<()> {
             .collect::<io::Result<_>>()
             .map_err(|e| crate::Error::io("cannot create wake-up descriptors", e))?,
     };
-    let buffers = buffers_per_worker(workers);
+    let buffers = match std::env::var(BUFFERS_ENV) {
+        Ok(text) => text
+            .parse::<u16>()
+            .ok()
+            .filter(|n| n.is_power_of_two() && *n <= 32768)
+            .ok_or_else(|| {
+                crate::Error::io(
+                    format!("invalid {BUFFERS_ENV}={text}"),
+                    io::Error::other("expected a power of two from 1 to 32768"),
+                )
+            })?,
+        Err(_) => buffers_per_worker(workers),
+    };
     std::thread::scope(|scope| {
         let handles = (0..workers)
             .map(|id| {
@@ -502,6 +520,8 @@ struct Worker<'a> {
     backing_off: bool,
     warned_exhausted: bool,
     stopping: bool,
+    /// Buffers the kernel gave us (received data) that we have not given back yet.
+    buffers_held: usize,
     /// How often a recv found the pool empty (reported at debug level when the worker ends).
     buffer_waits: u64,
     /// Connections this worker served.
@@ -552,6 +572,7 @@ impl<'a> Worker<'a> {
             backing_off: false,
             warned_exhausted: false,
             stopping: false,
+            buffers_held: 0,
             buffer_waits: 0,
             served: 0,
             backlog: VecDeque::new(),
@@ -595,6 +616,7 @@ impl<'a> Worker<'a> {
             }
             completions.clear();
             self.completions = completions;
+            self.resume_waiting();
         }
         // Nothing of ours uses the buffers any more; stop the kernel from using them too.
         let _ = self.ring.submitter().unregister_buf_ring(BUFFER_GROUP);
@@ -891,6 +913,9 @@ impl<'a> Worker<'a> {
 
     fn received(&mut self, index: u32, generation: u32, result: i32, flags: u32) {
         let buffer = cqueue::buffer_select(flags);
+        if buffer.is_some() {
+            self.buffers_held += 1;
+        }
         let now = self.now;
         let Some(connection) = self.connection(index, generation) else {
             // Cannot happen (a slot is freed only with no operation in flight), but a buffer
@@ -977,16 +1002,27 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Returns a buffer to the kernel and lets the first connection waiting for one retry.
+    /// Returns a buffer to the kernel.
     fn give_back(&mut self, bid: u16) {
         self.pool.give_back(bid);
-        while let Some((index, generation)) = self.waiting.pop_front() {
+        self.buffers_held -= 1;
+    }
+
+    /// After a batch of completions: as many connections waiting for a buffer as there are
+    /// free buffers post their recv again. Done per batch, not per returned buffer, so a
+    /// buffer returned in the same batch as (before) an ENOBUFS completion is not missed.
+    fn resume_waiting(&mut self) {
+        let mut free = usize::from(self.pool.count) - self.buffers_held;
+        while free > 0 {
+            let Some((index, generation)) = self.waiting.pop_front() else {
+                break;
+            };
             let waiting = self
                 .connection(index, generation)
                 .is_some_and(|c| c.io == Io::WaitingForBuffer);
             if waiting {
                 self.post_recv(index);
-                break;
+                free -= 1;
             }
         }
     }
