@@ -135,14 +135,21 @@ pub fn serve(server: &Server) -> crate::Result<()> {
             })?,
         Err(_) => buffers_per_worker(workers),
     };
+    // Every ring and pool is made here, before any worker serves: made later, a worker could
+    // find the descriptors used up by the connections others have accepted meanwhile.
+    let rings = (0..workers)
+        .map(|_| Ring::new(buffers))
+        .collect::<crate::Result<Vec<_>>>()?;
     std::thread::scope(|scope| {
-        let handles = (0..workers)
-            .map(|id| {
+        let handles = rings
+            .into_iter()
+            .enumerate()
+            .map(|(id, ring)| {
                 let shared = &shared;
                 std::thread::Builder::new()
                     .name(format!("uring-{id}"))
                     .spawn_scoped(scope, move || {
-                        let result = Worker::new(server, shared, id, buffers)
+                        let result = Worker::new(server, shared, id, ring)
                             .and_then(|mut worker| worker.run());
                         if result.is_err() {
                             // Bring the other workers down too: the server has failed.
@@ -437,6 +444,10 @@ impl BufferPool {
     }
 }
 
+// SAFETY: the pool exclusively owns its two allocations (no aliasing handles exist), so
+// moving it to the worker thread that uses it is sound.
+unsafe impl Send for BufferPool {}
+
 impl Drop for BufferPool {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with these layouts; the kernel no longer uses them (see
@@ -538,12 +549,25 @@ struct Worker<'a> {
 }
 
 impl<'a> Worker<'a> {
-    fn new(server: &'a Server, shared: &'a Shared, id: usize, buffers: u16) -> crate::Result<Self> {
-        let ring = new_ring().map_err(unavailable)?;
-        let mut pool =
-            BufferPool::new(buffers).map_err(|e| crate::Error::io("cannot allocate buffers", e))?;
-        pool.register(&ring)
-            .map_err(|e| crate::Error::io("cannot register the buffer ring", e))?;
+    /// A worker on `ring`; must run on the thread that will drive the ring.
+    fn new(server: &'a Server, shared: &'a Shared, id: usize, ring: Ring) -> crate::Result<Self> {
+        let Ring {
+            ring,
+            pool,
+            disabled,
+        } = ring;
+        if disabled {
+            // A single-issuer ring belongs to the thread that enables it.
+            ring.submitter()
+                .register_enable_rings()
+                .map_err(|e| crate::Error::io("cannot enable the io_uring", e))?;
+        }
+        tracing::debug!(
+            worker = id,
+            single_issuer = disabled,
+            buffers = pool.count,
+            "ring ready"
+        );
         let idle_interval = server.config.idle_timeout.map(|idle| {
             let interval = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
             Box::new(Timespec::from(interval))
@@ -1143,20 +1167,48 @@ fn is_transient(e: &io::Error) -> bool {
     )
 }
 
-/// A ring for one worker thread: single issuer with deferred task running where the kernel
-/// has them (6.1+), a plain ring otherwise.
-fn new_ring() -> io::Result<IoUring> {
-    let cq_entries = RING_ENTRIES * 4;
-    IoUring::builder()
-        .setup_cqsize(cq_entries)
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build(RING_ENTRIES)
-        .or_else(|_| {
-            IoUring::builder()
-                .setup_cqsize(cq_entries)
-                .build(RING_ENTRIES)
+/// A worker's ring and buffer pool, made before the worker thread starts.
+struct Ring {
+    // Declared before `pool`: dropped first, so the kernel stops using the buffers before
+    // they are freed.
+    ring: IoUring,
+    pool: BufferPool,
+    /// Created disabled (single issuer): the worker thread enables it.
+    disabled: bool,
+}
+
+impl Ring {
+    /// Single issuer with deferred task running where the kernel has them (6.1+), created
+    /// disabled so that the worker thread, not this one, becomes its issuer; a plain ring
+    /// otherwise.
+    fn new(buffers: u16) -> crate::Result<Ring> {
+        let cq_entries = RING_ENTRIES * 4;
+        let (ring, disabled) = match IoUring::builder()
+            .setup_cqsize(cq_entries)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_r_disabled()
+            .build(RING_ENTRIES)
+        {
+            Ok(ring) => (ring, true),
+            Err(_) => {
+                let ring = IoUring::builder()
+                    .setup_cqsize(cq_entries)
+                    .build(RING_ENTRIES)
+                    .map_err(unavailable)?;
+                (ring, false)
+            }
+        };
+        let mut pool =
+            BufferPool::new(buffers).map_err(|e| crate::Error::io("cannot allocate buffers", e))?;
+        pool.register(&ring)
+            .map_err(|e| crate::Error::io("cannot register the buffer ring", e))?;
+        Ok(Ring {
+            ring,
+            pool,
+            disabled,
         })
+    }
 }
 
 #[cfg(test)]
