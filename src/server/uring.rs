@@ -59,7 +59,12 @@
 //! checks the opcodes and registers a test buffer ring. Where io_uring is missing or disabled
 //! (ENOSYS, EPERM from seccomp or `kernel.io_uring_disabled`), [`serve`] returns
 //! [`crate::Error::Unsupported`] before serving. On 6.1+ rings use single-issuer and deferred
-//! task running, which saves interrupts and context switches.
+//! task running, which saves interrupts and context switches. Every ring is created before
+//! any worker serves, so a failure is reported at start.
+//!
+//! Measured on loopback against the C epoll reference (`--workers 1`, both pinned to one
+//! core): round trips per second and server CPU per round trip on par, within the noise of a
+//! shared machine; most of that CPU is the TCP stack, common to both.
 
 use std::alloc::{self, Layout};
 use std::collections::VecDeque;
@@ -529,7 +534,8 @@ struct Worker<'a> {
     parked: VecDeque<TcpStream>,
     listeners: Vec<Listener>,
     backing_off: bool,
-    warned_exhausted: bool,
+    /// When this worker last warned that accept ran out of descriptors or memory.
+    warned_exhausted: Option<Instant>,
     stopping: bool,
     /// Buffers the kernel gave us (received data) that we have not given back yet.
     buffers_held: usize,
@@ -594,7 +600,7 @@ impl<'a> Worker<'a> {
                 })
                 .collect(),
             backing_off: false,
-            warned_exhausted: false,
+            warned_exhausted: None,
             stopping: false,
             buffers_held: 0,
             buffer_waits: 0,
@@ -762,7 +768,6 @@ impl<'a> Worker<'a> {
         if result >= 0 {
             // SAFETY: a successful accept returns a new descriptor that nothing else owns.
             let stream = unsafe { TcpStream::from_raw_fd(result) };
-            self.warned_exhausted = false;
             if self.stopping {
                 return Ok(()); // Closed unserved: the server no longer accepts.
             }
@@ -779,8 +784,12 @@ impl<'a> Worker<'a> {
         let err = io::Error::from_raw_os_error(-result);
         match classify_accept_error(&err) {
             AcceptError::Exhausted => {
-                if !self.warned_exhausted {
-                    self.warned_exhausted = true;
+                // Warn once, not at every back-off (again only after a quiet minute).
+                let quiet = self
+                    .warned_exhausted
+                    .map_or(true, |at| at.elapsed() >= Duration::from_secs(60));
+                if quiet {
+                    self.warned_exhausted = Some(Instant::now());
                     tracing::warn!("accept failed: {err}; pausing accepts for {ACCEPT_BACKOFF:?}");
                 }
                 if !self.backing_off {
