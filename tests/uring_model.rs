@@ -411,6 +411,50 @@ fn a_dry_buffer_pool_delays_receives_but_loses_nothing() {
     );
 }
 
+/// The kernel gives every new connection to the first armed multishot accept, so without
+/// hand-over one ring would serve them all. With two workers, 100 clients connected at once
+/// must be shared between them.
+#[test]
+fn connections_are_shared_between_the_rings() {
+    let Some(mut server) = start_with_env(&["--workers", "2"], &[]) else {
+        return;
+    };
+    let clients: Vec<_> = (0..100).map(|_| connect(server.addr)).collect();
+    for (i, mut client) in clients.into_iter().enumerate() {
+        let data = payload::bytes(900 + i as u64, 100);
+        assert_same(
+            &round_trip(client.try_clone().unwrap(), &data),
+            &data,
+            "echo",
+        );
+        let _ = client.flush();
+    }
+    server.terminate();
+    assert!(server.wait_timeout(PATIENCE).expect("exit").success());
+    let log = strip_ansi(&server.log());
+    let served: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("worker stopped"))
+        .filter_map(|l| l.split("served=").nth(1))
+        .filter_map(|v| {
+            v.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .collect();
+    assert_eq!(
+        served.len(),
+        2,
+        "two worker summaries expected; log:\n{log}"
+    );
+    assert_eq!(served.iter().sum::<u64>(), 100);
+    assert!(
+        served.iter().all(|&n| n >= 30),
+        "connections were not shared: {served:?}"
+    );
+}
+
 /// Like [`start`], with extra environment variables for the server, and debug logging for
 /// the uring module (its per-worker summary counts buffer waits).
 fn start_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Option<Server> {
