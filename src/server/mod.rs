@@ -165,6 +165,10 @@ impl Server {
 /// `model` until shutdown. Starts no thread before the model runs (fork-based models need a
 /// single-threaded parent).
 pub fn run(model: Model, listen: &[SocketAddr], config: ServerConfig) -> crate::Result<()> {
+    // A model that cannot run on this machine says so before it claims to listen.
+    if model == Model::Uring {
+        uring::probe()?;
+    }
     match crate::net::raise_open_files_limit() {
         Ok(limit) => tracing::debug!(limit, "open files limit"),
         Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),

@@ -35,12 +35,24 @@ impl Server {
         extra: &[&str],
         nofile: Option<u64>,
     ) -> Result<Server, String> {
+        Server::try_start_with(model, extra, nofile, &[])
+    }
+
+    /// Like [`Server::try_start_limited`], with extra environment variables for the server
+    /// (they may override `RUST_LOG`).
+    pub fn try_start_with(
+        model: &str,
+        extra: &[&str],
+        nofile: Option<u64>,
+        envs: &[(&str, &str)],
+    ) -> Result<Server, String> {
         use std::os::unix::process::CommandExt;
         let mut command = Command::new(BIN);
         command
             .args(["serve", "--model", model, "--listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -1,0 +1,484 @@
+//! Tests specific to the io_uring model: exact echo of random payloads, many concurrent
+//! connections whose echoes share a small buffer pool (the buffer-recycling corruption case),
+//! half-close, a client reset, shutdown with an idle connection, `--max-conns` and
+//! `--idle-timeout`. Each test is skipped, with a message, where the server reports that
+//! io_uring is unavailable; any other failure to start fails the test.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{assert_same, connect, round_trip, Server, PATIENCE};
+use multiecho::payload;
+
+/// Starts a uring server, or returns `None` (after saying so) where io_uring is unavailable.
+fn start(extra: &[&str]) -> Option<Server> {
+    common::start_or_skip("uring", extra)
+}
+
+#[test]
+fn echoes_random_payloads_exactly() {
+    let Some(server) = start(&["--workers", "2"]) else {
+        return;
+    };
+    let sizes = [
+        1,
+        2,
+        1000,
+        16 * 1024 - 1,
+        16 * 1024,
+        16 * 1024 + 1,
+        100_003,
+        1 << 20,
+    ];
+    for (seed, len) in sizes.into_iter().enumerate() {
+        let data = payload::bytes(seed as u64 + 1, len);
+        let echoed = round_trip(connect(server.addr), &data);
+        assert_same(&echoed, &data, &format!("{len}-byte payload"));
+    }
+    assert!(server.stop().success());
+}
+
+/// 1,000 connections at once, each sending a distinct payload of a few KiB in several
+/// writes: far more data in flight than a worker's buffer pool holds, so buffers are recycled
+/// all the time and receives run out of buffers. Every byte must come back on its own
+/// connection, in order.
+#[test]
+fn thousand_concurrent_connections_are_echoed_byte_exact() {
+    multiecho::net::raise_open_files_limit().expect("raise the open files limit");
+    let Some(server) = start(&["--workers", "1", "--backlog", "2048"]) else {
+        return;
+    };
+    const CONNECTIONS: usize = 1000;
+    const THREADS: usize = 10;
+    let addr = server.addr;
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            thread::spawn(move || {
+                let ids: Vec<usize> = (t..CONNECTIONS).step_by(THREADS).collect();
+                let mut streams: Vec<_> = ids.iter().map(|_| connect(addr)).collect();
+                let payloads: Vec<Vec<u8>> = ids
+                    .iter()
+                    .map(|&id| {
+                        let len = 2048 + (id * 37) % 6144;
+                        payload::bytes(1000 + id as u64, len)
+                    })
+                    .collect();
+                // Interleave the writes: every connection has its first chunk in flight
+                // before any sends its second.
+                const CHUNKS: usize = 4;
+                for chunk in 0..CHUNKS {
+                    for (stream, data) in streams.iter_mut().zip(&payloads) {
+                        let step = data.len().div_ceil(CHUNKS);
+                        let start = (chunk * step).min(data.len());
+                        let end = ((chunk + 1) * step).min(data.len());
+                        stream.write_all(&data[start..end]).unwrap();
+                    }
+                }
+                for stream in &streams {
+                    stream.shutdown(Shutdown::Write).unwrap();
+                }
+                for ((stream, data), id) in streams.iter_mut().zip(&payloads).zip(&ids) {
+                    let mut echoed = Vec::with_capacity(data.len());
+                    stream.read_to_end(&mut echoed).expect("read the echo");
+                    assert_same(&echoed, data, &format!("connection {id}"));
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.join().expect("client thread");
+    }
+    server.wait_for_log("all connections logged", |log| {
+        log.matches("connection closed").count() >= CONNECTIONS
+    });
+    assert!(server.stop().success());
+}
+
+#[test]
+fn half_close_echoes_everything_then_closes() {
+    let Some(server) = start(&[]) else { return };
+    let mut stream = connect(server.addr);
+    stream.write_all(b"hello").unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut echoed = Vec::new();
+    stream.read_to_end(&mut echoed).unwrap();
+    assert_eq!(echoed, b"hello");
+    // A large payload followed at once by the half-close: still all of it.
+    let data = payload::bytes(7, 300_000);
+    assert_same(
+        &round_trip(connect(server.addr), &data),
+        &data,
+        "300 KB then half-close",
+    );
+    server.wait_for_log("the close line", |log| log.contains("client closed"));
+    assert!(server.stop().success());
+}
+
+#[test]
+fn a_reset_client_affects_only_itself() {
+    let Some(server) = start(&["--workers", "1"]) else {
+        return;
+    };
+    let survivor = connect(server.addr);
+    let mut victim = connect(server.addr);
+    victim.write_all(&payload::bytes(3, 100_000)).unwrap();
+    socket2::SockRef::from(&victim)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(victim); // RST
+    let data = payload::bytes(4, 50_000);
+    assert_same(&round_trip(survivor, &data), &data, "the other connection");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn sigterm_with_an_idle_connection_exits_after_the_shutdown_timeout() {
+    let Some(mut server) = start(&["--shutdown-timeout", "1s"]) else {
+        return;
+    };
+    let mut idle = connect(server.addr);
+    idle.write_all(b"x").unwrap();
+    let mut byte = [0u8; 1];
+    idle.read_exact(&mut byte).unwrap();
+    let started = Instant::now();
+    server.terminate();
+    let status = server
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no exit within 5 s of SIGTERM; log:\n{}", server.log()));
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "exited before the shutdown timeout"
+    );
+    assert_eq!(
+        idle.read(&mut byte).unwrap_or(0),
+        0,
+        "the idle client sees the close"
+    );
+    assert!(
+        server.log().contains("closed at shutdown"),
+        "{}",
+        server.log()
+    );
+}
+
+#[test]
+fn max_conns_makes_the_third_client_wait_in_the_backlog() {
+    let Some(server) = start(&["--max-conns", "2", "--workers", "2"]) else {
+        return;
+    };
+    let mut first = connect(server.addr);
+    let mut second = connect(server.addr);
+    for stream in [&mut first, &mut second] {
+        stream.write_all(b"a").unwrap();
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).unwrap();
+    }
+    let mut third = connect(server.addr);
+    third.write_all(b"waiting").unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    match third.read(&mut buf) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("the third client was served (or reset) at the limit: {other:?}"),
+    }
+    drop(first);
+    third.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut echoed = [0u8; 7];
+    third
+        .read_exact(&mut echoed)
+        .expect("served once a slot freed");
+    assert_eq!(&echoed, b"waiting");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn idle_timeout_closes_silent_connections_only() {
+    let Some(server) = start(&["--idle-timeout", "300ms"]) else {
+        return;
+    };
+    let mut silent = connect(server.addr);
+    let mut active = connect(server.addr);
+    let started = Instant::now();
+    // The active one sends every 100 ms for 700 ms and must stay open throughout.
+    for i in 0..7u8 {
+        active.write_all(&[i]).unwrap();
+        let mut byte = [0u8; 1];
+        active.read_exact(&mut byte).unwrap();
+        assert_eq!(byte[0], i);
+        thread::sleep(Duration::from_millis(100));
+    }
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        silent.read(&mut buf).unwrap_or(0),
+        0,
+        "the silent one is closed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(server.log().contains("idle timeout"), "{}", server.log());
+    active.write_all(b"z").unwrap();
+    let mut byte = [0u8; 1];
+    active
+        .read_exact(&mut byte)
+        .expect("the active one is still served");
+    assert!(server.stop().success());
+}
+
+/// A client that reads its echo late makes the server's sends partial (its socket buffers
+/// fill up); each partial send must be continued from exactly the first unsent byte.
+#[test]
+fn a_late_reader_gets_every_byte_after_partial_sends() {
+    let Some(server) = start(&["--workers", "1"]) else {
+        return;
+    };
+    let stream = connect(server.addr);
+    let mut writer = stream.try_clone().unwrap();
+    let data = payload::bytes(11, 4 << 20);
+    let sent = data.clone();
+    let sender = thread::spawn(move || {
+        writer.write_all(&sent).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    thread::sleep(Duration::from_millis(300));
+    let mut reader = stream;
+    let mut echoed = Vec::with_capacity(data.len());
+    // Read in small pieces, so the server keeps meeting a nearly full socket.
+    let mut piece = [0u8; 3000];
+    loop {
+        let n = reader.read(&mut piece).expect("read the echo");
+        if n == 0 {
+            break;
+        }
+        echoed.extend_from_slice(&piece[..n]);
+    }
+    sender.join().unwrap();
+    assert_same(&echoed, &data, "4 MiB read late");
+    assert!(server.stop().success());
+}
+
+/// Where io_uring is blocked (here by a seccomp filter that fails io_uring_setup with EPERM,
+/// as container runtimes do), the server refuses to start, before it listens, with one clear
+/// line and a non-zero exit status.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn refuses_to_start_with_one_clear_line_where_io_uring_is_blocked() {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let mut command = Command::new(common::BIN);
+    command
+        .args(["serve", "--model", "uring", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: the hook only calls prctl(2) on data on its own stack, which is allowed between
+    // fork and exec.
+    unsafe { command.pre_exec(block_io_uring_setup) };
+    let mut child = command.spawn().expect("spawn multiecho serve");
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server started although io_uring_setup fails");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "exit status {status}; stderr:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected:\n{stderr}");
+    assert!(
+        lines[0].contains("io_uring is not available on this system"),
+        "{stderr}"
+    );
+}
+
+/// Installs a seccomp filter failing io_uring_setup (425 on x86_64) with EPERM.
+#[cfg(target_arch = "x86_64")]
+fn block_io_uring_setup() -> std::io::Result<()> {
+    const IO_URING_SETUP: u32 = 425;
+    let statement = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let mut filter = [
+        // Load the system call number (offset 0 of struct seccomp_data).
+        statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
+        statement(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            IO_URING_SETUP,
+            0,
+            1,
+        ),
+        statement(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+            0,
+            0,
+        ),
+        statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW, 0, 0),
+    ];
+    let program = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: prctl with these options reads only `program`, which outlives the calls.
+    let failed = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &program as *const libc::sock_fprog,
+            ) != 0
+    };
+    if failed {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// With a pool of only 4 buffers, 200 clients sending at once keep running the pool dry:
+/// receives fail with ENOBUFS and must be re-armed when buffers come back, never dropped, and
+/// every echo must still be exact.
+#[test]
+fn a_dry_buffer_pool_delays_receives_but_loses_nothing() {
+    let Some(mut server) = start_with_env(
+        &["--workers", "1"],
+        &[(multiecho::server::uring::BUFFERS_ENV, "4")],
+    ) else {
+        return;
+    };
+    const CONNECTIONS: usize = 200;
+    let addr = server.addr;
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            thread::spawn(move || {
+                let ids: Vec<usize> = (t..CONNECTIONS).step_by(4).collect();
+                let mut streams: Vec<_> = ids.iter().map(|_| connect(addr)).collect();
+                let payloads: Vec<Vec<u8>> = ids
+                    .iter()
+                    .map(|&id| payload::bytes(5000 + id as u64, 20_000 + id * 101))
+                    .collect();
+                for (stream, data) in streams.iter_mut().zip(&payloads) {
+                    stream.write_all(data).unwrap();
+                    stream.shutdown(Shutdown::Write).unwrap();
+                }
+                for ((stream, data), id) in streams.iter_mut().zip(&payloads).zip(&ids) {
+                    let mut echoed = Vec::with_capacity(data.len());
+                    stream.read_to_end(&mut echoed).expect("read the echo");
+                    assert_same(&echoed, data, &format!("connection {id}"));
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.join().expect("client thread");
+    }
+    server.terminate();
+    assert!(server.wait_timeout(PATIENCE).expect("exit").success());
+    let log = strip_ansi(&server.log());
+    let waits: u64 = log
+        .lines()
+        .filter(|l| l.contains("worker stopped"))
+        .filter_map(|l| l.split("buffer_waits=").nth(1))
+        .filter_map(|v| {
+            v.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        waits > 0,
+        "the pool never ran dry, so this tested nothing; log:\n{log}"
+    );
+}
+
+/// The kernel gives every new connection to the first armed multishot accept, so without
+/// hand-over one ring would serve them all. With two workers, 100 clients connected at once
+/// must be shared between them.
+#[test]
+fn connections_are_shared_between_the_rings() {
+    let Some(mut server) = start_with_env(&["--workers", "2"], &[]) else {
+        return;
+    };
+    let clients: Vec<_> = (0..100).map(|_| connect(server.addr)).collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        let data = payload::bytes(900 + i as u64, 100);
+        assert_same(&round_trip(client, &data), &data, "echo");
+    }
+    server.terminate();
+    assert!(server.wait_timeout(PATIENCE).expect("exit").success());
+    let log = strip_ansi(&server.log());
+    let served: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("worker stopped"))
+        .filter_map(|l| l.split("served=").nth(1))
+        .filter_map(|v| {
+            v.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .collect();
+    assert_eq!(
+        served.len(),
+        2,
+        "two worker summaries expected; log:\n{log}"
+    );
+    assert_eq!(served.iter().sum::<u64>(), 100);
+    assert!(
+        served.iter().all(|&n| n >= 30),
+        "connections were not shared: {served:?}"
+    );
+}
+
+/// Like [`start`], with extra environment variables for the server, and debug logging for
+/// the uring module (its per-worker summary counts buffer waits).
+fn start_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Option<Server> {
+    let mut envs = envs.to_vec();
+    envs.push(("RUST_LOG", "info,multiecho::server::uring=debug"));
+    match Server::try_start_with("uring", extra, None, &envs) {
+        Ok(server) => Some(server),
+        Err(log) if common::uring_unavailable(&log) => {
+            eprintln!("skipped: io_uring is unavailable here; the server said:\n{log}");
+            None
+        }
+        Err(log) => panic!("uring server did not start; its log:\n{log}"),
+    }
+}
+
+/// The log without terminal colour sequences (ESC [ ... m).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
