@@ -8,6 +8,7 @@
 //! [`crate::limits`].
 
 pub mod accept;
+mod children;
 pub mod echo;
 pub mod epoll;
 pub mod iterative;
