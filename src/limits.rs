@@ -119,6 +119,7 @@ impl Connections {
     /// `timeout`, then close the rest and wait briefly for their owners to notice.
     /// Returns how many connections had to be closed.
     pub fn drain(&self, timeout: Duration) -> usize {
+        crate::shutdown::log_draining(self.len(), timeout);
         if self.wait_empty(timeout) {
             return 0;
         }

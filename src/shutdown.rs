@@ -92,3 +92,12 @@ impl AsFd for Shutdown {
         self.inner.wake.as_fd()
     }
 }
+
+/// The line every model logs when it notices shutdown (operators and tests look for it).
+pub fn log_draining(live: usize, timeout: Duration) {
+    tracing::info!(
+        live,
+        timeout = ?timeout,
+        "shutting down: stopped accepting, letting live connections finish"
+    );
+}

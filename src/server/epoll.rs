@@ -1,10 +1,634 @@
-//! `epoll`: not written yet.
+//! `epoll`: non-blocking event loops on epoll (through mio), one per worker thread
+//! (`--workers`), in the spirit of the mio examples and the C reference server.
+//!
+//! How it works: every worker owns a mio `Poll`, a `Slab` of small connection structs and one
+//! 64 KiB read buffer. The listeners are shared: each worker registers its own `try_clone()` of
+//! each listener (no SO_REUSEPORT, so a second server on a busy port still fails to bind), and
+//! whichever worker wins `accept()` owns the connection for its whole life. mio registers
+//! everything edge-triggered, so the loop follows the edge rules: it accepts until WouldBlock
+//! (up to a batch, then comes back), and reads until WouldBlock or until a read returns less
+//! than the buffer holds (the socket was drained at that moment, and any later arrival raises a
+//! fresh edge; tokio relies on the same fact), except once an event has reported the peer's
+//! FIN or an error: that edge is spent, so reads go on until they return it. A connection is
+//! registered once for both readable and writable and never re-registered (no `epoll_ctl` on
+//! the hot path). Each read is written straight back; if the socket takes only part of it, the
+//! rest is copied into that connection's `pending` buffer and the connection stops reading
+//! (backpressure) until a writable edge lets it flush; then it reads again, since the edge
+//! that announced new data was already spent. A connection that keeps its socket full is read
+//! at most `READ_BUDGET` times per turn and then put at the back of the queue, so one fast
+//! client cannot starve the others.
+//!
+//! Costs: one thread per worker, two syscalls per echoed message (read, write) plus the shared
+//! `epoll_wait`, no allocation on the hot path. An idle connection costs its slab entry
+//! (about a hundred bytes) and its kernel socket buffers: nothing of its own in user space. A
+//! connection whose client does not read holds at most one read's worth (64 KiB) of pending
+//! echo, and the kernel stops the client once that connection's receive buffer is full.
+//!
+//! Limits: `--max-conns` is a counter shared by the workers; at the limit they stop accepting
+//! (clients wait in the backlog) and retry every `FULL_RETRY`, and a worker that frees a slot
+//! retries at once. Accept errors follow `crate::net::classify_accept_error`: running out of
+//! descriptors or memory logs one warning and pauses accepting for `ACCEPT_BACKOFF`, never
+//! spinning. `--idle-timeout` is a last-activity instant per connection checked by a periodic
+//! sweep (a poll timeout).
+//!
+//! Shutdown: each worker also watches the shutdown descriptor. When it fires, the worker
+//! deregisters its listeners and keeps serving its live connections until none are left or
+//! `--shutdown-timeout` passes, then closes the rest and exits; `serve` joins the workers.
+//! A worker that fails fatally triggers the shutdown so that the others stop too.
 
-use crate::server::Server;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown as Direction, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use crate::net::{classify_accept_error, AcceptError, ACCEPT_BACKOFF};
+use crate::server::echo::log_close;
+use crate::server::{Server, ServerConfig};
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+
+/// The read buffer each worker shares among its connections.
+const READ_BUFFER: usize = 64 * 1024;
+/// Events taken from one `epoll_wait`.
+const EVENT_CAPACITY: usize = 1024;
+/// Reads a connection gets per turn before others are served (64 KiB each).
+const READ_BUDGET: usize = 16;
+/// Connections a worker accepts per turn before it serves its events again.
+const ACCEPT_BUDGET: usize = 256;
+/// How often a worker retries accepting while the server is at `--max-conns`.
+const FULL_RETRY: Duration = Duration::from_millis(10);
+/// The shutdown descriptor's token; listeners count down from just below it.
+const SHUTDOWN: Token = Token(usize::MAX);
+
+fn listener_token(index: usize) -> Token {
+    Token(usize::MAX - 1 - index)
+}
 
 /// Runs the epoll model.
-pub fn serve(_server: &Server) -> crate::Result<()> {
-    Err(crate::Error::Unsupported(
-        "the epoll model is not written yet".into(),
-    ))
+pub fn serve(server: &Server) -> crate::Result<()> {
+    let shared = Shared {
+        live: AtomicUsize::new(0),
+        max: server.config.max_conns.max(1),
+        exhausted_warned: AtomicBool::new(false),
+        draining_logged: AtomicBool::new(false),
+    };
+    let workers = (0..server.config.workers.max(1))
+        .map(|_| Worker::new(server, &shared))
+        .collect::<crate::Result<Vec<_>>>()?;
+    tracing::debug!(workers = workers.len(), "epoll workers started");
+
+    let results = thread::scope(|scope| {
+        let mut workers = workers.into_iter().enumerate();
+        let (_, first) = workers.next().expect("at least one worker");
+        let mut handles = Vec::new();
+        for (id, worker) in workers {
+            let spawned = thread::Builder::new()
+                .name(format!("epoll-{id}"))
+                .spawn_scoped(scope, move || worker.run());
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    // The workers already running serve on; this one's share goes to them.
+                    tracing::warn!("cannot start epoll worker {id}: {e}");
+                }
+            }
+        }
+        // The calling thread is a worker too.
+        let mut results = vec![first.run()];
+        for handle in handles {
+            results.push(handle.join().unwrap_or_else(|_| {
+                server.shutdown.trigger();
+                Err(crate::Error::Unsupported("an epoll worker panicked".into()))
+            }));
+        }
+        results
+    });
+    results.into_iter().collect()
+}
+
+/// What the workers share: the live-connection count behind `--max-conns`, and which
+/// once-per-server log lines were written.
+struct Shared {
+    live: AtomicUsize,
+    max: usize,
+    exhausted_warned: AtomicBool,
+    draining_logged: AtomicBool,
+}
+
+impl Shared {
+    /// Takes a connection slot, if the limit allows.
+    fn reserve(&self) -> bool {
+        let mut live = self.live.load(Ordering::Relaxed);
+        loop {
+            if live >= self.max {
+                return false;
+            }
+            match self.live.compare_exchange_weak(
+                live,
+                live + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => live = now,
+            }
+        }
+    }
+
+    /// Gives a slot back; returns whether the server was full until now.
+    fn release(&self) -> bool {
+        self.live.fetch_sub(1, Ordering::AcqRel) >= self.max
+    }
+
+    fn has_room(&self) -> bool {
+        self.live.load(Ordering::Relaxed) < self.max
+    }
+}
+
+/// One client, as small as it can be while idle.
+struct Connection {
+    stream: TcpStream,
+    peer: SocketAddr,
+    started: Instant,
+    last_active: Instant,
+    bytes: u64,
+    /// Echo the socket has not taken yet; empty (no allocation) when caught up.
+    pending: Vec<u8>,
+    /// How much of `pending` has been written.
+    pending_sent: usize,
+    /// An event reported the peer's FIN or an error: that edge is spent, so reads must go on
+    /// until they see it (a short read no longer proves there is nothing left).
+    peer_closing: bool,
+}
+
+/// What a connection needs after it has been driven.
+enum Next {
+    /// Waiting for its next edge.
+    Wait,
+    /// Out of budget with data possibly left to read: drive it again soon.
+    Defer,
+    /// Finished; the reason goes to the log.
+    Close(End),
+}
+
+enum End {
+    ClientClosed,
+    Failed(io::Error),
+}
+
+impl Connection {
+    /// Does everything the socket allows now: flushes pending echo, then reads and echoes
+    /// until the socket is drained, full, or the budget is spent.
+    fn drive(&mut self, buffer: &mut [u8], now: Instant) -> Next {
+        if !self.pending.is_empty() {
+            match self.flush(now) {
+                Ok(true) => {}
+                Ok(false) => return Next::Wait,
+                Err(e) => return Next::Close(End::Failed(e)),
+            }
+        }
+        for _ in 0..READ_BUDGET {
+            let read = match (&self.stream).read(buffer) {
+                Ok(0) => {
+                    // The client half-closed and every byte it sent has been written back.
+                    let _ = self.stream.shutdown(Direction::Write);
+                    return Next::Close(End::ClientClosed);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Next::Wait,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Next::Close(End::Failed(e)),
+            };
+            self.last_active = now;
+            let written = match write_some(&self.stream, &buffer[..read]) {
+                Ok(written) => written,
+                Err(e) => return Next::Close(End::Failed(e)),
+            };
+            self.bytes += written as u64;
+            if written < read {
+                // Backpressure: keep the rest and stop reading until it is flushed.
+                self.pending.extend_from_slice(&buffer[written..read]);
+                self.pending_sent = 0;
+                return Next::Wait;
+            }
+            if read < buffer.len() && !self.peer_closing {
+                // A short read drained the socket; new data or a FIN will raise a new edge.
+                return Next::Wait;
+            }
+        }
+        Next::Defer
+    }
+
+    /// Writes pending echo; returns whether all of it is out.
+    fn flush(&mut self, now: Instant) -> io::Result<bool> {
+        let written = write_some(&self.stream, &self.pending[self.pending_sent..])?;
+        if written > 0 {
+            self.last_active = now;
+            self.bytes += written as u64;
+            self.pending_sent += written;
+        }
+        if self.pending_sent < self.pending.len() {
+            return Ok(false);
+        }
+        // Give the memory back: an idle connection holds no buffer.
+        self.pending = Vec::new();
+        self.pending_sent = 0;
+        Ok(true)
+    }
+}
+
+/// Writes as much of `data` as the socket takes now.
+fn write_some(mut stream: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < data.len() {
+        match stream.write(&data[written..]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+/// One event loop and the connections it owns.
+struct Worker<'a> {
+    poll: Poll,
+    listeners: Vec<TcpListener>,
+    connections: Slab<Connection>,
+    buffer: Box<[u8]>,
+    shared: &'a Shared,
+    stats: &'a Stats,
+    config: &'a ServerConfig,
+    shutdown: &'a Shutdown,
+    /// The listeners may have connections waiting (their edge was not drained).
+    accept_ready: bool,
+    /// Accepting is paused until then (descriptors or memory ran out).
+    accept_paused_until: Option<Instant>,
+    /// Connections that ran out of read budget, to drive again.
+    deferred: Vec<usize>,
+    /// When the next idle sweep is due (only with `--idle-timeout`).
+    next_sweep: Option<Instant>,
+    /// Set once shutdown has begun: when the remaining connections get closed.
+    drain_deadline: Option<Instant>,
+}
+
+impl<'a> Worker<'a> {
+    fn new(server: &'a Server, shared: &'a Shared) -> crate::Result<Self> {
+        let poll =
+            Poll::new().map_err(|e| crate::Error::io("cannot create an epoll instance", e))?;
+        let mut listeners = Vec::with_capacity(server.listeners.len());
+        for (index, listener) in server.listeners.iter().enumerate() {
+            let context = "cannot prepare a listener for epoll";
+            let clone = listener
+                .try_clone()
+                .and_then(|clone| clone.set_nonblocking(true).map(|()| clone))
+                .map_err(|e| crate::Error::io(context, e))?;
+            let mut clone = TcpListener::from_std(clone);
+            poll.registry()
+                .register(&mut clone, listener_token(index), Interest::READABLE)
+                .map_err(|e| crate::Error::io(context, e))?;
+            listeners.push(clone);
+        }
+        // The shutdown descriptor stays readable once triggered, so its edge fires even if
+        // the signal came before this registration.
+        let shutdown_fd = server.shutdown.as_fd().as_raw_fd();
+        poll.registry()
+            .register(&mut SourceFd(&shutdown_fd), SHUTDOWN, Interest::READABLE)
+            .map_err(|e| crate::Error::io("cannot watch the shutdown signal", e))?;
+        Ok(Worker {
+            poll,
+            listeners,
+            connections: Slab::new(),
+            buffer: vec![0; READ_BUFFER].into_boxed_slice(),
+            shared,
+            stats: &server.stats,
+            config: &server.config,
+            shutdown: &server.shutdown,
+            accept_ready: true,
+            accept_paused_until: None,
+            deferred: Vec::new(),
+            next_sweep: server
+                .config
+                .idle_timeout
+                .map(|idle| Instant::now() + sweep_period(idle)),
+            drain_deadline: None,
+        })
+    }
+
+    /// Serves until shutdown has drained this worker's connections.
+    fn run(mut self) -> crate::Result<()> {
+        let result = self.serve();
+        if result.is_err() {
+            // Let the other workers stop too, so `serve` can return the error.
+            self.shutdown.trigger();
+            self.close_all("server error");
+        }
+        result
+    }
+
+    fn serve(&mut self) -> crate::Result<()> {
+        let mut events = Events::with_capacity(EVENT_CAPACITY);
+        let mut deferred = Vec::new();
+        let mut now = Instant::now();
+        loop {
+            let timeout = self.poll_timeout(now);
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(crate::Error::io("epoll_wait failed", e)),
+            }
+            now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    SHUTDOWN => {}
+                    Token(key) if key > listener_token(self.listeners.len()).0 => {
+                        self.accept_ready = true;
+                    }
+                    Token(key) => {
+                        let Some(conn) = self.connections.get_mut(key) else {
+                            // Closed earlier in this turn.
+                            continue;
+                        };
+                        if event.is_read_closed() || event.is_error() {
+                            conn.peer_closing = true;
+                        }
+                        // Skip what cannot make progress: a writable edge with nothing to
+                        // flush, or a readable edge while the echo is stuck (it is not read
+                        // before the writable edge comes anyway).
+                        let useless = if conn.pending.is_empty() {
+                            event.is_writable() && !event.is_readable() && !conn.peer_closing
+                        } else {
+                            !event.is_writable() && !conn.peer_closing
+                        };
+                        if !useless {
+                            self.drive(key, now);
+                        }
+                    }
+                }
+            }
+            std::mem::swap(&mut deferred, &mut self.deferred);
+            for key in deferred.drain(..) {
+                self.drive(key, now);
+            }
+
+            // The event wakes the worker; the flag (one load) is what decides.
+            if self.drain_deadline.is_none() && self.shutdown.is_triggered() {
+                self.begin_shutdown(now);
+            }
+            if self.accept_ready && self.drain_deadline.is_none() {
+                self.accept_batch(now)?;
+            }
+            if let (Some(idle), Some(due)) = (self.config.idle_timeout, self.next_sweep) {
+                if now >= due {
+                    self.close_idle(idle, now);
+                    self.next_sweep = Some(now + sweep_period(idle));
+                }
+            }
+            if let Some(deadline) = self.drain_deadline {
+                if self.connections.is_empty() {
+                    return Ok(());
+                }
+                if now >= deadline {
+                    let closed = self.connections.len();
+                    tracing::info!(
+                        closed,
+                        "shutdown timeout reached; closed remaining connections"
+                    );
+                    self.close_all("closed at shutdown");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// How long the next `epoll_wait` may sleep: until the soonest timer, or not at all if
+    /// there is work left over.
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        if !self.deferred.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let mut wake_at: Option<Instant> = None;
+        let mut wake_by = |at: Instant| wake_at = Some(wake_at.map_or(at, |t| t.min(at)));
+        if self.accept_ready && self.drain_deadline.is_none() {
+            match self.accept_paused_until {
+                Some(at) => wake_by(at),
+                None if self.shared.has_room() => return Some(Duration::ZERO),
+                None => wake_by(now + FULL_RETRY),
+            }
+        }
+        if let Some(at) = self.next_sweep {
+            wake_by(at);
+        }
+        if let Some(at) = self.drain_deadline {
+            wake_by(at);
+        }
+        wake_at.map(|at| at.saturating_duration_since(now))
+    }
+
+    fn drive(&mut self, key: usize, now: Instant) {
+        // A stale key (a deferred connection closed since) has no connection: nothing to do.
+        let Some(conn) = self.connections.get_mut(key) else {
+            return;
+        };
+        match conn.drive(&mut self.buffer, now) {
+            Next::Wait => {}
+            Next::Defer => self.deferred.push(key),
+            Next::Close(End::ClientClosed) => self.close(key, "client closed"),
+            Next::Close(End::Failed(e)) => self.close(key, &format!("error: {e}")),
+        }
+    }
+
+    /// Accepts up to a batch of connections from the listeners, within the limits.
+    fn accept_batch(&mut self, now: Instant) -> crate::Result<()> {
+        if let Some(until) = self.accept_paused_until {
+            if now < until {
+                return Ok(());
+            }
+            self.accept_paused_until = None;
+        }
+        let mut accepted = 0;
+        for index in 0..self.listeners.len() {
+            loop {
+                if accepted == ACCEPT_BUDGET || !self.shared.reserve() {
+                    // Still ready: the next turn (or the retry timer) comes back here.
+                    return Ok(());
+                }
+                match self.listeners[index].accept() {
+                    Ok((stream, peer)) => {
+                        accepted += 1;
+                        self.admit(stream, peer, now);
+                    }
+                    Err(e) => {
+                        self.shared.release();
+                        match classify_accept_error(&e) {
+                            AcceptError::WouldBlock => break,
+                            AcceptError::Retry => continue,
+                            AcceptError::Exhausted => {
+                                if !self.shared.exhausted_warned.swap(true, Ordering::Relaxed) {
+                                    tracing::warn!(
+                                        "accept failed: {e}; pausing accepts for {:?}",
+                                        ACCEPT_BACKOFF
+                                    );
+                                }
+                                self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+                                return Ok(());
+                            }
+                            AcceptError::Fatal => {
+                                return Err(crate::Error::io("accept failed", e));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Every listener said WouldBlock: wait for the next edge.
+        self.accept_ready = false;
+        if accepted > 0 && self.shared.exhausted_warned.load(Ordering::Relaxed) {
+            self.shared.exhausted_warned.store(false, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Takes an accepted connection (its slot already reserved) into this worker.
+    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr, now: Instant) {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, "cannot set TCP_NODELAY: {e}");
+        }
+        let entry = self.connections.vacant_entry();
+        // Registered once for both directions and never changed: edges cost no epoll_ctl.
+        // Data that arrived before this registration is reported by it.
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(entry.key()), interest)
+        {
+            tracing::warn!(%peer, "cannot watch a new connection: {e}; closed it");
+            self.shared.release();
+            return;
+        }
+        self.stats.connection_opened();
+        tracing::debug!(%peer, "connection accepted");
+        entry.insert(Connection {
+            stream,
+            peer,
+            started: now,
+            last_active: now,
+            bytes: 0,
+            pending: Vec::new(),
+            pending_sent: 0,
+            peer_closing: false,
+        });
+    }
+
+    /// Closes a connection, logs it and frees its slot.
+    fn close(&mut self, key: usize, end: &str) {
+        // Dropping the stream closes the socket, which also removes it from epoll (it is
+        // never duplicated), so no deregister call is needed.
+        let conn = self.connections.remove(key);
+        drop(conn.stream);
+        if self.shared.release() && self.drain_deadline.is_none() {
+            // The server was full: this worker takes the next waiting client right away.
+            self.accept_ready = true;
+        }
+        self.stats.connection_closed(conn.bytes);
+        log_close(conn.peer, conn.bytes, conn.started, end);
+    }
+
+    fn close_idle(&mut self, idle: Duration, now: Instant) {
+        let idle_keys: Vec<usize> = self
+            .connections
+            .iter()
+            .filter(|(_, conn)| now.saturating_duration_since(conn.last_active) >= idle)
+            .map(|(key, _)| key)
+            .collect();
+        for key in idle_keys {
+            self.close(key, "idle timeout");
+        }
+    }
+
+    fn close_all(&mut self, end: &str) {
+        let keys: Vec<usize> = self.connections.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.close(key, end);
+        }
+    }
+
+    /// Stops accepting; live connections go on until they finish or the deadline.
+    fn begin_shutdown(&mut self, now: Instant) {
+        for listener in &mut self.listeners {
+            let _ = self.poll.registry().deregister(listener);
+        }
+        self.accept_ready = false;
+        self.accept_paused_until = None;
+        self.drain_deadline = Some(now + self.config.shutdown_timeout);
+        if !self.shared.draining_logged.swap(true, Ordering::Relaxed) {
+            let live = self.shared.live.load(Ordering::Relaxed);
+            crate::shutdown::log_draining(live, self.config.shutdown_timeout);
+        }
+        tracing::debug!(live = self.connections.len(), "epoll worker draining");
+    }
+}
+
+/// How often idle connections are looked for: often enough that one is closed within a
+/// quarter of the timeout after it expires.
+fn sweep_period(idle: Duration) -> Duration {
+    (idle / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_limit_counts_slots() {
+        let shared = Shared {
+            live: AtomicUsize::new(0),
+            max: 2,
+            exhausted_warned: AtomicBool::new(false),
+            draining_logged: AtomicBool::new(false),
+        };
+        assert!(shared.reserve());
+        assert!(shared.reserve());
+        assert!(!shared.reserve(), "the limit holds");
+        assert!(!shared.has_room());
+        assert!(
+            shared.release(),
+            "releasing at the limit says the server was full"
+        );
+        assert!(shared.has_room());
+        assert!(!shared.release());
+    }
+
+    #[test]
+    fn sweep_period_is_a_fraction_of_the_idle_timeout() {
+        assert_eq!(
+            sweep_period(Duration::from_secs(2)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            sweep_period(Duration::from_millis(1)),
+            Duration::from_millis(5)
+        );
+        assert_eq!(
+            sweep_period(Duration::from_secs(60)),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn listener_tokens_stay_clear_of_connections_and_shutdown() {
+        assert_ne!(listener_token(0), SHUTDOWN);
+        assert!(listener_token(1).0 < listener_token(0).0);
+        assert!(listener_token(16).0 > 1 << 40);
+    }
 }

@@ -25,15 +25,41 @@ impl Server {
     /// Starts `multiecho serve --model MODEL --listen 127.0.0.1:0 EXTRA...` and waits until it
     /// logs its address. Returns `None` when the server refused to start (its log says why).
     pub fn try_start(model: &str, extra: &[&str]) -> Result<Server, String> {
-        let mut child = Command::new(BIN)
+        Server::try_start_limited(model, extra, None)
+    }
+
+    /// Like [`Server::try_start`], with the server's open-files limit (soft and hard) set to
+    /// `nofile` before it runs, so it cannot raise it.
+    pub fn try_start_limited(
+        model: &str,
+        extra: &[&str],
+        nofile: Option<u64>,
+    ) -> Result<Server, String> {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(BIN);
+        command
             .args(["serve", "--model", model, "--listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn multiecho serve");
+            .stderr(Stdio::piped());
+        if let Some(limit) = nofile {
+            // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("spawn multiecho serve");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel();
@@ -117,7 +143,11 @@ impl Server {
     pub fn wait_for_log(&self, what: &str, check: impl Fn(&str) -> bool) {
         let deadline = Instant::now() + PATIENCE;
         while !check(&self.log()) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log:\n{}",
+                self.log()
+            );
             thread::sleep(Duration::from_millis(10));
         }
     }
@@ -155,7 +185,9 @@ pub fn round_trip(stream: TcpStream, payload: &[u8]) -> Vec<u8> {
     });
     let mut reader = stream;
     let mut echoed = Vec::with_capacity(payload.len());
-    reader.read_to_end(&mut echoed).expect("read the echo until EOF");
+    reader
+        .read_to_end(&mut echoed)
+        .expect("read the echo until EOF");
     sender.join().expect("sender thread");
     echoed
 }
@@ -181,11 +213,17 @@ pub fn zombie_children(pid: u32) -> usize {
 /// The states of `pid`'s children, from /proc.
 pub fn children_states(pid: u32) -> Vec<String> {
     let mut states = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return states };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return states;
+    };
     for entry in entries.flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
         // pid (comm) state ppid ...; comm may contain spaces, so split after the last ')'.
-        let Some(after) = stat.rsplit_once(')').map(|(_, a)| a) else { continue };
+        let Some(after) = stat.rsplit_once(')').map(|(_, a)| a) else {
+            continue;
+        };
         let fields: Vec<&str> = after.split_whitespace().collect();
         if fields.len() > 1 && fields[1] == pid.to_string() {
             states.push(fields[0].to_string());
@@ -203,4 +241,44 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// CPU time (user + system) a process has used so far, in clock ticks (1/100 s).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, after)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After "pid (comm)": state is field 0, utime field 11, stime field 12.
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+/// Whether io_uring is unavailable according to a server's start-up log.
+pub fn uring_unavailable(log: &str) -> bool {
+    log.contains("io_uring is not available")
+}
+
+/// Starts a server, or returns `None` (after printing why) when the model is `uring` and the
+/// machine has no io_uring: that is a skip, not a failure.
+pub fn start_or_skip(model: &str, extra: &[&str]) -> Option<Server> {
+    start_limited_or_skip(model, extra, None)
+}
+
+/// [`start_or_skip`] with an open-files limit for the server.
+pub fn start_limited_or_skip(model: &str, extra: &[&str], nofile: Option<u64>) -> Option<Server> {
+    match Server::try_start_limited(model, extra, nofile) {
+        Ok(server) => Some(server),
+        Err(log) if model == "uring" && uring_unavailable(&log) => {
+            eprintln!("skipped: io_uring is not available here: {log}");
+            None
+        }
+        Err(log) => panic!("{model} server did not start; its log:\n{log}"),
+    }
 }

@@ -1,0 +1,376 @@
+//! The behaviour every model shares, tested for each model by name: exact echo, many clients
+//! at once, half-close, resets, SIGTERM drain and deadline, `--max-conns`, `--idle-timeout`
+//! and recovery from running out of descriptors. Servers run as the built binary in a
+//! subprocess (fork-based models must never fork the test harness).
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+
+use std::time::{Duration, Instant};
+
+use common::{assert_same, connect, round_trip, start_limited_or_skip, start_or_skip};
+use multiecho::payload;
+
+/// Reads exactly `want.len()` bytes and checks them.
+fn expect_echo(stream: &mut TcpStream, want: &[u8], what: &str) {
+    let mut got = vec![0u8; want.len()];
+    stream
+        .read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("{what}: reading the echo failed: {e}"));
+    assert_same(&got, want, what);
+}
+
+/// Whether anything arrives on `stream` within `wait` (a read timeout means no).
+fn receives_within(stream: &mut TcpStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut byte = [0u8; 1];
+    let got = match stream.read(&mut byte) {
+        Ok(n) => n > 0,
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+        Err(e) => panic!("unexpected read error: {e}"),
+    };
+    stream.set_read_timeout(Some(common::PATIENCE)).unwrap();
+    got
+}
+
+/// Reads until EOF or an error; returns whether the server closed the connection in `within`.
+fn closed_by_server_within(stream: &mut TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false
+            }
+            Err(_) => return true, // reset: also closed
+        }
+    }
+}
+
+fn exact_random_payloads(model: &str) {
+    let Some(server) = start_or_skip(model, &[]) else {
+        return;
+    };
+    let mut rng = payload::Rng::new(1);
+    let mut sizes = vec![1, 2, 7, 100, 1460, 4096, 65_536, 65_537, 1 << 20];
+    sizes.extend((0..6).map(|_| rng.range(1, 1 << 20) as usize));
+    for (seed, size) in sizes.into_iter().enumerate() {
+        let data = payload::bytes(seed as u64, size);
+        let echoed = round_trip(connect(server.addr), &data);
+        assert_same(&echoed, &data, &format!("{model}: payload of {size} bytes"));
+    }
+    assert!(server.stop().success());
+}
+
+fn many_clients_at_once(model: &str) {
+    let Some(server) = start_or_skip(model, &[]) else {
+        return;
+    };
+    let addr = server.addr;
+    let clients: Vec<_> = (0..200u64)
+        .map(|id| {
+            std::thread::spawn(move || {
+                let size = payload::Rng::new(id).range(1, 16 * 1024) as usize;
+                let data = payload::bytes(1000 + id, size);
+                let echoed = round_trip(connect(addr), &data);
+                assert_same(&echoed, &data, &format!("client {id}"));
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("a client failed");
+    }
+    assert!(server.stop().success());
+}
+
+fn half_close_echoes_everything_then_closes(model: &str) {
+    let Some(server) = start_or_skip(model, &[]) else {
+        return;
+    };
+    let mut stream = connect(server.addr);
+    let data = payload::bytes(5, 10_000);
+    stream.write_all(&data).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut echoed = Vec::new();
+    stream.read_to_end(&mut echoed).expect("EOF after the echo");
+    assert_same(&echoed, &data, "half-closed client");
+    assert!(server.stop().success());
+}
+
+fn reset_affects_only_that_client(model: &str) {
+    let Some(server) = start_or_skip(model, &[]) else {
+        return;
+    };
+    let mut steady = connect(server.addr);
+    steady.write_all(b"before").unwrap();
+    expect_echo(&mut steady, b"before", "steady client before the reset");
+    for _ in 0..5 {
+        let rude = connect(server.addr);
+        (&rude).write_all(&payload::bytes(9, 200_000)).unwrap_or(());
+        // Linger 0 turns close into a reset, with echo still in flight.
+        socket2::SockRef::from(&rude)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(rude);
+    }
+    steady.write_all(b"after").unwrap();
+    expect_echo(&mut steady, b"after", "steady client after the resets");
+    drop(steady);
+    let fresh = payload::bytes(10, 3000);
+    assert_same(
+        &round_trip(connect(server.addr), &fresh),
+        &fresh,
+        "new client",
+    );
+    assert!(server.stop().success());
+}
+
+fn sigterm_lets_a_live_connection_finish(model: &str) {
+    let Some(mut server) = start_or_skip(model, &["--shutdown-timeout", "20s"]) else {
+        return;
+    };
+    let mut stream = connect(server.addr);
+    stream.write_all(b"one").unwrap();
+    expect_echo(&mut stream, b"one", "before SIGTERM");
+    server.terminate();
+    server.wait_for_log("shutdown to start", |log| log.contains("shutting down"));
+    // Still served while draining.
+    for round in 0..3 {
+        let msg = format!("draining {round}");
+        stream.write_all(msg.as_bytes()).unwrap();
+        expect_echo(&mut stream, msg.as_bytes(), "while draining");
+    }
+    assert!(
+        server.wait_timeout(Duration::from_millis(200)).is_none(),
+        "{model}: the server exited while a client was still connected"
+    );
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    let status = server
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|| {
+            panic!(
+                "{model}: no exit after the last client left; log:\n{}",
+                server.log()
+            )
+        });
+    assert!(status.success(), "{model}: exit status {status}");
+}
+
+fn sigterm_closes_idle_connections_at_the_deadline(model: &str) {
+    let Some(mut server) = start_or_skip(model, &["--shutdown-timeout", "1s"]) else {
+        return;
+    };
+    let mut idle = connect(server.addr);
+    idle.write_all(b"x").unwrap();
+    expect_echo(&mut idle, b"x", "before SIGTERM");
+    let started = Instant::now();
+    server.terminate();
+    let status = server
+        .wait_timeout(Duration::from_secs(8))
+        .unwrap_or_else(|| {
+            panic!(
+                "{model}: still running 8 s after SIGTERM; log:\n{}",
+                server.log()
+            )
+        });
+    assert!(status.success(), "{model}: exit status {status}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{model}: exited before the shutdown timeout while a client was connected"
+    );
+    assert!(
+        closed_by_server_within(&mut idle, Duration::from_secs(5)),
+        "{model}: the idle client was not closed"
+    );
+}
+
+fn max_conns_makes_extra_clients_wait(model: &str) {
+    let Some(server) = start_or_skip(model, &["--max-conns", "2", "--workers", "2"]) else {
+        return;
+    };
+    let mut first = connect(server.addr);
+    let mut second = connect(server.addr);
+    first.write_all(b"1").unwrap();
+    second.write_all(b"2").unwrap();
+    expect_echo(&mut first, b"1", "first client");
+    expect_echo(&mut second, b"2", "second client");
+    // The third connects (the kernel completes the handshake into the backlog) but waits.
+    let mut third = connect(server.addr);
+    third.write_all(b"3").unwrap();
+    assert!(
+        !receives_within(&mut third, Duration::from_millis(400)),
+        "{model}: a third client was served despite --max-conns 2"
+    );
+    drop(first);
+    expect_echo(&mut third, b"3", "third client, after the first left");
+    assert!(server.stop().success());
+}
+
+fn idle_timeout_closes_silent_clients_only(model: &str) {
+    let Some(server) = start_or_skip(model, &["--idle-timeout", "300ms"]) else {
+        return;
+    };
+    let mut silent = connect(server.addr);
+    silent.write_all(b"hello").unwrap();
+    expect_echo(&mut silent, b"hello", "before going silent");
+    let waited = Instant::now();
+    assert!(
+        closed_by_server_within(&mut silent, Duration::from_secs(5)),
+        "{model}: a silent client was not closed by --idle-timeout 300ms"
+    );
+    assert!(
+        waited.elapsed() >= Duration::from_millis(250),
+        "{model}: closed too early"
+    );
+    if model != "iterative" {
+        // A client that keeps talking outlives the timeout.
+        let mut chatty = connect(server.addr);
+        for i in 0..8 {
+            let msg = format!("tick {i}");
+            chatty.write_all(msg.as_bytes()).unwrap();
+            expect_echo(&mut chatty, msg.as_bytes(), "chatty client");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert!(server.stop().success());
+}
+
+fn recovers_from_running_out_of_descriptors(model: &str) {
+    // 64 descriptors: enough to start, not enough for 100 clients at once.
+    let Some(server) = start_limited_or_skip(model, &[], Some(64)) else {
+        return;
+    };
+    let mut clients: Vec<TcpStream> = (0..100).map(|_| connect(server.addr)).collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let _ = client.write_all(format!("c{i:03}").as_bytes());
+    }
+    // Let the server hit the limit, then measure that it is not spinning on accept().
+    std::thread::sleep(Duration::from_millis(300));
+    let before = common::cpu_ticks(server.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = common::cpu_ticks(server.pid()) - before;
+    assert!(
+        used < 50,
+        "{model}: {used} ticks of CPU in 1 s while out of descriptors: spinning"
+    );
+    drop(clients);
+    // Served again once descriptors are free (the closed clients' sockets drain first).
+    let data = payload::bytes(64, 5000);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut stream = connect(server.addr);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        stream.write_all(&data).unwrap();
+        let mut got = vec![0u8; data.len()];
+        match stream.read_exact(&mut got) {
+            Ok(()) => {
+                assert_same(&got, &data, "client after recovery");
+                break;
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "{model}: not serving again after descriptors were freed: {e}; log:\n{}",
+                server.log()
+            ),
+        }
+    }
+    assert!(server.stop().success());
+}
+
+macro_rules! suite {
+    ($($model:ident),* $(,)?) => {$(
+        mod $model {
+            fn name() -> &'static str {
+                stringify!($model).trim_start_matches("r#")
+            }
+            #[test]
+            fn exact_random_payloads() { super::exact_random_payloads(name()) }
+            #[test]
+            fn half_close_echoes_everything_then_closes() {
+                super::half_close_echoes_everything_then_closes(name())
+            }
+            #[test]
+            fn reset_affects_only_that_client() {
+                if name() != "iterative" { super::reset_affects_only_that_client(name()) }
+            }
+            #[test]
+            fn many_clients_at_once() {
+                if name() != "iterative" { super::many_clients_at_once(name()) }
+            }
+            #[test]
+            fn sigterm_lets_a_live_connection_finish() {
+                super::sigterm_lets_a_live_connection_finish(name())
+            }
+            #[test]
+            fn sigterm_closes_idle_connections_at_the_deadline() {
+                super::sigterm_closes_idle_connections_at_the_deadline(name())
+            }
+            #[test]
+            fn max_conns_makes_extra_clients_wait() {
+                if name() != "iterative" { super::max_conns_makes_extra_clients_wait(name()) }
+            }
+            #[test]
+            fn idle_timeout_closes_silent_clients_only() {
+                super::idle_timeout_closes_silent_clients_only(name())
+            }
+            #[test]
+            fn recovers_from_running_out_of_descriptors() {
+                super::recovers_from_running_out_of_descriptors(name())
+            }
+        }
+    )*};
+}
+
+suite!(iterative, process, prefork, thread, pool, epoll, r#async, uring);
+
+/// The problem the other models solve: a second client is served only after the first left.
+#[test]
+fn iterative_serves_the_second_client_only_after_the_first() {
+    let server = common::Server::start("iterative", &[]);
+    let mut first = connect(server.addr);
+    first.write_all(b"first").unwrap();
+    expect_echo(&mut first, b"first", "first client");
+    let mut second = connect(server.addr);
+    second.write_all(b"second").unwrap();
+    assert!(
+        !receives_within(&mut second, Duration::from_millis(400)),
+        "iterative served two clients at once"
+    );
+    drop(first);
+    expect_echo(&mut second, b"second", "second client after the first left");
+    assert!(server.stop().success());
+}
+
+/// The pool bounds its threads: with two workers, a third client waits until one frees up.
+#[test]
+fn pool_serves_extra_clients_once_a_worker_frees_up() {
+    let server = common::Server::start("pool", &["--workers", "2"]);
+    let mut busy: Vec<TcpStream> = (0..2).map(|_| connect(server.addr)).collect();
+    for (i, client) in busy.iter_mut().enumerate() {
+        let msg = format!("worker {i}");
+        client.write_all(msg.as_bytes()).unwrap();
+        expect_echo(client, msg.as_bytes(), "a client holding a worker");
+    }
+    let mut waiting = connect(server.addr);
+    waiting.write_all(b"my turn?").unwrap();
+    assert!(
+        !receives_within(&mut waiting, Duration::from_millis(400)),
+        "pool with 2 workers served a third client at once"
+    );
+    drop(busy.pop());
+    expect_echo(
+        &mut waiting,
+        b"my turn?",
+        "the waiting client once a worker freed up",
+    );
+    drop((busy, waiting));
+    assert!(server.stop().success());
+}
