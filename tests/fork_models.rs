@@ -323,6 +323,7 @@ fn process_backs_off_without_spinning_when_out_of_descriptors() {
     let before = common::cpu_ticks(pid);
     thread::sleep(Duration::from_secs(1));
     let used = common::cpu_ticks(pid) - before;
+    eprintln!("CPU while out of descriptors: {used} ticks (1/100 s) in 1 s");
     assert!(
         used < 20,
         "{used} ticks of CPU in 1 s while out of descriptors: spinning"

@@ -69,11 +69,8 @@ pub fn serve(server: &Server) -> crate::Result<()> {
             }
         }
     }
-    tracing::info!(
-        workers = children.len(),
-        timeout = ?config.shutdown_timeout,
-        "shutting down: workers finish their connections"
-    );
+    // Each worker logs its own draining line.
+    tracing::info!(workers = children.len(), "stopping the workers");
     let killed = children.stop(config.shutdown_timeout);
     if killed > 0 {
         tracing::warn!(killed, "killed workers that outlived the shutdown deadline");

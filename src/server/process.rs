@@ -62,13 +62,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
             Err(e) => break Err(crate::Error::io("accept failed", e)),
         }
     };
-    if children.len() > 0 {
-        tracing::info!(
-            live = children.len(),
-            timeout = ?config.shutdown_timeout,
-            "shutting down: live connections may finish"
-        );
-    }
+    crate::shutdown::log_draining(children.len(), config.shutdown_timeout);
     let killed = children.stop(config.shutdown_timeout);
     if killed > 0 {
         tracing::warn!(
