@@ -50,7 +50,10 @@ pub fn serve(server: &Server) -> crate::Result<()> {
         "prefork model: {workers} worker processes share the listener, each serving one connection at a time"
     );
     let mut restarts = Restarts::default();
-    while !server.shutdown.is_triggered() {
+    let result = loop {
+        if server.shutdown.is_triggered() {
+            break Ok(());
+        }
         while children.len() < workers && restarts.due() {
             match children.spawn(&[server.shutdown.as_fd()], || run_worker(server)) {
                 Ok(pid) => tracing::debug!(%pid, "worker started"),
@@ -61,21 +64,23 @@ pub fn serve(server: &Server) -> crate::Result<()> {
             }
         }
         let timeout = (children.len() < workers).then(|| restarts.until_due());
-        let ready = poll_readable(&[server.shutdown.as_fd(), children.exit_fd()], timeout)
-            .map_err(|e| crate::Error::io("cannot wait for workers", e))?;
+        let ready = match poll_readable(&[server.shutdown.as_fd(), children.exit_fd()], timeout) {
+            Ok(ready) => ready,
+            Err(e) => break Err(crate::Error::io("cannot wait for workers", e)),
+        };
         if ready[1] {
             for exit in children.reap() {
                 replace(&exit, &mut restarts, &server.shutdown);
             }
         }
-    }
+    };
     // Each worker logs its own draining line.
     tracing::info!(workers = children.len(), "stopping the workers");
     let killed = children.stop(config.shutdown_timeout);
     if killed > 0 {
         tracing::warn!(killed, "killed workers that outlived the shutdown deadline");
     }
-    Ok(())
+    result
 }
 
 /// Logs a worker's death and schedules its replacement.
