@@ -38,7 +38,7 @@ pub use shutdown::Shutdown;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O operation failed; `context` says what was being done.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]

@@ -1,10 +1,450 @@
-//! `multiecho compare`: not written yet.
+//! `multiecho compare`: start each model in turn (or use servers already running), load it
+//! with `multiecho bench` at every point of a sweep over connections and message sizes, and
+//! write a side-by-side report: `report.json` (every figure), `report.md` (tables to paste
+//! into an issue) and SVG charts.
+//!
+//! Both the server and the load generator run as child processes of this one (the running
+//! binary, `serve` and `bench`), so each can be pinned to its own CPUs and the server's cost
+//! can be read from /proc without counting the load generator. While a point runs, the
+//! server's resident memory (its descendants included) is sampled every 100 ms; its CPU time
+//! is read when the warm-up ends and when the measured window ends.
+//!
+//! A model that cannot start here is listed as skipped with the server's last log line as
+//! the reason; a point whose load generator saw errors or mismatched bytes is kept, marked
+//! failed. After the report is written, compare exits non-zero if any server sent back wrong
+//! bytes or did not exit 0 on SIGTERM; other errors (often a model's designed limit, such as
+//! the iterative model's one client at a time) are reported but not fatal.
+
+mod charts;
+mod cpus;
+mod procfs;
+mod progress;
+mod report;
+mod runner;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use anyhow::Context;
+
+pub use cpus::{parse_cpu_list, CpuList};
+pub use report::{Figures, Latency, Point, Report, Run, ServerResult, StopOutcome};
+
+use crate::server::Model;
+use progress::Progress;
+use runner::{run_bench, Target};
+use server::ServerProcess;
 
 /// `multiecho compare`.
 #[derive(Debug, clap::Args)]
-pub struct CompareArgs {}
+pub struct CompareArgs {
+    /// Models to compare, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Model::ALL)]
+    pub models: Vec<Model>,
+    /// Connection counts to sweep, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,50,500",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub conns: Vec<u32>,
+    /// Message sizes to sweep, comma-separated (e.g. 64,4k,16KiB).
+    #[arg(long, value_delimiter = ',', default_value = "64,512,16384",
+          value_parser = parse_message_size)]
+    pub size: Vec<u64>,
+    /// Measured time per point, e.g. 5, 500ms, 10s.
+    #[arg(long, value_name = "DURATION", default_value = "5",
+          value_parser = crate::cli::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured warm-up before each point's measured time.
+    #[arg(long, value_name = "DURATION", default_value = "1",
+          value_parser = crate::cli::parse_duration)]
+    pub warmup: Duration,
+    /// Run each point N times and report the median of each figure.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..1001))]
+    pub repeat: u32,
+    /// Load-generator threads (passed to bench as --threads).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Option<u32>,
+    /// Worker processes or threads for the models that take them (prefork, pool, epoll,
+    /// async, uring).
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..4097))]
+    pub workers: Option<u64>,
+    /// Pin the servers to these CPUs, e.g. 0 or 0-1.
+    #[arg(long, value_name = "CPUS", value_parser = parse_cpu_list)]
+    pub server_cpus: Option<CpuList>,
+    /// Pin the load generator to these CPUs, e.g. 1 or 2,3.
+    #[arg(long, value_name = "CPUS", value_parser = parse_cpu_list)]
+    pub client_cpus: Option<CpuList>,
+    /// Also compare an echo server that is already running: NAME=ADDR, or NAME=ADDR@PID to
+    /// measure its CPU time and memory too. Repeatable.
+    #[arg(long, value_name = "NAME=ADDR[@PID]", value_parser = parse_external)]
+    pub external: Vec<External>,
+    /// Directory to write report.json, report.md and the charts into.
+    #[arg(long, value_name = "DIR", default_value = "compare-report")]
+    pub out: PathBuf,
+}
+
+/// An echo server compare does not start: `NAME=ADDR[@PID]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct External {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub pid: Option<i32>,
+}
+
+/// Parses `NAME=ADDR` or `NAME=ADDR@PID`.
+pub fn parse_external(text: &str) -> Result<External, String> {
+    let (name, rest) = text
+        .split_once('=')
+        .filter(|(name, _)| !name.trim().is_empty())
+        .ok_or_else(|| format!("invalid external server '{text}': expected NAME=ADDR[@PID]"))?;
+    let (addr, pid) = match rest.rsplit_once('@') {
+        Some((addr, pid)) => {
+            let pid = pid
+                .parse::<i32>()
+                .ok()
+                .filter(|pid| *pid > 0)
+                .ok_or_else(|| format!("invalid external server '{text}': bad PID '{pid}'"))?;
+            (addr, Some(pid))
+        }
+        None => (rest, None),
+    };
+    let addr = crate::net::parse_addr(addr)
+        .map_err(|e| format!("invalid external server '{text}': {e}"))?;
+    Ok(External {
+        name: name.trim().to_string(),
+        addr,
+        pid,
+    })
+}
+
+/// Parses a message size; a size of zero measures nothing.
+fn parse_message_size(text: &str) -> Result<u64, String> {
+    match crate::cli::parse_size(text)? {
+        0 => Err(format!("invalid size '{text}': must be at least 1 byte")),
+        size => Ok(size),
+    }
+}
+
+/// Whether the model takes `--workers`.
+fn takes_workers(model: Model) -> bool {
+    matches!(
+        model,
+        Model::Prefork | Model::Pool | Model::Epoll | Model::Async | Model::Uring
+    )
+}
 
 /// Runs `multiecho compare`.
-pub fn run(_args: &CompareArgs) -> anyhow::Result<()> {
-    anyhow::bail!("compare is not written yet")
+pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find the multiecho executable")?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+
+    let settings = report::Settings {
+        conns: distinct(args.conns.iter().map(|&c| c as usize)),
+        sizes: distinct(args.size.iter().copied()),
+        duration_secs: args.duration.as_secs_f64(),
+        warmup_secs: args.warmup.as_secs_f64(),
+        repeat: args.repeat,
+        bench_threads: args.threads.map(|t| t as usize),
+        workers: args.workers,
+        server_cpus: args.server_cpus.as_ref().map(ToString::to_string),
+        client_cpus: args.client_cpus.as_ref().map(ToString::to_string),
+    };
+    let models = distinct(args.models.iter().copied());
+
+    let servers = models.len() + args.external.len();
+    let total = (servers * settings.conns.len() * settings.sizes.len()) as u64 * args.repeat as u64;
+    let progress = Progress::new(total);
+    let mut report = Report {
+        environment: environment(),
+        settings,
+        servers: Vec::new(),
+    };
+    for model in models {
+        let result = compare_model(&exe, model, args, &report.settings, &progress)?;
+        report.servers.push(result);
+        // A long sweep interrupted later still leaves the figures so far.
+        write_report(&report, &args.out)?;
+    }
+    for external in &args.external {
+        let target = Target {
+            name: &external.name,
+            addr: external.addr,
+            pid: external.pid,
+        };
+        let points = sweep(&exe, &target, args, &report.settings, &progress, None);
+        report.servers.push(ServerResult {
+            name: external.name.clone(),
+            kind: "external".into(),
+            address: Some(external.addr.to_string()),
+            skipped: None,
+            stop: None,
+            points,
+        });
+    }
+    progress.finish();
+    let files = write_report(&report, &args.out)?;
+    for file in files {
+        println!("{}", file.display());
+    }
+    let points = || report.servers.iter().flat_map(|s| &s.points);
+    let failed_points = points().filter(|p| p.failed).count();
+    let corrupted: Vec<&str> = report
+        .servers
+        .iter()
+        .filter(|s| s.points.iter().any(Point::saw_mismatches))
+        .map(|s| s.name.as_str())
+        .collect();
+    let unclean: Vec<&str> = report
+        .servers
+        .iter()
+        .filter(|s| s.stop.as_ref().is_some_and(|stop| !stop.clean))
+        .map(|s| s.name.as_str())
+        .collect();
+    if !corrupted.is_empty() || !unclean.is_empty() {
+        let mut problems = Vec::new();
+        if !corrupted.is_empty() {
+            problems.push(format!(
+                "wrong bytes came back from {}",
+                corrupted.join(", ")
+            ));
+        }
+        if !unclean.is_empty() {
+            problems.push(format!("did not stop cleanly: {}", unclean.join(", ")));
+        }
+        anyhow::bail!(
+            "report written to {}, but {} (see report.md)",
+            args.out.display(),
+            problems.join("; ")
+        );
+    }
+    if failed_points > 0 {
+        // Errors without wrong bytes are often a model's designed limit (more clients than
+        // it serves at once), so they are reported, not fatal.
+        eprintln!(
+            "compare: {failed_points} point(s) saw errors; see Problems in {}",
+            args.out.join("report.md").display()
+        );
+    }
+    Ok(())
+}
+
+/// Makes `command`'s process get SIGTERM if compare dies first (killed, say), so no server
+/// or load generator is left running behind it.
+fn end_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only makes the prctl
+    // system call (async-signal-safe, no allocation, no locks).
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// `items` in their first order, without repeats.
+fn distinct<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut out = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
+}
+
+/// Writes report.json, the charts and report.md into `dir`; returns their paths.
+fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let json = serde_json::to_string_pretty(report)?;
+    let json_path = dir.join("report.json");
+    std::fs::write(&json_path, json + "\n")
+        .with_context(|| format!("cannot write {}", json_path.display()))?;
+    let charts = charts::write_all(report, dir)
+        .with_context(|| format!("cannot write the charts into {}", dir.display()))?;
+    let md_path = dir.join("report.md");
+    std::fs::write(&md_path, report::markdown(report, &charts))
+        .with_context(|| format!("cannot write {}", md_path.display()))?;
+    let mut files = vec![json_path, md_path];
+    files.extend(charts.iter().map(|chart| dir.join(chart)));
+    Ok(files)
+}
+
+/// Starts `model`, sweeps it, stops it.
+fn compare_model(
+    exe: &Path,
+    model: Model,
+    args: &CompareArgs,
+    settings: &report::Settings,
+    progress: &Progress,
+) -> anyhow::Result<ServerResult> {
+    let points_per_server =
+        (settings.conns.len() * settings.sizes.len()) as u64 * args.repeat as u64;
+    let mut result = ServerResult {
+        name: model.name().to_string(),
+        kind: "model".into(),
+        address: None,
+        skipped: None,
+        stop: None,
+        points: Vec::new(),
+    };
+    progress.say(&format!("starting the {model} server"));
+    let mut server = match ServerProcess::start(exe, model, args)? {
+        Ok(server) => server,
+        Err(reason) => {
+            progress.say(&format!("{model}: skipped: {reason}"));
+            progress.skip(points_per_server);
+            result.skipped = Some(reason);
+            return Ok(result);
+        }
+    };
+    result.address = Some(server.addr.to_string());
+    let target = Target {
+        name: model.name(),
+        addr: server.addr,
+        pid: Some(server.child.id() as i32),
+    };
+    result.points = sweep(exe, &target, args, settings, progress, Some(&mut server));
+    let stop = server.stop();
+    if !stop.clean {
+        progress.say(&format!("{model}: did not stop cleanly: {}", stop.detail));
+    }
+    result.stop = Some(stop);
+    Ok(result)
+}
+
+/// Runs every point of the sweep against `target`, `repeat` times each.
+fn sweep(
+    exe: &Path,
+    target: &Target<'_>,
+    args: &CompareArgs,
+    settings: &report::Settings,
+    progress: &Progress,
+    mut server: Option<&mut ServerProcess>,
+) -> Vec<Point> {
+    let mut points = Vec::new();
+    for &size in &settings.sizes {
+        for &conns in &settings.conns {
+            let mut runs = Vec::new();
+            for round in 1..=args.repeat {
+                progress.start_run(target.name, conns, size, round, args.repeat);
+                let dead = server.as_mut().and_then(|s| s.exit_reason());
+                let run = match dead {
+                    Some(reason) => Run {
+                        figures: None,
+                        failure: Some(reason),
+                    },
+                    None => run_bench(exe, target, conns, size, args),
+                };
+                progress.finish_run(target.name, conns, size, &run);
+                runs.push(run);
+            }
+            points.push(Point::from_runs(conns, size, runs));
+        }
+    }
+    points
+}
+
+/// The last non-empty line of `text`, without terminal colours.
+fn last_line(text: &str) -> Option<String> {
+    text.lines()
+        .map(strip_ansi)
+        .rfind(|line| !line.trim().is_empty())
+        .map(|line| line.trim().to_string())
+}
+
+/// `text` without ANSI escape sequences (log lines may be coloured).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte (0x40..=0x7e).
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('\u{40}'..='\u{7e}').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// "exited with status 1", "was killed by signal 9".
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        _ => format!("ended with {status}"),
+    }
+}
+
+/// The machine: kernel, CPU, cores; the date and the command line.
+fn environment() -> report::Environment {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let kernel = format!(
+        "{} {} {}",
+        read("/proc/sys/kernel/ostype"),
+        read("/proc/sys/kernel/osrelease"),
+        std::env::consts::ARCH
+    );
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu_model = cpuinfo
+        .lines()
+        .find(|line| line.starts_with("model name") || line.starts_with("Model"))
+        .and_then(|line| line.split_once(':'))
+        .map(|(_, model)| model.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    report::Environment {
+        kernel,
+        cpu_model,
+        cores: crate::server::default_workers(),
+        date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        command_line: std::env::args().collect(),
+        multiecho_version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distinct_keeps_first_order() {
+        assert_eq!(distinct([1, 50, 1, 500, 50]), [1, 50, 500]);
+    }
+
+    #[test]
+    fn external_servers() {
+        let plain = parse_external("c-epoll=127.0.0.1:7000").unwrap();
+        assert_eq!(plain.name, "c-epoll");
+        assert_eq!(plain.addr, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(plain.pid, None);
+        let with_pid = parse_external("socat=[::1]:9@4321").unwrap();
+        assert_eq!(with_pid.addr, "[::1]:9".parse().unwrap());
+        assert_eq!(with_pid.pid, Some(4321));
+        for bad in [
+            "127.0.0.1:7000",
+            "=127.0.0.1:1",
+            "x=nowhere",
+            "x=127.0.0.1:1@pid",
+        ] {
+            assert!(parse_external(bad).is_err(), "{bad}");
+        }
+    }
 }

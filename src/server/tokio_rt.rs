@@ -1,10 +1,430 @@
-//! `async`: not written yet.
+//! `async`: a tokio task per connection on a multi-thread runtime of `--workers` threads.
+//!
+//! How it works: the model builds its own runtime (not `#[tokio::main]`, so that `main` stays
+//! single-threaded for the fork-based models). Each listener gets an accept task; each accepted
+//! connection gets a task that waits for the socket to become readable, reads into a buffer
+//! owned by the worker *thread* (not the task; borrowed only within one poll), and writes the
+//! echo back at once with `try_write`. Only when the kernel takes less than all of it is the
+//! remainder copied into a task-owned `Vec` and awaited before the next read, so a client that
+//! does not read its echo stops being read (backpressure) and pins at most one read's worth.
+//!
+//! What it costs: an idle connection is a parked task plus its socket; no thread, stack or
+//! buffer. Its future is under 500 bytes; with tokio's task and I/O registration it comes to
+//! about 1.2 KiB, so 10,000 idle connections add about 12 MiB (a bare tokio task waiting on a
+//! socket costs about 1 KiB). A round trip costs a read and a write, plus a share of an
+//! `epoll_wait` and of tokio's scheduling: about the CPU time of a hand-written epoll loop.
+//!
+//! Limits: `--max-conns` is a [`Semaphore`]; an accept task takes a permit *before* accepting,
+//! so clients beyond the limit wait in the listen backlog (connected, not reset) until a
+//! connection closes. `--idle-timeout` is one `tokio::time` timer per connection, pushed back
+//! by every read and every partial write. Running out of descriptors on accept (EMFILE,
+//! ENFILE...) warns once and backs off for [`crate::net::ACCEPT_BACKOFF`] instead of spinning;
+//! an aborted handshake is skipped; any other accept error drains and ends the server.
+//!
+//! Shutdown: the server's shutdown descriptor is watched through [`AsyncFd`]. Then the accept
+//! tasks stop, the [`TaskTracker`] is closed and connections may finish for
+//! `--shutdown-timeout`; those still open are told to close through a [`CancellationToken`],
+//! and the runtime is shut down.
 
-use crate::server::Server;
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::net::{classify_accept_error, AcceptError, ACCEPT_BACKOFF};
+use crate::server::{echo, Server, ServerConfig};
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+
+/// The read buffer each worker thread lends to the connection it is running.
+const READ_BUFFER_SIZE: usize = 64 * 1024;
+
+/// How long connections closed at the shutdown deadline get to finish logging.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+thread_local! {
+    static READ_BUFFER: RefCell<Box<[u8]>> =
+        RefCell::new(vec![0; READ_BUFFER_SIZE].into_boxed_slice());
+}
 
 /// Runs the async model.
-pub fn serve(_server: &Server) -> crate::Result<()> {
-    Err(crate::Error::Unsupported(
-        "the async model is not written yet".into(),
-    ))
+pub fn serve(server: &Server) -> crate::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(server.config.workers.max(1))
+        .thread_name("async-worker")
+        .enable_all()
+        .build()
+        .map_err(|e| crate::Error::io("cannot start the tokio runtime", e))?;
+    // The server keeps its listeners; the runtime gets non-blocking duplicates.
+    let listeners = server
+        .listeners
+        .iter()
+        .map(|listener| {
+            let listener = listener.try_clone()?;
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        })
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(|e| crate::Error::io("cannot prepare the listeners", e))?;
+    let shared = Arc::new(Shared {
+        config: server.config.clone(),
+        stats: Arc::clone(&server.stats),
+        close_connections: CancellationToken::new(),
+    });
+    let result = runtime.block_on(run(listeners, server.shutdown.clone(), shared));
+    // Connection tasks have ended by now (or been given up on after the grace period); any
+    // task left is dropped here.
+    runtime.shutdown_timeout(CLOSE_GRACE);
+    result
+}
+
+/// What every connection task needs.
+struct Shared {
+    config: ServerConfig,
+    stats: Arc<Stats>,
+    /// Cancelled at the shutdown deadline: connection tasks then close their sockets.
+    close_connections: CancellationToken,
+}
+
+/// Accepts until shutdown (or a fatal accept error), then drains the connections.
+async fn run(
+    listeners: Vec<std::net::TcpListener>,
+    shutdown: Shutdown,
+    shared: Arc<Shared>,
+) -> crate::Result<()> {
+    let max_conns = shared.config.max_conns.clamp(1, Semaphore::MAX_PERMITS);
+    let room = Arc::new(Semaphore::new(max_conns));
+    let stop_accepting = CancellationToken::new();
+    let connections = TaskTracker::new();
+
+    let mut acceptors = JoinSet::new();
+    for listener in listeners {
+        let listener = TcpListener::from_std(listener)
+            .map_err(|e| crate::Error::io("cannot register a listener", e))?;
+        acceptors.spawn(accept_loop(
+            listener,
+            Arc::clone(&room),
+            stop_accepting.clone(),
+            connections.clone(),
+            Arc::clone(&shared),
+        ));
+    }
+
+    let outcome = tokio::select! {
+        watched = shutdown_requested(&shutdown) => {
+            watched.map_err(|e| crate::Error::io("cannot watch the shutdown signal", e))
+        }
+        Some(ended) = acceptors.join_next() => match ended {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(crate::Error::io("accept failed", e)),
+            Err(e) => Err(crate::Error::io("an accept task failed", io::Error::other(e))),
+        },
+    };
+    stop_accepting.cancel();
+    while acceptors.join_next().await.is_some() {}
+
+    connections.close();
+    crate::shutdown::log_draining(connections.len(), shared.config.shutdown_timeout);
+    if tokio::time::timeout(shared.config.shutdown_timeout, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            live = connections.len(),
+            "shutdown timeout reached; closing the remaining connections"
+        );
+        shared.close_connections.cancel();
+        if tokio::time::timeout(CLOSE_GRACE, connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                live = connections.len(),
+                "connections did not close in time"
+            );
+        }
+    }
+    outcome
+}
+
+/// Resolves once shutdown has been triggered. The shutdown descriptor stays readable from then
+/// on, so watching a duplicate of it needs no draining and sees a trigger that came earlier.
+async fn shutdown_requested(shutdown: &Shutdown) -> io::Result<()> {
+    let watched: OwnedFd = shutdown.as_fd().try_clone_to_owned()?;
+    // SAFETY: `watched` is an `OwnedFd` moved into the `AsyncFd`: it is open, nothing else can
+    // close or replace it, and `as_raw_fd` returns the same descriptor until the `AsyncFd` drops.
+    let watched = unsafe { AsyncFd::register_with_interest(watched, Interest::READABLE) }
+        .map_err(io::Error::from)?;
+    while !shutdown.is_triggered() {
+        let _ready = watched.readable().await?;
+        if !shutdown.is_triggered() {
+            // Readable but the flag is not set yet: the signal handler is between its two
+            // steps. Look again shortly rather than spin on the still-readable descriptor.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Accepts connections on one listener until `stop` is cancelled; a task per connection.
+async fn accept_loop(
+    listener: TcpListener,
+    room: Arc<Semaphore>,
+    stop: CancellationToken,
+    connections: TaskTracker,
+    shared: Arc<Shared>,
+) -> io::Result<()> {
+    let mut warned_exhausted = false;
+    loop {
+        // Take a permit before accepting: beyond the limit, clients wait in the backlog.
+        let permit = tokio::select! {
+            biased;
+            () = stop.cancelled() => return Ok(()),
+            permit = Arc::clone(&room).acquire_owned() => {
+                permit.expect("the connection semaphore is never closed")
+            }
+        };
+        let (stream, peer) = loop {
+            let accepted = tokio::select! {
+                biased;
+                () = stop.cancelled() => return Ok(()),
+                accepted = listener.accept() => accepted,
+            };
+            let err = match accepted {
+                Ok(connection) => break connection,
+                Err(e) => e,
+            };
+            match classify_accept_error(&err) {
+                AcceptError::WouldBlock | AcceptError::Retry => {
+                    tracing::debug!("accept: {err}; retrying");
+                }
+                AcceptError::Exhausted => {
+                    if !warned_exhausted {
+                        tracing::warn!("accept: {err}; backing off until resources free up");
+                        warned_exhausted = true;
+                    }
+                    tokio::select! {
+                        biased;
+                        () = stop.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    }
+                }
+                AcceptError::Fatal => return Err(err),
+            }
+        };
+        warned_exhausted = false;
+        connections.spawn(serve_connection(stream, peer, permit, Arc::clone(&shared)));
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The client closed (or half-closed) and got every byte back.
+    ClientClosed,
+    /// Nothing moved for the idle timeout.
+    IdleTimeout,
+    /// Still open at the shutdown deadline.
+    Shutdown,
+    /// The connection failed (for example reset by the client).
+    Failed(io::Error),
+}
+
+impl End {
+    fn describe(&self) -> String {
+        match self {
+            End::ClientClosed => "client closed".to_string(),
+            End::IdleTimeout => "idle timeout".to_string(),
+            End::Shutdown => "closed at shutdown".to_string(),
+            End::Failed(e) => format!("error: {e}"),
+        }
+    }
+}
+
+impl From<io::Error> for End {
+    fn from(e: io::Error) -> Self {
+        End::Failed(e)
+    }
+}
+
+/// Serves one connection to its end, logs one line about it, then frees its permit.
+async fn serve_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+) {
+    let started = Instant::now();
+    shared.stats.connection_opened();
+    tracing::debug!(%peer, "connection accepted");
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, "cannot set TCP_NODELAY: {e}");
+    }
+    let mut bytes = 0u64;
+    let end = tokio::select! {
+        biased;
+        () = shared.close_connections.cancelled() => End::Shutdown,
+        ended = echo_until_end(&mut stream, &mut bytes, shared.config.idle_timeout) => {
+            match ended {
+                Ok(()) => End::ClientClosed,
+                Err(end) => end,
+            }
+        }
+    };
+    drop(stream);
+    shared.stats.connection_closed(bytes);
+    echo::log_close(peer, bytes, started, &end.describe());
+}
+
+/// Echoes until the client half-closes (then closes our side too), an error, or the idle
+/// timeout. Counts echoed bytes in `echoed` as they go, so a cancelled echo still reports them.
+///
+/// This future is what an idle connection costs, so whatever only some connections need (the
+/// idle timer, a pending echo) is boxed rather than stored in it.
+async fn echo_until_end(
+    stream: &mut TcpStream,
+    echoed: &mut u64,
+    idle: Option<Duration>,
+) -> Result<(), End> {
+    let mut timer = IdleTimer::new(idle);
+    loop {
+        let step = tokio::select! {
+            biased;
+            step = read_and_echo(stream) => step,
+            () = timer.expired() => return Err(End::IdleTimeout),
+        };
+        timer.restart();
+        match step {
+            Ok(Step::Ended) => break,
+            Ok(Step::Echoed(n)) => *echoed += n as u64,
+            Ok(Step::Pending { read, rest }) => {
+                Box::pin(write_rest(stream, &rest, &mut timer)).await?;
+                *echoed += read as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(End::Failed(e)),
+        }
+    }
+    // The client half-closed and has had every byte back: close our side as well. If it has
+    // gone entirely, the shutdown fails (ENOTCONN), which changes nothing: it got everything.
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// The `--idle-timeout` of one connection: a single boxed timer, pushed back on activity.
+struct IdleTimer {
+    sleep: Option<(Pin<Box<Sleep>>, Duration)>,
+}
+
+impl IdleTimer {
+    fn new(idle: Option<Duration>) -> Self {
+        IdleTimer {
+            sleep: idle.map(|idle| (Box::pin(tokio::time::sleep(idle)), idle)),
+        }
+    }
+
+    /// Something moved: the connection gets a whole idle timeout again.
+    fn restart(&mut self) {
+        if let Some((sleep, idle)) = &mut self.sleep {
+            sleep.as_mut().reset(tokio::time::Instant::now() + *idle);
+        }
+    }
+
+    /// Resolves when the connection has been idle for the timeout; never without one.
+    async fn expired(&mut self) {
+        match &mut self.sleep {
+            Some((sleep, _)) => sleep.as_mut().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// What one read and the synchronous part of its echo did.
+enum Step {
+    /// The client sent end of stream.
+    Ended,
+    /// Read and echoed this many bytes in full.
+    Echoed(usize),
+    /// Read `read` bytes; the kernel took only part of the echo and `rest` is still to send.
+    Pending { read: usize, rest: Vec<u8> },
+}
+
+/// Waits until the socket is readable, reads once into the worker thread's buffer and writes
+/// as much of it back as the socket takes right now.
+///
+/// The buffer is borrowed only within one poll, never across an await, so it can belong to the
+/// thread rather than the connection. Reading through `poll_read` rather than `readable` and
+/// `try_read` lets tokio note that a short read emptied the socket, which saves the read that
+/// would otherwise only return `WouldBlock` on every round trip.
+fn read_and_echo(stream: &mut TcpStream) -> impl Future<Output = io::Result<Step>> + '_ {
+    std::future::poll_fn(move |cx| {
+        READ_BUFFER.with_borrow_mut(|buf| {
+            let mut unfilled = ReadBuf::new(buf);
+            ready!(Pin::new(&mut *stream).poll_read(cx, &mut unfilled))?;
+            let read = unfilled.filled().len();
+            Poll::Ready(echo_now(stream, &buf[..read]))
+        })
+    })
+}
+
+/// Writes as much of `data` (just read) as the socket takes without waiting.
+fn echo_now(stream: &TcpStream, data: &[u8]) -> io::Result<Step> {
+    let read = data.len();
+    if read == 0 {
+        return Ok(Step::Ended);
+    }
+    let mut written = 0;
+    while written < read {
+        match stream.try_write(&data[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    if written == read {
+        Ok(Step::Echoed(read))
+    } else {
+        Ok(Step::Pending {
+            read,
+            rest: data[written..].to_vec(),
+        })
+    }
+}
+
+/// Writes `rest` in full, waiting for the socket to become writable; any progress restarts the
+/// idle timer.
+async fn write_rest(stream: &TcpStream, mut rest: &[u8], timer: &mut IdleTimer) -> Result<(), End> {
+    while !rest.is_empty() {
+        tokio::select! {
+            biased;
+            writable = stream.writable() => writable?,
+            () = timer.expired() => return Err(End::IdleTimeout),
+        }
+        match stream.try_write(rest) {
+            Ok(n) => {
+                rest = &rest[n..];
+                timer.restart();
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(End::Failed(e)),
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,628 @@
+//! The comparison's results as data (serialized to `report.json`), the median over repeated
+//! runs, and the Markdown tables a reader can paste into an issue (`report.md`).
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a comparison measured, and where.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub environment: Environment,
+    pub settings: Settings,
+    /// One entry per model or external server, in the order they were run.
+    pub servers: Vec<ServerResult>,
+}
+
+/// The machine and the moment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Environment {
+    /// Like `uname -srm`.
+    pub kernel: String,
+    pub cpu_model: String,
+    /// CPUs this process may run on.
+    pub cores: usize,
+    /// UTC, RFC 3339.
+    pub date: String,
+    pub command_line: Vec<String>,
+    pub multiecho_version: String,
+}
+
+/// What was asked for.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Settings {
+    pub conns: Vec<usize>,
+    pub sizes: Vec<u64>,
+    pub duration_secs: f64,
+    pub warmup_secs: f64,
+    pub repeat: u32,
+    pub bench_threads: Option<usize>,
+    pub workers: Option<u64>,
+    /// CPUs the servers were pinned to (`None`: not pinned).
+    pub server_cpus: Option<String>,
+    /// CPUs the load generator was pinned to (`None`: not pinned).
+    pub client_cpus: Option<String>,
+}
+
+/// One server's part of the comparison.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServerResult {
+    pub name: String,
+    /// `model` (started by compare) or `external` (already running).
+    pub kind: String,
+    pub address: Option<String>,
+    /// Why this server was not measured (it could not start, for example).
+    pub skipped: Option<String>,
+    /// How a started model stopped after SIGTERM.
+    pub stop: Option<StopOutcome>,
+    pub points: Vec<Point>,
+}
+
+impl ServerResult {
+    /// The point measured at `conns` connections and `size`-byte messages.
+    pub fn point(&self, conns: usize, size: u64) -> Option<&Point> {
+        self.points
+            .iter()
+            .find(|p| p.conns == conns && p.size == size)
+    }
+}
+
+/// How a server ended after SIGTERM: it must exit 0.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StopOutcome {
+    pub clean: bool,
+    pub detail: String,
+}
+
+/// One sweep point: a number of connections and a message size.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Point {
+    pub conns: usize,
+    pub size: u64,
+    /// A run saw errors or mismatches, or produced no figures.
+    pub failed: bool,
+    pub failures: Vec<String>,
+    /// The median of each figure over the runs that produced figures.
+    pub median: Option<Figures>,
+    pub runs: Vec<Run>,
+}
+
+impl Point {
+    /// A point from its runs: medians, and failed if any run failed.
+    pub fn from_runs(conns: usize, size: u64, runs: Vec<Run>) -> Point {
+        let failures: Vec<String> = runs.iter().filter_map(|r| r.failure.clone()).collect();
+        let figures: Vec<Figures> = runs.iter().filter_map(|r| r.figures.clone()).collect();
+        Point {
+            conns,
+            size,
+            failed: !failures.is_empty(),
+            failures,
+            median: Figures::median(&figures),
+            runs,
+        }
+    }
+}
+
+impl Point {
+    /// Whether any run got wrong bytes back.
+    pub fn saw_mismatches(&self) -> bool {
+        self.runs
+            .iter()
+            .filter_map(|run| run.figures.as_ref())
+            .any(|figures| figures.mismatches > 0.0)
+    }
+}
+
+/// One run of the load generator against one point.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Run {
+    pub figures: Option<Figures>,
+    pub failure: Option<String>,
+}
+
+/// What one run (or the median of several) measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Figures {
+    pub requests: f64,
+    pub duration_secs: f64,
+    pub round_trips_per_sec: f64,
+    pub bytes_per_sec: f64,
+    pub mb_per_sec: f64,
+    pub latency_us: Latency,
+    pub connections: f64,
+    pub errors: f64,
+    pub mismatches: f64,
+    /// Server CPU time (user+system, descendants included) per round trip, in µs.
+    pub server_cpu_us_per_round_trip: Option<f64>,
+    /// Server CPU time per second of wall time over the measured window (1.0 = one core).
+    pub server_cpu_cores: Option<f64>,
+    /// The largest resident memory of the server and its descendants together, in KiB.
+    pub peak_rss_kib: Option<f64>,
+}
+
+/// Round-trip latency percentiles, in µs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+/// The median of `values`, or `None` when there are none.
+pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut values: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+impl Figures {
+    /// The median of each figure separately over `runs`; `None` when there are no runs.
+    pub fn median(runs: &[Figures]) -> Option<Figures> {
+        if runs.is_empty() {
+            return None;
+        }
+        let of = |get: fn(&Figures) -> f64| median(runs.iter().map(get)).unwrap_or(0.0);
+        let of_some = |get: fn(&Figures) -> Option<f64>| median(runs.iter().filter_map(get));
+        Some(Figures {
+            requests: of(|f| f.requests),
+            duration_secs: of(|f| f.duration_secs),
+            round_trips_per_sec: of(|f| f.round_trips_per_sec),
+            bytes_per_sec: of(|f| f.bytes_per_sec),
+            mb_per_sec: of(|f| f.mb_per_sec),
+            latency_us: Latency {
+                p50: of(|f| f.latency_us.p50),
+                p90: of(|f| f.latency_us.p90),
+                p99: of(|f| f.latency_us.p99),
+                p999: of(|f| f.latency_us.p999),
+                max: of(|f| f.latency_us.max),
+            },
+            connections: of(|f| f.connections),
+            errors: of(|f| f.errors),
+            mismatches: of(|f| f.mismatches),
+            server_cpu_us_per_round_trip: of_some(|f| f.server_cpu_us_per_round_trip),
+            server_cpu_cores: of_some(|f| f.server_cpu_cores),
+            peak_rss_kib: of_some(|f| f.peak_rss_kib),
+        })
+    }
+}
+
+/// A figure the report tabulates and charts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    RoundTripsPerSec,
+    P99Latency,
+    CpuPerRoundTrip,
+    PeakRss,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 4] = [
+        Metric::RoundTripsPerSec,
+        Metric::P99Latency,
+        Metric::CpuPerRoundTrip,
+        Metric::PeakRss,
+    ];
+
+    /// A title for tables and charts.
+    pub fn title(self) -> &'static str {
+        match self {
+            Metric::RoundTripsPerSec => "Round trips per second",
+            Metric::P99Latency => "p99 round-trip latency (µs)",
+            Metric::CpuPerRoundTrip => "Server CPU time per round trip (µs)",
+            Metric::PeakRss => "Peak server RSS (MiB)",
+        }
+    }
+
+    /// The unit of the value axis.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Metric::RoundTripsPerSec => "round trips/s",
+            Metric::P99Latency => "p99 latency (µs)",
+            Metric::CpuPerRoundTrip => "CPU µs per round trip",
+            Metric::PeakRss => "peak RSS (MiB)",
+        }
+    }
+
+    /// A short name for files.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Metric::RoundTripsPerSec => "round_trips",
+            Metric::P99Latency => "p99_latency",
+            Metric::CpuPerRoundTrip => "cpu_per_round_trip",
+            Metric::PeakRss => "peak_rss",
+        }
+    }
+
+    /// This metric's value in `figures`, if measured.
+    pub fn value(self, figures: &Figures) -> Option<f64> {
+        match self {
+            Metric::RoundTripsPerSec => Some(figures.round_trips_per_sec),
+            Metric::P99Latency => Some(figures.latency_us.p99),
+            Metric::CpuPerRoundTrip => figures.server_cpu_us_per_round_trip,
+            Metric::PeakRss => figures.peak_rss_kib.map(|kib| kib / 1024.0),
+        }
+    }
+
+    fn format(self, value: f64) -> String {
+        match self {
+            Metric::RoundTripsPerSec => thousands(value.round() as u64),
+            Metric::P99Latency if value >= 100.0 => thousands(value.round() as u64),
+            Metric::P99Latency | Metric::CpuPerRoundTrip | Metric::PeakRss => {
+                if value >= 100.0 {
+                    format!("{value:.0}")
+                } else if value >= 10.0 {
+                    format!("{value:.1}")
+                } else {
+                    format!("{value:.2}")
+                }
+            }
+        }
+    }
+}
+
+/// `1234567` as `1,234,567`.
+fn thousands(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// A message size for headings: `64 B`, `16 KiB`.
+pub fn size_label(size: u64) -> String {
+    if size >= 1 << 20 && size % (1 << 20) == 0 {
+        format!("{} MiB", size >> 20)
+    } else if size >= 1 << 10 && size % (1 << 10) == 0 {
+        format!("{} KiB", size >> 10)
+    } else {
+        format!("{size} B")
+    }
+}
+
+/// `1 conn`, `50 conns`.
+pub fn conns_label(conns: usize) -> String {
+    format!("{conns} conn{}", if conns == 1 { "" } else { "s" })
+}
+
+/// Text safe inside a Markdown table cell.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|").replace('\n', " ")
+}
+
+/// One table: rows = servers, columns = connection counts.
+fn table(report: &Report, size: u64, metric: Metric) -> String {
+    let conns = &report.settings.conns;
+    let mut out = String::new();
+    let _ = write!(out, "| server |");
+    for c in conns {
+        let _ = write!(out, " {} |", conns_label(*c));
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---:|".repeat(conns.len()));
+    out.push('\n');
+    for server in &report.servers {
+        let _ = write!(out, "| {} |", cell(&server.name));
+        for &c in conns {
+            let text = if server.skipped.is_some() {
+                "skipped".to_string()
+            } else {
+                match server.point(c, size) {
+                    None => "–".to_string(),
+                    Some(point) => {
+                        let value = point.median.as_ref().and_then(|f| metric.value(f));
+                        let mut text = value.map_or("–".to_string(), |v| metric.format(v));
+                        if point.failed {
+                            text.push_str(" ✗");
+                        }
+                        text
+                    }
+                }
+            };
+            let _ = write!(out, " {text} |");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The whole `report.md`: the setting, a table per size and metric, the charts, and every
+/// skipped server, failed point and unclean stop with its reason.
+pub fn markdown(report: &Report, charts: &[String]) -> String {
+    let env = &report.environment;
+    let settings = &report.settings;
+    let mut out = String::new();
+    let _ = writeln!(out, "# multiecho compare\n");
+    let _ = writeln!(out, "- Date: {}", env.date);
+    let _ = writeln!(out, "- Kernel: {}", env.kernel);
+    let _ = writeln!(out, "- CPU: {} ({} cores usable)", env.cpu_model, env.cores);
+    let pinning = |cpus: &Option<String>| cpus.clone().unwrap_or_else(|| "not pinned".into());
+    let _ = writeln!(
+        out,
+        "- Pinning: server {}, load generator {}",
+        pinning(&settings.server_cpus),
+        pinning(&settings.client_cpus)
+    );
+    let _ = writeln!(
+        out,
+        "- Each point: {} s measured after {} s warm-up; median of {} run{}",
+        settings.duration_secs,
+        settings.warmup_secs,
+        settings.repeat,
+        if settings.repeat == 1 { "" } else { "s" }
+    );
+    if let Some(workers) = settings.workers {
+        let _ = writeln!(out, "- Workers: {workers}");
+    }
+    let _ = writeln!(out, "- Command: `{}`", env.command_line.join(" "));
+    let _ = writeln!(out, "- multiecho {}", env.multiecho_version);
+    out.push_str(
+        "\nServer CPU time is user+system time of the server and all its processes \
+         (reaped children included) over the measured window, divided by the round trips. \
+         ✗ marks a point where the load generator saw errors or mismatched bytes (see \
+         Problems below). The models that serve a fixed number of connections at once \
+         (iterative: one; pool and prefork: one per worker) leave the other clients waiting \
+         in the backlog, so with more connections than that their waiting clients time out: \
+         a ✗ there shows the model's limit, not lost data.\n",
+    );
+    for &size in &settings.sizes {
+        let _ = writeln!(out, "\n## {} messages\n", size_label(size));
+        for metric in Metric::ALL {
+            let _ = writeln!(out, "### {}\n", metric.title());
+            out.push_str(&table(report, size, metric));
+            out.push('\n');
+        }
+    }
+    if !charts.is_empty() {
+        out.push_str("## Charts\n\n");
+        for chart in charts {
+            let _ = writeln!(out, "![{chart}]({chart})");
+        }
+        out.push('\n');
+    }
+    let mut problems = Vec::new();
+    for server in &report.servers {
+        if let Some(reason) = &server.skipped {
+            problems.push(format!("{}: skipped: {reason}", server.name));
+        }
+        for point in server.points.iter().filter(|p| p.failed) {
+            // Repeated runs often fail alike: say each failure once, with how often.
+            let mut distinct: Vec<(&str, usize)> = Vec::new();
+            for failure in &point.failures {
+                match distinct
+                    .iter_mut()
+                    .find(|(text, _)| *text == failure.as_str())
+                {
+                    Some((_, count)) => *count += 1,
+                    None => distinct.push((failure, 1)),
+                }
+            }
+            for (failure, count) in distinct {
+                let runs = point.runs.len();
+                let often = if runs > 1 {
+                    format!(" (in {count} of {runs} runs)")
+                } else {
+                    String::new()
+                };
+                problems.push(format!(
+                    "{} at {}, {}: {failure}{often}",
+                    server.name,
+                    conns_label(point.conns),
+                    size_label(point.size)
+                ));
+            }
+        }
+        if let Some(stop) = server.stop.as_ref().filter(|s| !s.clean) {
+            problems.push(format!(
+                "{}: did not stop cleanly: {}",
+                server.name, stop.detail
+            ));
+        }
+    }
+    out.push_str("## Problems\n\n");
+    if problems.is_empty() {
+        out.push_str("None: every server ran, every byte came back, every server exited 0.\n");
+    }
+    for problem in problems {
+        let _ = writeln!(out, "- {}", problem.replace('\n', " "));
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A report with made-up figures: two servers that ran (one with a failed point) and one
+    /// skipped.
+    pub(crate) fn synthetic() -> Report {
+        let figures = |rps: f64, p99: f64, cpu: f64| Figures {
+            requests: rps,
+            duration_secs: 1.0,
+            round_trips_per_sec: rps,
+            bytes_per_sec: rps * 64.0,
+            mb_per_sec: rps * 64.0 / 1e6,
+            latency_us: Latency {
+                p50: p99 / 2.0,
+                p90: p99 / 1.5,
+                p99,
+                p999: p99 * 2.0,
+                max: p99 * 3.0,
+            },
+            connections: 1.0,
+            errors: 0.0,
+            mismatches: 0.0,
+            server_cpu_us_per_round_trip: Some(cpu),
+            server_cpu_cores: Some(0.5),
+            peak_rss_kib: Some(4096.0),
+        };
+        let ran = |name: &str, scale: f64| ServerResult {
+            name: name.into(),
+            kind: "model".into(),
+            address: Some("127.0.0.1:1".into()),
+            skipped: None,
+            stop: Some(StopOutcome {
+                clean: true,
+                detail: "exited 0".into(),
+            }),
+            points: [1, 50]
+                .iter()
+                .map(|&conns| {
+                    let f = figures(12345.6 * scale * conns as f64, 80.0 * conns as f64, 7.25);
+                    Point::from_runs(
+                        conns,
+                        64,
+                        vec![Run {
+                            figures: Some(f),
+                            failure: None,
+                        }],
+                    )
+                })
+                .collect(),
+        };
+        let mut failing = ran("pool", 2.0);
+        failing.points[1] = Point::from_runs(
+            50,
+            64,
+            vec![Run {
+                figures: Some(figures(10.0, 5.0, 1.0)),
+                failure: Some("bench exited with status 1: 3 mismatches".into()),
+            }],
+        );
+        Report {
+            environment: Environment {
+                kernel: "Linux 6.1.0 x86_64".into(),
+                cpu_model: "Test CPU".into(),
+                cores: 2,
+                date: "2026-01-01T00:00:00Z".into(),
+                command_line: vec!["multiecho".into(), "compare".into()],
+                multiecho_version: "0.1.0".into(),
+            },
+            settings: Settings {
+                conns: vec![1, 50],
+                sizes: vec![64],
+                duration_secs: 1.0,
+                warmup_secs: 0.0,
+                repeat: 1,
+                bench_threads: None,
+                workers: None,
+                server_cpus: Some("0".into()),
+                client_cpus: None,
+            },
+            servers: vec![
+                ran("thread", 1.0),
+                failing,
+                ServerResult {
+                    name: "uring".into(),
+                    kind: "model".into(),
+                    address: None,
+                    skipped: Some("io_uring is unavailable".into()),
+                    stop: None,
+                    points: Vec::new(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median([3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median([]), None);
+        let a = Figures {
+            round_trips_per_sec: 1.0,
+            server_cpu_us_per_round_trip: None,
+            ..Figures::default()
+        };
+        let b = Figures {
+            round_trips_per_sec: 5.0,
+            server_cpu_us_per_round_trip: Some(2.0),
+            ..Figures::default()
+        };
+        let c = Figures {
+            round_trips_per_sec: 3.0,
+            ..b.clone()
+        };
+        let m = Figures::median(&[a, b, c]).unwrap();
+        assert_eq!(m.round_trips_per_sec, 3.0);
+        assert_eq!(m.server_cpu_us_per_round_trip, Some(2.0));
+        assert!(Figures::median(&[]).is_none());
+    }
+
+    #[test]
+    fn markdown_tables() {
+        let md = markdown(&synthetic(), &["round_trips_64B.svg".into()]);
+        assert!(md.contains("## 64 B messages"), "{md}");
+        let expected = "\
+| server | 1 conn | 50 conns |
+|---|---:|---:|
+| thread | 12,346 | 617,280 |
+| pool | 24,691 | 10 ✗ |
+| uring | skipped | skipped |
+";
+        assert!(md.contains(expected), "{md}");
+        assert!(md.contains("| thread | 80.0 | 4,000 |"), "{md}");
+        assert!(md.contains("| thread | 7.25 | 7.25 |"), "{md}");
+        assert!(md.contains("| thread | 4.00 | 4.00 |"), "{md}");
+        assert!(
+            md.contains("- uring: skipped: io_uring is unavailable"),
+            "{md}"
+        );
+        assert!(
+            md.contains("pool at 50 conns, 64 B: bench exited with status 1"),
+            "{md}"
+        );
+        assert!(
+            md.contains("![round_trips_64B.svg](round_trips_64B.svg)"),
+            "{md}"
+        );
+        assert!(md.contains("server 0, load generator not pinned"), "{md}");
+    }
+
+    #[test]
+    fn repeated_failures_are_said_once() {
+        let mut report = synthetic();
+        let run = |failure: &str| Run {
+            figures: None,
+            failure: Some(failure.into()),
+        };
+        report.servers[0].points[0] =
+            Point::from_runs(1, 64, vec![run("reset"), run("timeout"), run("reset")]);
+        let md = markdown(&report, &[]);
+        assert!(
+            md.contains("- thread at 1 conn, 64 B: reset (in 2 of 3 runs)\n"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- thread at 1 conn, 64 B: timeout (in 1 of 3 runs)\n"),
+            "{md}"
+        );
+        assert!(md.contains("| thread | – ✗ |"), "{md}");
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(size_label(64), "64 B");
+        assert_eq!(size_label(16384), "16 KiB");
+        assert_eq!(size_label(1 << 20), "1 MiB");
+        assert_eq!(size_label(1500), "1500 B");
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1234567), "1,234,567");
+    }
+}

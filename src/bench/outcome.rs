@@ -1,0 +1,110 @@
+//! What a run found: the figures one thread measured (merged across threads afterwards), and
+//! the failures, each with the connection and the byte offset in its echo stream where
+//! things went wrong.
+
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+
+/// Why a connection failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// An echoed byte differs from what was sent.
+    Mismatch,
+    /// The server sent more bytes than were sent to it.
+    Excess,
+    /// The server closed the connection while echoes were owed.
+    Eof,
+    /// The connection was reset.
+    Reset,
+    /// Another I/O error.
+    Io,
+    /// Echoes stopped coming back.
+    Timeout,
+}
+
+/// One failed connection, with where in its echo stream things went wrong.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub connection: u64,
+    /// Offset in the connection's echo stream of the first wrong or missing byte.
+    pub offset: u64,
+    /// Sequence number of the message that offset belongs to.
+    pub message: u64,
+    /// Offset of that byte in its message.
+    pub message_offset: usize,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "connection {} at byte offset {} (message {}, offset {}): {}",
+            self.connection, self.offset, self.message, self.message_offset, self.detail
+        )
+    }
+}
+
+/// What one thread measured.
+pub struct Outcome {
+    pub latency_ns: Histogram<u64>,
+    pub requests: u64,
+    pub bytes: u64,
+    pub opened: u64,
+    pub connect_failures: u64,
+    pub first_connect_error: Option<String>,
+    pub errors: u64,
+    pub mismatches: u64,
+    pub failures: Vec<Failure>,
+    /// When the last measured round trip completed.
+    pub last_completion: Option<Instant>,
+    /// Open loop: requests that fell due but were never sent because every connection
+    /// still waited for its echoes (the server could not keep up with the rate).
+    pub backlog: u64,
+}
+
+impl Outcome {
+    pub(super) fn new() -> Self {
+        Outcome {
+            // Up to an hour, 3 significant digits.
+            latency_ns: Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
+                .expect("valid histogram bounds"),
+            requests: 0,
+            bytes: 0,
+            opened: 0,
+            connect_failures: 0,
+            first_connect_error: None,
+            errors: 0,
+            mismatches: 0,
+            failures: Vec::new(),
+            last_completion: None,
+            backlog: 0,
+        }
+    }
+
+    /// Adds another thread's figures to these.
+    pub fn merge(&mut self, other: Outcome) {
+        // Both histograms have the same bounds, so adding cannot fail.
+        let _ = self.latency_ns.add(&other.latency_ns);
+        self.requests += other.requests;
+        self.bytes += other.bytes;
+        self.opened += other.opened;
+        self.connect_failures += other.connect_failures;
+        if self.first_connect_error.is_none() {
+            self.first_connect_error = other.first_connect_error;
+        }
+        self.errors += other.errors;
+        self.mismatches += other.mismatches;
+        self.failures.extend(other.failures);
+        self.last_completion = self.last_completion.max(other.last_completion);
+        self.backlog += other.backlog;
+    }
+
+    /// An empty outcome to merge threads into.
+    pub fn empty() -> Self {
+        Outcome::new()
+    }
+}
