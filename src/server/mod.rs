@@ -5,9 +5,11 @@
 //! Each model lives in its own file and only holds what makes it different. The blocking
 //! models (iterative, process, prefork, thread, pool) share the accept loop in `accept.rs`
 //! and the echo loop in `echo.rs`; the connection limit and live-connection registry live in
-//! [`crate::limits`].
+//! [`crate::limits`]. The fork-based models (process, prefork) share their handling of child
+//! processes (fork, reaping on SIGCHLD, stopping at shutdown) in `children.rs`.
 
 pub mod accept;
+mod children;
 pub mod echo;
 pub mod epoll;
 pub mod iterative;

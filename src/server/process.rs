@@ -1,10 +1,172 @@
-//! `process`: not written yet.
+//! `process`: a child process per connection, as in the seeds' 7_server and echo_mpserv,
+//! without their defects.
+//!
+//! How it works: the single-threaded parent accepts; for each connection it forks a child
+//! that serves it with the shared blocking echo loop and exits. The parent closes its copy of
+//! the socket; the child closes the listeners and the parent's wake-up descriptors. SIGCHLD
+//! wakes the accept loop, and on every wake-up the parent reaps *all* exited children
+//! (`waitpid(-1, WNOHANG)` until none), since signals coalesce: no zombie survives.
+//!
+//! Cost: a `fork()` per connection (copying page tables, then copy-on-write faults) and a
+//! process per live connection for the kernel to schedule. Separate address spaces make it
+//! robust: a crash loses one connection. The parent's counters only see accepted connections;
+//! bytes are counted in the children (each logs its own line).
+//!
+//! Limits: `--max-conns` caps live children; while full the parent does not accept, so
+//! clients wait in the backlog. If `fork()` fails the connection is closed, the parent backs
+//! off briefly and keeps serving.
+//!
+//! Shutdown: the parent stops accepting and forwards SIGTERM to its children. A child ignores
+//! SIGINT (Ctrl-C reaches the whole process group; the parent decides); on SIGTERM it arms a
+//! timer for `--shutdown-timeout`, lets its client finish meanwhile, and when the timer fires
+//! shuts its socket down, which ends the echo loop (one log line) and the child. The parent
+//! reaps them, SIGKILLs any still running a second after the deadline, and exits 0. A child
+//! whose parent dies gets SIGTERM (`PR_SET_PDEATHSIG`) and so ends within its own deadline.
 
-use crate::server::Server;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::time::Duration;
 
-/// Runs the process model.
-pub fn serve(_server: &Server) -> crate::Result<()> {
-    Err(crate::Error::Unsupported(
-        "the process model is not written yet".into(),
-    ))
+use nix::errno::Errno;
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+use crate::server::accept::{Accepted, Acceptor};
+use crate::server::children::{log_exit, Children};
+use crate::server::{echo, Server};
+
+/// Runs the process-per-connection model.
+pub fn serve(server: &Server) -> crate::Result<()> {
+    let config = &server.config;
+    let mut children =
+        Children::new().map_err(|e| crate::Error::io("cannot watch for exiting children", e))?;
+    let mut acceptor = Acceptor::new(&server.listeners, &server.shutdown)
+        .map_err(|e| crate::Error::io("cannot prepare the listeners", e))?;
+    tracing::info!(
+        max_conns = config.max_conns,
+        "process model: forking a child process per connection"
+    );
+    let result = loop {
+        let accepting = children.len() < config.max_conns;
+        match acceptor.next(accepting, Some(children.exit_fd())) {
+            Ok(Accepted::Connection(stream, peer)) => {
+                server.stats.connection_opened();
+                fork_connection(server, &mut children, stream, peer);
+            }
+            Ok(Accepted::Woken) => {
+                for exit in children.reap() {
+                    log_exit(&exit, "connection process");
+                }
+            }
+            Ok(Accepted::Shutdown) => break Ok(()),
+            Err(e) => break Err(crate::Error::io("accept failed", e)),
+        }
+    };
+    crate::shutdown::log_draining(children.len(), config.shutdown_timeout);
+    let killed = children.stop(config.shutdown_timeout);
+    if killed > 0 {
+        tracing::warn!(
+            killed,
+            "killed children that outlived the shutdown deadline"
+        );
+    }
+    result
+}
+
+/// Forks a child to serve `stream`. On failure the connection is closed and the parent backs
+/// off, so a process table that is full does not turn into a busy loop.
+fn fork_connection(server: &Server, children: &mut Children, stream: TcpStream, peer: SocketAddr) {
+    let inherited: Vec<BorrowedFd<'_>> = server
+        .listeners
+        .iter()
+        .map(|listener| listener.as_fd())
+        .chain([server.shutdown.as_fd()])
+        .collect();
+    // In the parent the closure is dropped, and the parent's copy of the socket with it.
+    let spawned = children.spawn(&inherited, move || serve_in_child(stream, peer, server));
+    if let Err(e) = spawned {
+        tracing::warn!(%peer, "cannot fork: {e}; closed the connection");
+        server.shutdown.wait_timeout(crate::net::ACCEPT_BACKOFF);
+    }
+}
+
+/// The child: serve the one connection, then exit.
+fn serve_in_child(mut stream: TcpStream, peer: SocketAddr, server: &Server) -> i32 {
+    if let Err(e) = close_after_deadline_on_sigterm(&stream, server.config.shutdown_timeout) {
+        // The parent's SIGKILL after the deadline still bounds the shutdown.
+        tracing::warn!(%peer, "cannot install the shutdown handlers: {e}");
+    }
+    echo::serve_connection(&mut stream, peer, &server.config, &server.stats);
+    0
+}
+
+// What the child's signal handlers need, set before they are installed. Atomics (lock-free)
+// are safe to read in a signal handler.
+static CONNECTION_FD: AtomicI32 = AtomicI32::new(-1);
+static DRAIN_MICROS: AtomicU64 = AtomicU64::new(0);
+static DRAINING: AtomicBool = AtomicBool::new(false);
+
+/// In the child: SIGTERM arms a one-shot timer of `timeout` (SIGALRM), whose handler shuts the
+/// connection down. Then SIGTERM (blocked since the fork) is unblocked.
+fn close_after_deadline_on_sigterm(stream: &TcpStream, timeout: Duration) -> nix::Result<()> {
+    CONNECTION_FD.store(stream.as_raw_fd(), Ordering::SeqCst);
+    DRAIN_MICROS.store(
+        u64::try_from(timeout.as_micros()).unwrap_or(u64::MAX),
+        Ordering::SeqCst,
+    );
+    let restart = SaFlags::SA_RESTART;
+    let close = SigAction::new(
+        SigHandler::Handler(close_connection),
+        restart,
+        SigSet::empty(),
+    );
+    let drain = SigAction::new(SigHandler::Handler(start_drain), restart, SigSet::empty());
+    // SAFETY: both handlers only touch lock-free atomics, errno and async-signal-safe system
+    // calls (setitimer, as alarm(2) is in libc; shutdown). They replace, in this child only,
+    // the parent's handlers (which would write to the parent's shutdown socket).
+    unsafe {
+        signal::sigaction(Signal::SIGALRM, &close)?;
+        signal::sigaction(Signal::SIGTERM, &drain)?;
+    }
+    SigSet::from(Signal::SIGTERM).thread_unblock()
+}
+
+/// SIGTERM in a child: the connection may go on until the deadline (the first SIGTERM counts).
+extern "C" fn start_drain(_: libc::c_int) {
+    if DRAINING.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let saved = Errno::last_raw();
+    let micros = DRAIN_MICROS.load(Ordering::SeqCst);
+    if micros == 0 {
+        close_connection(0);
+    } else {
+        let seconds = (micros / 1_000_000).min(libc::time_t::MAX as u64) as libc::time_t;
+        let timer = libc::itimerval {
+            it_interval: libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            },
+            it_value: libc::timeval {
+                tv_sec: seconds,
+                tv_usec: (micros % 1_000_000) as libc::suseconds_t,
+            },
+        };
+        // SAFETY: `timer` is a valid itimerval; the old value is not asked for.
+        unsafe { libc::setitimer(libc::ITIMER_REAL, &timer, std::ptr::null_mut()) };
+    }
+    Errno::set_raw(saved);
+}
+
+/// The deadline in a child: shutting the socket down makes the blocked read return (or the
+/// blocked write fail), so the echo loop ends, logs its line, and the child exits.
+extern "C" fn close_connection(_: libc::c_int) {
+    let saved = Errno::last_raw();
+    let fd = CONNECTION_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: shutdown(2) on the connection's descriptor, which stays open for the child's
+        // whole life (the child exits right after the echo loop); it does not close it.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+    Errno::set_raw(saved);
 }

@@ -1,0 +1,269 @@
+//! The child processes of the fork-based models (process, prefork): forking from the
+//! single-threaded parent, learning of exits through SIGCHLD, reaping *every* exited child on
+//! each wake-up (signals coalesce: one SIGCHLD may stand for many exits, the seeds' defect),
+//! and stopping the children at shutdown.
+//!
+//! Signals around `fork()`: the parent blocks SIGINT and SIGTERM across the call, so a signal
+//! arriving before the child has set its own dispositions waits, instead of running the
+//! parent's handler in the child (which would write to the parent's shutdown socket). In the
+//! child, SIGINT is ignored (Ctrl-C reaches the whole process group; the parent decides and
+//! tells its children), SIGCHLD gets its default action, the parent's descriptors the child
+//! does not use are closed, and `PR_SET_PDEATHSIG` asks for SIGTERM if the parent dies, so the
+//! children of a killed parent shut down within their own deadline rather than linger. What
+//! SIGTERM does in a child is the model's choice: it is still blocked when the model's code
+//! starts in the child.
+//!
+//! SIGPIPE stays ignored (Rust's runtime ignores it at start and children inherit that).
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::panic::{self, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, getpid, getppid, ForkResult, Pid};
+use signal_hook::consts::SIGCHLD;
+use signal_hook::SigId;
+
+use crate::wake::poll_readable;
+
+/// How long children still running at their shutdown deadline get before SIGKILL. Their own
+/// deadline already closed their connections, so this only catches a stuck child.
+pub(crate) const STRAGGLER_GRACE: Duration = Duration::from_secs(1);
+
+/// The live children of this process and a descriptor that wakes up when one exits.
+#[derive(Debug)]
+pub(crate) struct Children {
+    live: HashMap<Pid, Instant>,
+    exits: ExitSignal,
+}
+
+/// SIGCHLD, turned into a readable socket by signal-hook's async-signal-safe handler.
+#[derive(Debug)]
+struct ExitSignal {
+    reader: UnixStream,
+    /// The writing end, owned by the signal handler's registration (children close it).
+    writer: RawFd,
+    id: SigId,
+}
+
+impl Drop for ExitSignal {
+    fn drop(&mut self) {
+        // Removes the handler, which closes the writing end.
+        signal_hook::low_level::unregister(self.id);
+    }
+}
+
+/// A child that exited and was reaped.
+#[derive(Debug)]
+pub(crate) struct Exited {
+    pub pid: Pid,
+    pub status: WaitStatus,
+    /// How long it ran (zero if it was not one of ours).
+    pub lived: Duration,
+}
+
+impl Exited {
+    /// Whether it ended by itself with status 0.
+    pub fn is_clean(&self) -> bool {
+        matches!(self.status, WaitStatus::Exited(_, 0))
+    }
+}
+
+impl Children {
+    /// Starts watching SIGCHLD. Starts no thread.
+    pub fn new() -> io::Result<Self> {
+        let (reader, writer) = UnixStream::pair()?;
+        reader.set_nonblocking(true)?;
+        writer.set_nonblocking(true)?;
+        let writer_fd = writer.as_raw_fd();
+        let id = signal_hook::low_level::pipe::register(SIGCHLD, writer)?;
+        Ok(Children {
+            live: HashMap::new(),
+            exits: ExitSignal {
+                reader,
+                writer: writer_fd,
+                id,
+            },
+        })
+    }
+
+    /// How many children are alive (not yet reaped).
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Readable after a child exited; [`Children::reap`] consumes it.
+    pub fn exit_fd(&self) -> BorrowedFd<'_> {
+        self.exits.reader.as_fd()
+    }
+
+    /// Forks a child that closes `inherited` (the parent's descriptors it does not use, on top
+    /// of this registry's own), then runs `child` and exits with the status it returns: the
+    /// child never comes back into the parent's code. `child` starts with SIGTERM blocked.
+    ///
+    /// The caller must be single-threaded.
+    pub fn spawn(
+        &mut self,
+        inherited: &[BorrowedFd<'_>],
+        child: impl FnOnce() -> i32,
+    ) -> io::Result<Pid> {
+        let parent = getpid();
+        let previous = shutdown_signals().thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+        // SAFETY: the fork-based models run in a single-threaded parent (no runtime, no
+        // logging thread, and Shutdown::on_signals starts none), so no other thread can hold a
+        // lock or be midway through an allocation that the child's copy of memory would freeze.
+        let forked = unsafe { fork() };
+        match forked {
+            Ok(ForkResult::Child) => {
+                let mut unused: Vec<RawFd> = inherited.iter().map(|fd| fd.as_raw_fd()).collect();
+                unused.extend([self.exits.reader.as_raw_fd(), self.exits.writer]);
+                become_child(parent, &unused);
+                // A panic must not unwind into the parent's code path (the accept loop).
+                let status = panic::catch_unwind(AssertUnwindSafe(child)).unwrap_or(101);
+                std::process::exit(status)
+            }
+            Ok(ForkResult::Parent { child }) => {
+                let _ = previous.thread_set_mask();
+                self.live.insert(child, Instant::now());
+                Ok(child)
+            }
+            Err(e) => {
+                let _ = previous.thread_set_mask();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Reaps every child that has exited, without blocking. Call it whenever
+    /// [`Children::exit_fd`] is readable.
+    pub fn reap(&mut self) -> Vec<Exited> {
+        // Consume the wake-ups first: an exit after the loop below makes the socket readable
+        // again, so none is missed.
+        let mut buf = [0u8; 64];
+        while matches!((&self.exits.reader).read(&mut buf), Ok(n) if n > 0) {}
+        let mut exited = Vec::new();
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => break,
+                Ok(status) => {
+                    let Some(pid) = status.pid() else { continue };
+                    let started = self.live.remove(&pid);
+                    exited.push(Exited {
+                        pid,
+                        status,
+                        lived: started.map_or(Duration::ZERO, |s| s.elapsed()),
+                    });
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::ECHILD) => {
+                    // No child is left, whatever the registry thought.
+                    self.live.clear();
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("waitpid failed: {e}");
+                    break;
+                }
+            }
+        }
+        exited
+    }
+
+    /// Reaps children until none is left or `deadline` passes; returns whether none is left.
+    /// Exits are logged (abnormal ones as warnings).
+    pub fn wait_until(&mut self, deadline: Instant) -> bool {
+        loop {
+            for exit in self.reap() {
+                log_exit(&exit, "child");
+            }
+            if self.live.is_empty() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let _ = poll_readable(&[self.exit_fd()], Some(deadline - now));
+        }
+    }
+
+    /// Sends `signal` to every live child.
+    pub fn signal_all(&self, signal: Signal) {
+        for &pid in self.live.keys() {
+            if let Err(e) = signal::kill(pid, signal) {
+                if e != Errno::ESRCH {
+                    tracing::warn!(%pid, "cannot send {signal}: {e}");
+                }
+            }
+        }
+    }
+
+    /// The shutdown of the children: SIGTERM tells each to stop and close its connections
+    /// within `timeout` by itself; whoever still runs `timeout` + [`STRAGGLER_GRACE`] later is
+    /// killed. Returns once every child is reaped, with how many had to be killed.
+    pub fn stop(&mut self, timeout: Duration) -> usize {
+        self.signal_all(Signal::SIGTERM);
+        if self.wait_until(Instant::now() + timeout + STRAGGLER_GRACE) {
+            return 0;
+        }
+        let stragglers = self.live.len();
+        tracing::warn!(
+            stragglers,
+            "children still running after the deadline; killing them"
+        );
+        self.signal_all(Signal::SIGKILL);
+        let pids: Vec<Pid> = self.live.keys().copied().collect();
+        for pid in pids {
+            while let Err(Errno::EINTR) = waitpid(pid, None) {}
+            self.live.remove(&pid);
+        }
+        stragglers
+    }
+}
+
+/// Logs how a child ended: debug when it exited cleanly, a warning otherwise.
+pub(crate) fn log_exit(exit: &Exited, what: &str) {
+    if exit.is_clean() {
+        tracing::debug!(pid = %exit.pid, "{what} exited");
+    } else {
+        tracing::warn!(pid = %exit.pid, status = ?exit.status, "{what} ended abnormally");
+    }
+}
+
+fn shutdown_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set
+}
+
+/// The child's side of `spawn`: dispositions, descriptors, parent-death signal.
+fn become_child(parent: Pid, unused: &[RawFd]) {
+    // SAFETY: SIG_IGN and SIG_DFL install no handler code. This replaces signal-hook's
+    // handlers in the child only; the parent's are untouched.
+    unsafe {
+        let _ = signal::signal(Signal::SIGINT, SigHandler::SigIgn);
+        let _ = signal::signal(Signal::SIGCHLD, SigHandler::SigDfl);
+    }
+    // Ignored now, so a pending Ctrl-C is discarded.
+    let _ = SigSet::from(Signal::SIGINT).thread_unblock();
+    for &fd in unused {
+        // SAFETY: these descriptors belong to objects of the parent's code path (listeners,
+        // wake-up sockets) that the child never uses and never drops: it leaves through
+        // `std::process::exit`, which runs no destructors, so nothing closes them twice or
+        // touches a reused number.
+        unsafe { libc::close(fd) };
+    }
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
+        tracing::debug!("cannot set the parent-death signal: {e}");
+    }
+    if getppid() != parent {
+        // The parent died before the line above: act as if the death signal had come.
+        let _ = signal::kill(getpid(), Signal::SIGTERM);
+    }
+}
