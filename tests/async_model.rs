@@ -63,9 +63,12 @@ fn serves_200_clients_at_once() {
     for client in clients {
         client.join().expect("client thread");
     }
-    let server_log = server.log();
+    // The server logs each close after the client saw it, so wait for the lines.
+    server.wait_for_log("200 close lines", |log| {
+        log.matches("connection closed").count() >= 200
+    });
+    let closed = server.log().matches("connection closed").count();
     assert!(server.stop().success());
-    let closed = server_log.matches("connection closed").count();
     assert_eq!(closed, 200, "one log line per connection");
 }
 
