@@ -6,6 +6,7 @@
 //! then closes its side. The idle timeout is the socket's receive and send timeout, so a client
 //! that neither sends nor accepts its echo is closed after that long.
 
+use std::fmt;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown as Direction, SocketAddr, TcpStream};
 use std::time::Instant;
@@ -16,24 +17,33 @@ use crate::stats::Stats;
 /// The read buffer of a blocking connection.
 pub const BUFFER_SIZE: usize = 16 * 1024;
 
-/// Why a connection ended.
+/// Why a connection ended: the `end` field of every model's close line.
 #[derive(Debug)]
 pub enum End {
     /// The client closed (or half-closed) and got every byte back.
     ClientClosed,
     /// Nothing moved for the idle timeout.
     IdleTimeout,
-    /// The connection failed (reset by the client, or closed by the server at shutdown).
+    /// Still open when the server closed it (the shutdown deadline, or a server error).
+    Shutdown,
+    /// The connection failed (for example reset by the client).
     Failed(io::Error),
 }
 
-impl End {
-    fn describe(&self) -> String {
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            End::ClientClosed => "client closed".to_string(),
-            End::IdleTimeout => "idle timeout".to_string(),
-            End::Failed(e) => format!("error: {e}"),
+            End::ClientClosed => f.write_str("client closed"),
+            End::IdleTimeout => f.write_str("idle timeout"),
+            End::Shutdown => f.write_str("closed at shutdown"),
+            End::Failed(e) => write!(f, "error: {e}"),
         }
+    }
+}
+
+impl From<io::Error> for End {
+    fn from(e: io::Error) -> Self {
+        End::Failed(e)
     }
 }
 
@@ -85,16 +95,16 @@ pub fn serve_connection(
     let mut buf = vec![0u8; BUFFER_SIZE];
     let (bytes, end) = echo(stream, &mut buf);
     stats.connection_closed(bytes);
-    log_close(peer, bytes, started, &end.describe());
+    log_close(peer, bytes, started, &end);
 }
 
 /// The one info line per connection, shared by every model.
-pub fn log_close(peer: SocketAddr, bytes: u64, started: Instant, end: &str) {
+pub fn log_close(peer: SocketAddr, bytes: u64, started: Instant, end: &End) {
     tracing::info!(
         %peer,
         bytes,
         duration = ?started.elapsed(),
-        end,
+        end = %end,
         "connection closed"
     );
 }

@@ -49,7 +49,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::net::{classify_accept_error, AcceptError, ACCEPT_BACKOFF};
-use crate::server::echo::log_close;
+use crate::server::echo::{log_close, End};
 use crate::server::{Server, ServerConfig};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -176,11 +176,6 @@ enum Next {
     Defer,
     /// Finished; the reason goes to the log.
     Close(End),
-}
-
-enum End {
-    ClientClosed,
-    Failed(io::Error),
 }
 
 impl Connection {
@@ -330,7 +325,7 @@ impl<'a> Worker<'a> {
         if result.is_err() {
             // Let the other workers stop too, so `serve` can return the error.
             self.shutdown.trigger();
-            self.close_all("server error");
+            self.close_all();
         }
         result
     }
@@ -403,7 +398,7 @@ impl<'a> Worker<'a> {
                         closed,
                         "shutdown timeout reached; closed remaining connections"
                     );
-                    self.close_all("closed at shutdown");
+                    self.close_all();
                     return Ok(());
                 }
             }
@@ -442,8 +437,7 @@ impl<'a> Worker<'a> {
         match conn.drive(&mut self.buffer, now) {
             Next::Wait => {}
             Next::Defer => self.deferred.push(key),
-            Next::Close(End::ClientClosed) => self.close(key, "client closed"),
-            Next::Close(End::Failed(e)) => self.close(key, &format!("error: {e}")),
+            Next::Close(end) => self.close(key, end),
         }
     }
 
@@ -531,7 +525,7 @@ impl<'a> Worker<'a> {
     }
 
     /// Closes a connection, logs it and frees its slot.
-    fn close(&mut self, key: usize, end: &str) {
+    fn close(&mut self, key: usize, end: End) {
         // Dropping the stream closes the socket, which also removes it from epoll (it is
         // never duplicated), so no deregister call is needed.
         let conn = self.connections.remove(key);
@@ -541,7 +535,7 @@ impl<'a> Worker<'a> {
             self.accept_ready = true;
         }
         self.stats.connection_closed(conn.bytes);
-        log_close(conn.peer, conn.bytes, conn.started, end);
+        log_close(conn.peer, conn.bytes, conn.started, &end);
     }
 
     fn close_idle(&mut self, idle: Duration, now: Instant) {
@@ -552,14 +546,15 @@ impl<'a> Worker<'a> {
             .map(|(key, _)| key)
             .collect();
         for key in idle_keys {
-            self.close(key, "idle timeout");
+            self.close(key, End::IdleTimeout);
         }
     }
 
-    fn close_all(&mut self, end: &str) {
+    /// Closes every connection (shutdown deadline or a server error).
+    fn close_all(&mut self) {
         let keys: Vec<usize> = self.connections.iter().map(|(key, _)| key).collect();
         for key in keys {
-            self.close(key, end);
+            self.close(key, End::Shutdown);
         }
     }
 

@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::net::{classify_accept_error, AcceptError, ACCEPT_BACKOFF};
+use crate::server::echo::End;
 use crate::server::{echo, Server, ServerConfig};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -231,36 +232,6 @@ async fn accept_loop(
     }
 }
 
-/// Why a connection ended.
-#[derive(Debug)]
-enum End {
-    /// The client closed (or half-closed) and got every byte back.
-    ClientClosed,
-    /// Nothing moved for the idle timeout.
-    IdleTimeout,
-    /// Still open at the shutdown deadline.
-    Shutdown,
-    /// The connection failed (for example reset by the client).
-    Failed(io::Error),
-}
-
-impl End {
-    fn describe(&self) -> String {
-        match self {
-            End::ClientClosed => "client closed".to_string(),
-            End::IdleTimeout => "idle timeout".to_string(),
-            End::Shutdown => "closed at shutdown".to_string(),
-            End::Failed(e) => format!("error: {e}"),
-        }
-    }
-}
-
-impl From<io::Error> for End {
-    fn from(e: io::Error) -> Self {
-        End::Failed(e)
-    }
-}
-
 /// Serves one connection to its end, logs one line about it, then frees its permit.
 async fn serve_connection(
     mut stream: TcpStream,
@@ -287,7 +258,7 @@ async fn serve_connection(
     };
     drop(stream);
     shared.stats.connection_closed(bytes);
-    echo::log_close(peer, bytes, started, &end.describe());
+    echo::log_close(peer, bytes, started, &end);
 }
 
 /// Echoes until the client half-closes (then closes our side too), an error, or the idle

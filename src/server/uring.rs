@@ -80,6 +80,7 @@ use io_uring::types::{BufRingEntry, Fd, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 
 use crate::net::{classify_accept_error, AcceptError, ACCEPT_BACKOFF};
+use crate::server::echo::End;
 use crate::server::{echo, Server};
 use crate::wake::Wake;
 
@@ -471,11 +472,11 @@ enum ServerEnd {
     Shutdown,
 }
 
-impl ServerEnd {
-    fn describe(self) -> &'static str {
-        match self {
-            ServerEnd::IdleTimeout => "idle timeout",
-            ServerEnd::Shutdown => "closed at shutdown",
+impl From<ServerEnd> for End {
+    fn from(end: ServerEnd) -> End {
+        match end {
+            ServerEnd::IdleTimeout => End::IdleTimeout,
+            ServerEnd::Shutdown => End::Shutdown,
         }
     }
 }
@@ -1070,14 +1071,15 @@ impl<'a> Worker<'a> {
         self.free.push(index);
         self.active -= 1;
         let end = match (connection.ending, error) {
-            (Some(ending), _) => ending.describe().to_string(),
-            (None, Some(e)) => format!("error: {e}"),
-            (None, None) if client_closed => {
-                // The client half-closed and has had every byte back: close our side too.
-                let _ = connection.stream.shutdown(Direction::Write);
-                "client closed".to_string()
+            (Some(ending), _) => End::from(ending),
+            (None, Some(e)) => End::Failed(e),
+            (None, None) => {
+                if client_closed {
+                    // The client half-closed and has had every byte back: close our side too.
+                    let _ = connection.stream.shutdown(Direction::Write);
+                }
+                End::ClientClosed
             }
-            (None, None) => "closed".to_string(),
         };
         self.server.stats.connection_closed(connection.bytes);
         echo::log_close(connection.peer, connection.bytes, connection.started, &end);
