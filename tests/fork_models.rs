@@ -12,30 +12,8 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{assert_same, connect, round_trip, Server, PATIENCE};
+use common::{assert_same, connect, expect_echo, receives_within, round_trip, Server, PATIENCE};
 use multiecho::payload;
-
-/// Reads exactly `want.len()` bytes and checks them.
-fn expect_echo(stream: &mut TcpStream, want: &[u8], what: &str) {
-    let mut got = vec![0u8; want.len()];
-    stream
-        .read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("{what}: reading the echo failed: {e}"));
-    assert_same(&got, want, what);
-}
-
-/// Whether a byte arrives on `stream` within `wait` (it is consumed).
-fn receives_within(stream: &mut TcpStream, wait: Duration) -> bool {
-    stream.set_read_timeout(Some(wait)).unwrap();
-    let mut byte = [0u8; 1];
-    let got = match stream.read(&mut byte) {
-        Ok(n) => n > 0,
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
-        Err(e) => panic!("unexpected read error: {e}"),
-    };
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    got
-}
 
 /// Polls `condition` every 10 ms until it holds; panics with `what` after `within`.
 fn eventually(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {

@@ -10,30 +10,11 @@ use std::net::TcpStream;
 
 use std::time::{Duration, Instant};
 
-use common::{assert_same, connect, round_trip, start_limited_or_skip, start_or_skip};
+use common::{
+    assert_same, connect, expect_echo, receives_within, round_trip, start_limited_or_skip,
+    start_or_skip,
+};
 use multiecho::payload;
-
-/// Reads exactly `want.len()` bytes and checks them.
-fn expect_echo(stream: &mut TcpStream, want: &[u8], what: &str) {
-    let mut got = vec![0u8; want.len()];
-    stream
-        .read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("{what}: reading the echo failed: {e}"));
-    assert_same(&got, want, what);
-}
-
-/// Whether anything arrives on `stream` within `wait` (a read timeout means no).
-fn receives_within(stream: &mut TcpStream, wait: Duration) -> bool {
-    stream.set_read_timeout(Some(wait)).unwrap();
-    let mut byte = [0u8; 1];
-    let got = match stream.read(&mut byte) {
-        Ok(n) => n > 0,
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
-        Err(e) => panic!("unexpected read error: {e}"),
-    };
-    stream.set_read_timeout(Some(common::PATIENCE)).unwrap();
-    got
-}
 
 /// Reads until EOF or an error; returns whether the server closed the connection in `within`.
 fn closed_by_server_within(stream: &mut TcpStream, within: Duration) -> bool {

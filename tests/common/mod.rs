@@ -318,3 +318,32 @@ pub fn start_limited_or_skip(model: &str, extra: &[&str], nofile: Option<u64>) -
         Err(log) => panic!("{model} server did not start; its log:\n{log}"),
     }
 }
+
+/// Reads exactly `want.len()` bytes and checks them.
+pub fn expect_echo(stream: &mut TcpStream, want: &[u8], what: &str) {
+    let mut got = vec![0u8; want.len()];
+    stream
+        .read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("{what}: reading the echo failed: {e}"));
+    assert_same(&got, want, what);
+}
+
+/// Whether a byte arrives on `stream` within `wait` (it is consumed).
+pub fn receives_within(stream: &mut TcpStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut byte = [0u8; 1];
+    let got = match stream.read(&mut byte) {
+        Ok(n) => n > 0,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            false
+        }
+        Err(e) => panic!("unexpected read error: {e}"),
+    };
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    got
+}
