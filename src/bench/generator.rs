@@ -59,7 +59,13 @@ pub struct Plan {
     pub duration: Option<Duration>,
     /// Source addresses to spread connections over (empty: let the kernel choose).
     pub sources: Vec<IpAddr>,
+    /// Write [`LOAD_STARTED`] to stderr the moment the load (warm-up first) starts.
+    pub announce_start: bool,
 }
+
+/// The line `--announce-start` writes, so that a caller measuring the server (`compare`)
+/// can line its window up with the measured one: connecting may take a while.
+pub const LOAD_STARTED: &str = "bench: load started";
 
 /// One thread's share of the work.
 #[derive(Debug, Clone)]
@@ -171,7 +177,12 @@ pub fn run_thread(plan: &Plan, share: Share, shared: &Shared) -> io::Result<Outc
     if !shared.arrive_and_wait() {
         return Ok(worker.outcome);
     }
-    let start = *shared.start.get_or_init(Instant::now);
+    let start = *shared.start.get_or_init(|| {
+        if plan.announce_start {
+            eprintln!("{LOAD_STARTED}");
+        }
+        Instant::now()
+    });
     worker.load(start, shared)?;
     Ok(worker.outcome)
 }
@@ -782,6 +793,7 @@ mod tests {
             warmup: Duration::ZERO,
             duration: Some(Duration::from_millis(10)),
             sources: vec![IpAddr::from([127, 0, 0, 2]), IpAddr::from([127, 0, 0, 3])],
+            announce_start: false,
         };
         let share = Share {
             first_conn: 0,

@@ -72,6 +72,9 @@ pub struct BenchArgs {
     /// Print one JSON object on stdout instead of the text report.
     #[arg(long)]
     pub json: bool,
+    /// Write a line to stderr when the load starts (for `compare`'s CPU window).
+    #[arg(long, hide = true)]
+    pub announce_start: bool,
 }
 
 fn parse_message_size(text: &str) -> Result<u64, String> {
@@ -127,6 +130,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         warmup: args.warmup,
         duration,
         sources: sources.clone(),
+        announce_start: args.announce_start,
     };
     let shares = split(conns, args.requests, args.rate, threads);
     let config = Config {

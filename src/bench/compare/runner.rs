@@ -1,15 +1,17 @@
 //! One run of `multiecho bench` against one sweep point, as a child process (optionally
 //! pinned), with the server's CPU time and peak memory read from /proc around it.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::report::{Figures, Latency, Run};
 use super::{describe, last_line, procfs, CompareArgs};
+use crate::bench::generator::LOAD_STARTED;
 
 /// How often peak memory is sampled during a point.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
@@ -74,6 +76,7 @@ pub(super) fn run_bench(
         .args(["--duration", &args.duration.as_secs_f64().to_string()])
         .args(["--warmup", &args.warmup.as_secs_f64().to_string()])
         .arg("--json")
+        .arg("--announce-start")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -91,10 +94,15 @@ pub(super) fn run_bench(
         Err(e) => return failed(format!("cannot start bench: {e}")),
     };
     let stdout = read_all_in_background(child.stdout.take());
-    let stderr = read_all_in_background(child.stderr.take());
-
-    let window_start = started + args.warmup;
-    let window_end = window_start + args.duration;
+    // Connecting can take a while (a fork per connection, say): the window is timed from
+    // the moment bench says its load started, not from its start.
+    let load_started = Arc::new(OnceLock::new());
+    let stderr = read_stderr_in_background(child.stderr.take(), Arc::clone(&load_started));
+    let window = || {
+        load_started
+            .get()
+            .map(|&at: &Instant| (at + args.warmup, at + args.warmup + args.duration))
+    };
     let mut cpu_before: Option<(Instant, f64)> = None;
     let mut cpu_after: Option<(Instant, f64)> = None;
     let mut peak_rss: Option<u64> = None;
@@ -102,7 +110,8 @@ pub(super) fn run_bench(
         pid.and_then(procfs::cpu_seconds)
             .map(|s| (Instant::now(), s))
     };
-    let give_up = window_end + BENCH_GRACE;
+    // Bench gives up on connecting by itself; this only catches one that hangs.
+    let give_up = started + args.warmup + args.duration + BENCH_GRACE;
     let status = loop {
         if let Some(pid) = target.pid {
             if let Some(rss) = procfs::rss_kib(pid) {
@@ -110,11 +119,14 @@ pub(super) fn run_bench(
             }
         }
         let now = Instant::now();
-        if cpu_before.is_none() && now >= window_start {
-            cpu_before = cpu_now(target.pid);
-        }
-        if cpu_after.is_none() && now >= window_end {
-            cpu_after = cpu_now(target.pid);
+        let edges = window();
+        if let Some((window_start, window_end)) = edges {
+            if cpu_before.is_none() && now >= window_start {
+                cpu_before = cpu_now(target.pid);
+            }
+            if cpu_after.is_none() && now >= window_end {
+                cpu_after = cpu_now(target.pid);
+            }
         }
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),
@@ -129,7 +141,7 @@ pub(super) fn run_bench(
         }
         // Wake at the next sample, or exactly at a window edge still to come.
         let mut wake = Instant::now() + SAMPLE_EVERY;
-        for edge in [window_start, window_end] {
+        for edge in edges.into_iter().flat_map(|(start, end)| [start, end]) {
             if edge > now && edge < wake {
                 wake = edge;
             }
@@ -212,6 +224,27 @@ pub(super) fn run_bench(
 }
 
 /// Reads a pipe to the end on its own thread, so the child never blocks writing to it.
+/// Collects bench's stderr, noting when it announces that its load started.
+fn read_stderr_in_background(
+    pipe: Option<impl Read + Send + 'static>,
+    load_started: Arc<OnceLock<Instant>>,
+) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut text = String::new();
+        let Some(pipe) = pipe else { return text };
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if line == LOAD_STARTED {
+                let _ = load_started.set(Instant::now());
+            } else {
+                text.push_str(&line);
+                text.push('\n');
+            }
+        }
+        text
+    })
+}
+
 fn read_all_in_background(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String> {
     thread::spawn(move || {
         let mut bytes = Vec::new();
