@@ -10,14 +10,16 @@
 //!
 //! The hot path allocates nothing: messages are generated straight into one write buffer per
 //! thread, and echoes are compared in place with the bytes they should be (see
-//! [`super::verify`]). Sockets are edge-triggered and never re-registered; a read that
+//! [`super::verify`]). Per round trip the loop makes one `send` and one `recv` (libc's,
+//! called directly) besides its share of `epoll_wait`, and nothing else. Sockets are edge-triggered and never re-registered; a read that
 //! brings back everything written so far ends the read loop without the extra EAGAIN read.
 //! A wrong byte, an early EOF, a reset or a stall ends that connection only and is recorded
 //! with its connection id and stream offset.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -608,7 +610,7 @@ impl<'a> Worker<'a> {
                     left -= 1;
                 }
             }
-            match stream.write(&buf[..len]) {
+            match send(stream, &buf[..len]) {
                 Ok(written) => {
                     conn.written += written as u64;
                     let mut rest = written;
@@ -650,7 +652,7 @@ impl<'a> Worker<'a> {
             let Some(stream) = conn.stream.as_mut() else {
                 break;
             };
-            match stream.read(&mut buf) {
+            match recv(stream, &mut buf) {
                 Ok(0) => {
                     if conn.in_flight.is_empty() && !self.sending {
                         self.close(idx);
@@ -777,6 +779,29 @@ impl<'a> Worker<'a> {
             }
         }
     }
+}
+
+/// `send(2)` straight from libc: one call, no layers of std and mio wrappers per message.
+/// MSG_NOSIGNAL as std does, so a reset peer is an error, not a SIGPIPE.
+fn send(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes; the descriptor is open while `stream` is.
+    let n = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// `recv(2)` straight from libc (see [`send`]).
+fn recv(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the descriptor is open while
+    // `stream` is.
+    let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 #[cfg(test)]
