@@ -10,9 +10,10 @@
 //!
 //! The hot path allocates nothing: messages are generated straight into one write buffer per
 //! thread, and echoes are compared in place with the bytes they should be (see
-//! [`super::verify`]). Per round trip the loop makes one `send` and one `recv` (libc's,
-//! called directly) besides its share of `epoll_wait`, and nothing else. Sockets are edge-triggered and never re-registered; a read that
-//! brings back everything written so far ends the read loop without the extra EAGAIN read.
+//! [`super::verify`]). The closed loop makes no system calls but `epoll_wait`, `send` and
+//! `recv` (libc's, called directly): with pipeline 1, one `send` and one `recv` per round
+//! trip. Sockets are edge-triggered and never re-registered; a read that brings back
+//! everything written so far ends the read loop without the extra EAGAIN read.
 //! A wrong byte, an early EOF, a reset or a stall ends that connection only and is recorded
 //! with its connection id and stream offset.
 
