@@ -12,8 +12,9 @@
 //! thread, and echoes are compared in place with the bytes they should be (see
 //! [`super::verify`]). The closed loop makes no system calls but `epoll_wait`, `sendto` and
 //! `recvfrom` (through syscall(2), not libc's cancellable wrappers: see `send` below): with
-//! pipeline 1, one `sendto` and one `recvfrom` per round trip. Sockets are edge-triggered and never re-registered; a read that brings back
-//! everything written so far ends the read loop without the extra EAGAIN read.
+//! pipeline 1, one `sendto` and one `recvfrom` per round trip. Sockets are edge-triggered
+//! and never re-registered; a read that brings back everything written so far ends the read
+//! loop without the extra EAGAIN read.
 //! A wrong byte, an early EOF, a reset or a stall ends that connection only and is recorded
 //! with its connection id and stream offset.
 
