@@ -21,7 +21,9 @@ client_cpu=${CLIENT_CPU:-1}
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/target/bench-c"
 mkdir -p "$out"
-cc -O2 -o "$out/epoll_echo" "${EPOLL_ECHO_C:-$root/../shared/bench/epoll_echo.c}"
+# The reference server lives next to the main checkout, also when this runs in a worktree.
+main_checkout=$(cd "$(git -C "$root" rev-parse --path-format=absolute --git-common-dir)/.." && pwd)
+cc -O2 -o "$out/epoll_echo" "${EPOLL_ECHO_C:-$main_checkout/../shared/bench/epoll_echo.c}"
 cc -O2 -o "$out/c_epoll_client" "$root/scripts/c_epoll_client.c"
 (cd "$root" && cargo build --release --quiet)
 multiecho="$root/target/release/multiecho"
