@@ -9,43 +9,23 @@ down one connection (accept, fork or thread or task, first echo, close), not con
 usage: scripts/conn_rate.py [--count N] [--repeat R] MODEL...
 """
 import argparse
-import os
 import socket
 import statistics
-import subprocess
 import sys
-import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "multiecho")
+from multiecho_server import require_binary, running
 
 
 def rate(model, count):
-    env = dict(os.environ, RUST_LOG="info")
-    server = subprocess.Popen([BIN, "serve", "--model", model, "--listen", "127.0.0.1:0"],
-                              stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        addr = None
-        for line in server.stderr:
-            if "listening on " in line:
-                addr = line.split("listening on ", 1)[1].split()[0]
-                break
-        if addr is None:
-            sys.exit(f"{model}: the server did not start")
-        # Keep reading the log (one line per connection) so the server never blocks on it.
-        threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
-        host, port = addr.rsplit(":", 1)
+    with running(model) as (_, host, port):
         started = time.perf_counter()
         for _ in range(count):
-            with socket.create_connection((host, int(port))) as sock:
+            with socket.create_connection((host, port)) as sock:
                 sock.sendall(b"x")
                 if sock.recv(1) != b"x":
                     sys.exit(f"{model}: wrong echo")
         return count / (time.perf_counter() - started)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def main():
@@ -54,8 +34,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("models", nargs="+")
     opts = parser.parse_args()
-    if not os.path.exists(BIN):
-        sys.exit(f"{BIN} is missing: run cargo build --release first")
+    require_binary()
     for model in opts.models:
         rates = [rate(model, opts.count) for _ in range(opts.repeat)]
         print(f"{model}: {statistics.median(rates):,.0f} connections/s "

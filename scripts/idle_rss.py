@@ -12,12 +12,8 @@ import argparse
 import os
 import resource
 import socket
-import subprocess
-import sys
-import threading
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "multiecho")
+from multiecho_server import require_binary, running
 
 
 def rss_kib(pid):
@@ -44,42 +40,25 @@ def rss_kib(pid):
 
 
 def measure(model, conns, workers):
-    args = [BIN, "-q", "serve", "--model", model, "--listen", "127.0.0.1:0",
-            "--max-conns", str(conns + 100)]
+    args = ["--max-conns", str(conns + 100)]
     if workers:
         args += ["--workers", str(workers)]
-    # -q hides the "listening on" line, so ask for it explicitly.
-    env = dict(os.environ, RUST_LOG="info")
-    server = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        addr = None
-        for line in server.stderr:
-            if "listening on " in line:
-                addr = line.split("listening on ", 1)[1].split()[0]
-                break
-        if addr is None:
-            return f"{model}: did not start"
-        # Keep reading the log so the server never blocks writing it.
-        threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
-        host, port = addr.rsplit(":", 1)
+    with running(model, *args) as (server, host, port):
         before = rss_kib(server.pid)
         socks = []
         for _ in range(conns):
-            s = socket.create_connection((host, int(port)))
+            s = socket.create_connection((host, port))
             s.sendall(b"x")
             socks.append(s)
         for s in socks:
             if s.recv(1) != b"x":
                 return f"{model}: wrong echo"
         after = rss_kib(server.pid)
-        per_conn = (after - before) * 1024 / conns
         for s in socks:
             s.close()
-        return (f"{model}: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB with "
-                f"{conns} idle connections ({per_conn:.0f} bytes each)")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    per_conn = (after - before) * 1024 / conns
+    return (f"{model}: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB with "
+            f"{conns} idle connections ({per_conn:.0f} bytes each)")
 
 
 def main():
@@ -90,8 +69,7 @@ def main():
     opts = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if not os.path.exists(BIN):
-        sys.exit(f"{BIN} is missing: run cargo build --release first")
+    require_binary()
     for model in opts.models:
         print(measure(model, opts.conns, opts.workers), flush=True)
 
