@@ -111,12 +111,7 @@ pub fn line_client(
     loop {
         piece.clear();
         {
-            let available = loop {
-                match input.fill_buf() {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    result => break result.context("cannot read standard input")?,
-                }
-            };
+            let available = fill(&mut input)?;
             if available.is_empty() {
                 break;
             }
@@ -245,12 +240,7 @@ fn send_lines(
     let mut sent = 0u64;
     let mut at_line_start = true;
     loop {
-        let available = loop {
-            match input.fill_buf() {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                result => break result.context("cannot read standard input")?,
-            }
-        };
+        let available = fill(&mut input)?;
         if available.is_empty() {
             break;
         }
@@ -283,6 +273,20 @@ fn is_quit(line: &[u8]) -> bool {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     line == b"q" || line == b"Q"
+}
+
+/// The next buffered bytes of standard input (empty at its end), retrying interrupted reads.
+fn fill(input: &mut impl BufRead) -> anyhow::Result<&[u8]> {
+    loop {
+        match input.fill_buf() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("cannot read standard input"),
+            // Borrowing the buffer across loop turns is not allowed; asking again returns
+            // what is already buffered, without another read.
+            Ok(_) => break,
+        }
+    }
+    input.fill_buf().context("cannot read standard input")
 }
 
 #[cfg(test)]
