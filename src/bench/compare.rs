@@ -66,7 +66,8 @@ pub struct CompareArgs {
     #[arg(long, value_name = "DURATION", default_value = "1",
           value_parser = crate::cli::parse_duration)]
     pub warmup: Duration,
-    /// Run each point N times and report the median of each figure.
+    /// Run each point N times and report the median of each figure. The servers take turns:
+    /// each round gives every server one run at the point.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..1001))]
     pub repeat: u32,
