@@ -32,7 +32,8 @@ pub enum Command {
     Client(crate::client::ClientArgs),
     /// Load an echo server and verify every byte it sends back.
     Bench(crate::bench::BenchArgs),
-    /// Start each model in turn, benchmark it, and write a side-by-side report with charts.
+    /// Start the models, benchmark them taking turns, and write a side-by-side report with
+    /// charts.
     Compare(crate::bench::compare::CompareArgs),
 }
 

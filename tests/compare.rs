@@ -315,6 +315,77 @@ fn external_servers_and_pinning() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// The runs in the order compare made them, from its progress lines on stderr
+/// (`compare: [3/12] epoll: 1 conn, 64 B (run 2/2): ...`): `epoll: 1 conn, 64 B (run 2/2)`.
+fn runs_in_order(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter_map(|line| line.strip_prefix("compare: ["))
+        .filter_map(|line| line.split_once("] "))
+        .filter_map(|(_, run)| run.find(')').map(|end| run[..=end].to_string()))
+        .collect()
+}
+
+#[test]
+fn servers_take_turns_at_each_point() {
+    let external = common::Server::start("thread", &[]);
+    let ext = format!("ext={}", external.addr);
+    let out = out_dir("interleave");
+    let output = compare(
+        &[
+            "--models",
+            "thread,epoll",
+            "--external",
+            &ext,
+            "--conns",
+            "1,2",
+            "--size",
+            "64",
+            "--duration",
+            "0.2",
+            "--warmup",
+            "0",
+            "--repeat",
+            "2",
+        ],
+        &out,
+    );
+    let context = text(&output);
+    assert!(output.status.success(), "{context}");
+    // Point by point; within a point, round by round; within a round, every server once.
+    let mut expected = Vec::new();
+    for conns in ["1 conn", "2 conns"] {
+        for round in 1..=2 {
+            for server in ["thread", "epoll", "ext"] {
+                expected.push(format!("{server}: {conns}, 64 B (run {round}/2)"));
+            }
+        }
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(runs_in_order(&stderr), expected, "{context}");
+
+    let (report, md) = read_report(&out);
+    let servers = report["servers"].as_array().unwrap();
+    let names: Vec<&str> = servers
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["thread", "epoll", "ext"]);
+    for server in servers {
+        let points = server["points"].as_array().unwrap();
+        assert_eq!(points.len(), 2, "{server}");
+        for point in points {
+            assert_eq!(point["runs"].as_array().unwrap().len(), 2, "{point}");
+            assert_eq!(point["failed"], false, "{point}");
+        }
+    }
+    assert_eq!(servers[0]["stop"]["clean"], true);
+    assert_eq!(servers[1]["stop"]["clean"], true);
+    assert!(md.contains("median of 2 runs; runs interleaved"), "{md}");
+    assert!(external.stop().success());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 /// An echo server that flips one bit of everything it sends back.
 fn start_liar() -> std::net::SocketAddr {
     use std::io::{Read, Write};

@@ -1,13 +1,19 @@
-//! `multiecho compare`: start each model in turn (or use servers already running), load it
-//! with `multiecho bench` at every point of a sweep over connections and message sizes, and
+//! `multiecho compare`: start every model (or use servers already running), load each with
+//! `multiecho bench` at every point of a sweep over connections and message sizes, and
 //! write a side-by-side report: `report.json` (every figure), `report.md` (tables to paste
 //! into an issue) and SVG charts.
 //!
-//! Both the server and the load generator run as child processes of this one (the running
-//! binary, `serve` and `bench`), so each can be pinned to its own CPUs and the server's cost
-//! can be read from /proc without counting the load generator. While a point runs, the
-//! server's resident memory (its descendants included) is sampled every 100 ms; its CPU time
-//! is read when the warm-up ends and when the measured window ends.
+//! All servers run for the whole sweep, each on its own port, and take turns: for each
+//! point, every round of `--repeat` gives each server one run in turn (A B C A B C), so a
+//! drift in the machine's speed over the minutes of a sweep hits all servers alike instead
+//! of whichever happened to run last. The report is rewritten after every point, so an
+//! interrupted sweep still leaves the figures so far.
+//!
+//! Both the servers and the load generator run as child processes of this one (the running
+//! binary, `serve` and `bench`), so each can be pinned to its own CPUs and a server's cost
+//! can be read from /proc without counting the load generator. While a run goes on, the
+//! loaded server's resident memory (its descendants included) is sampled every 100 ms; its
+//! CPU time is read when the warm-up ends and when the measured window ends.
 //!
 //! A model that cannot start here is listed as skipped with the server's last log line as
 //! the reason; a point whose load generator saw errors or mismatched bytes is kept, marked
@@ -60,7 +66,8 @@ pub struct CompareArgs {
     #[arg(long, value_name = "DURATION", default_value = "1",
           value_parser = crate::cli::parse_duration)]
     pub warmup: Duration,
-    /// Run each point N times and report the median of each figure.
+    /// Run each point N times and report the median of each figure. The servers take turns:
+    /// each round gives every server one run at the point.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..1001))]
     pub repeat: u32,
@@ -155,37 +162,24 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     };
     let models = distinct(args.models.iter().copied());
 
-    let servers = models.len() + args.external.len();
-    let total = (servers * settings.conns.len() * settings.sizes.len()) as u64 * args.repeat as u64;
-    let progress = Progress::new(total);
+    let runs_per_server = (settings.conns.len() * settings.sizes.len()) as u64 * args.repeat as u64;
+    let servers = (models.len() + args.external.len()) as u64;
+    let progress = Progress::new(servers * runs_per_server);
+    // If one fails to start, dropping the others kills them.
+    let mut contenders = start_all(&exe, &models, args, &progress, runs_per_server)?;
     let mut report = Report {
         environment: environment(),
         settings,
         servers: Vec::new(),
     };
-    for model in models {
-        let result = compare_model(&exe, model, args, &report.settings, &progress)?;
-        report.servers.push(result);
-        // A long sweep interrupted later still leaves the figures so far.
-        write_report(&report, &args.out)?;
-    }
-    for external in &args.external {
-        let target = Target {
-            name: &external.name,
-            addr: external.addr,
-            pid: external.pid,
-        };
-        let points = sweep(&exe, &target, args, &report.settings, &progress, None);
-        report.servers.push(ServerResult {
-            name: external.name.clone(),
-            kind: "external".into(),
-            address: Some(external.addr.to_string()),
-            skipped: None,
-            stop: None,
-            points,
-        });
+    let swept = sweep(&exe, args, &mut contenders, &mut report, &progress);
+    // Stopped even when the sweep failed (a report it could not write, say).
+    for contender in &mut contenders {
+        contender.stop(&progress);
     }
     progress.finish();
+    swept?;
+    report.servers = contenders.into_iter().map(|c| c.result).collect();
     let files = write_report(&report, &args.out)?;
     for file in files {
         println!("{}", file.display());
@@ -276,79 +270,179 @@ fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Starts `model`, sweeps it, stops it.
-fn compare_model(
-    exe: &Path,
-    model: Model,
-    args: &CompareArgs,
-    settings: &report::Settings,
-    progress: &Progress,
-) -> anyhow::Result<ServerResult> {
-    let points_per_server =
-        (settings.conns.len() * settings.sizes.len()) as u64 * args.repeat as u64;
-    let mut result = ServerResult {
-        name: model.name().to_string(),
-        kind: "model".into(),
-        address: None,
-        skipped: None,
-        stop: None,
-        points: Vec::new(),
-    };
-    progress.say(&format!("starting the {model} server"));
-    let mut server = match ServerProcess::start(exe, model, args)? {
-        Ok(server) => server,
-        Err(reason) => {
-            progress.say(&format!("{model}: skipped: {reason}"));
-            progress.skip(points_per_server);
-            result.skipped = Some(reason);
-            return Ok(result);
-        }
-    };
-    result.address = Some(server.addr.to_string());
-    let target = Target {
-        name: model.name(),
-        addr: server.addr,
-        pid: Some(server.child.id() as i32),
-    };
-    result.points = sweep(exe, &target, args, settings, progress, Some(&mut server));
-    let stop = server.stop();
-    if !stop.clean {
-        progress.say(&format!("{model}: did not stop cleanly: {}", stop.detail));
-    }
-    result.stop = Some(stop);
-    Ok(result)
+/// One server of the comparison: its part of the report and, unless it was skipped, where
+/// to load it. Dropping it kills the server compare started, if still running.
+struct Contender {
+    result: ServerResult,
+    /// Where it listens and its process; `None` when it was skipped.
+    target: Option<Target>,
+    /// The server compare started and stops (`None` for an external one).
+    process: Option<ServerProcess>,
+    /// The runs of the point being measured, so far.
+    runs: Vec<Run>,
 }
 
-/// Runs every point of the sweep against `target`, `repeat` times each.
-fn sweep(
-    exe: &Path,
-    target: &Target<'_>,
-    args: &CompareArgs,
-    settings: &report::Settings,
-    progress: &Progress,
-    mut server: Option<&mut ServerProcess>,
-) -> Vec<Point> {
-    let mut points = Vec::new();
-    for &size in &settings.sizes {
-        for &conns in &settings.conns {
-            let mut runs = Vec::new();
-            for round in 1..=args.repeat {
-                progress.start_run(target.name, conns, size, round, args.repeat);
-                let dead = server.as_mut().and_then(|s| s.exit_reason());
-                let run = match dead {
-                    Some(reason) => Run {
-                        figures: None,
-                        failure: Some(reason),
-                    },
-                    None => run_bench(exe, target, conns, size, args),
-                };
-                progress.finish_run(target.name, conns, size, &run);
-                runs.push(run);
-            }
-            points.push(Point::from_runs(conns, size, runs));
+impl Contender {
+    /// A contender not yet measured, not yet given a target.
+    fn new(name: String, kind: &str) -> Contender {
+        Contender {
+            result: ServerResult {
+                name,
+                kind: kind.into(),
+                address: None,
+                skipped: None,
+                stop: None,
+                points: Vec::new(),
+            },
+            target: None,
+            process: None,
+            runs: Vec::new(),
         }
     }
-    points
+
+    /// Starts `model`. A model that cannot start here is a skipped contender with the
+    /// reason, its `runs_per_server` runs counted as done.
+    fn start_model(
+        exe: &Path,
+        model: Model,
+        args: &CompareArgs,
+        progress: &Progress,
+        runs_per_server: u64,
+    ) -> anyhow::Result<Contender> {
+        let mut contender = Contender::new(model.name().to_string(), "model");
+        progress.say(&format!("starting the {model} server"));
+        match ServerProcess::start(exe, model, args)? {
+            Ok(server) => {
+                contender.result.address = Some(server.addr.to_string());
+                contender.target = Some(Target {
+                    addr: server.addr,
+                    pid: Some(server.child.id() as i32),
+                });
+                contender.process = Some(server);
+            }
+            Err(reason) => {
+                progress.say(&format!("{model}: skipped: {reason}"));
+                progress.skip(runs_per_server);
+                contender.result.skipped = Some(reason);
+            }
+        }
+        Ok(contender)
+    }
+
+    /// A server that is already running.
+    fn external(external: &External) -> Contender {
+        let mut contender = Contender::new(external.name.clone(), "external");
+        contender.result.address = Some(external.addr.to_string());
+        contender.target = Some(Target {
+            addr: external.addr,
+            pid: external.pid,
+        });
+        contender
+    }
+
+    /// One run of bench at `conns` connections and `size`-byte messages, kept for the
+    /// point's medians; a failed run without bench if the server has died. Nothing for a
+    /// skipped contender.
+    fn run_once(
+        &mut self,
+        exe: &Path,
+        args: &CompareArgs,
+        (conns, size): (usize, u64),
+        round: u32,
+        progress: &Progress,
+    ) {
+        let Some(target) = self.target else { return };
+        let name = &self.result.name;
+        progress.start_run(name, conns, size, round, args.repeat);
+        let run = match self.process.as_mut().and_then(ServerProcess::exit_reason) {
+            Some(reason) => Run {
+                figures: None,
+                failure: Some(reason),
+            },
+            None => run_bench(exe, &target, conns, size, args),
+        };
+        progress.finish_run(name, conns, size, round, args.repeat, &run);
+        self.runs.push(run);
+    }
+
+    /// Makes the runs so far the point at `conns` connections and `size`-byte messages.
+    fn finish_point(&mut self, (conns, size): (usize, u64)) {
+        if self.target.is_some() {
+            let runs = std::mem::take(&mut self.runs);
+            self.result.points.push(Point::from_runs(conns, size, runs));
+        }
+    }
+
+    /// Stops the server compare started, if any, and records how it stopped.
+    fn stop(&mut self, progress: &Progress) {
+        let Some(server) = self.process.take() else {
+            return;
+        };
+        let stop = server.stop();
+        if !stop.clean {
+            let name = &self.result.name;
+            progress.say(&format!("{name}: did not stop cleanly: {}", stop.detail));
+        }
+        self.result.stop = Some(stop);
+    }
+}
+
+/// Starts every model, each on its own port, then adds the external servers: the
+/// contenders in report order.
+fn start_all(
+    exe: &Path,
+    models: &[Model],
+    args: &CompareArgs,
+    progress: &Progress,
+    runs_per_server: u64,
+) -> anyhow::Result<Vec<Contender>> {
+    let mut contenders = Vec::new();
+    for &model in models {
+        let contender = Contender::start_model(exe, model, args, progress, runs_per_server)?;
+        contenders.push(contender);
+    }
+    contenders.extend(args.external.iter().map(Contender::external));
+    Ok(contenders)
+}
+
+/// Measures every point of the sweep on every contender, writing the report so far after
+/// each point.
+fn sweep(
+    exe: &Path,
+    args: &CompareArgs,
+    contenders: &mut [Contender],
+    report: &mut Report,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    for &size in &report.settings.sizes {
+        for &conns in &report.settings.conns {
+            measure_point(exe, args, contenders, (conns, size), progress);
+            // A long sweep interrupted later still leaves the figures so far.
+            report.servers = contenders.iter().map(|c| c.result.clone()).collect();
+            write_report(report, &args.out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Measures one point (connections, message size) `repeat` times on every contender,
+/// round-robin: each round gives every server one run in turn, so a drift in the machine's
+/// speed over the minutes of a sweep hits all servers alike instead of whichever ran last.
+fn measure_point(
+    exe: &Path,
+    args: &CompareArgs,
+    contenders: &mut [Contender],
+    point: (usize, u64),
+    progress: &Progress,
+) {
+    for round in 1..=args.repeat {
+        for contender in contenders.iter_mut() {
+            contender.run_once(exe, args, point, round, progress);
+        }
+    }
+    for contender in contenders {
+        contender.finish_point(point);
+    }
 }
 
 /// The last non-empty line of `text`, without terminal colours.

@@ -44,30 +44,28 @@ impl Progress {
 
     pub(super) fn start_run(&self, name: &str, conns: usize, size: u64, round: u32, repeat: u32) {
         if let Some(bar) = &self.bar {
-            let of = if repeat > 1 {
-                format!(" (run {round}/{repeat})")
-            } else {
-                String::new()
-            };
-            bar.set_message(format!(
-                "{name}: {}, {}{of}",
-                report::conns_label(conns),
-                report::size_label(size)
-            ));
+            bar.set_message(run_label(name, conns, size, round, repeat));
         }
     }
 
-    pub(super) fn finish_run(&self, name: &str, conns: usize, size: u64, run: &Run) {
+    pub(super) fn finish_run(
+        &self,
+        name: &str,
+        conns: usize,
+        size: u64,
+        round: u32,
+        repeat: u32,
+        run: &Run,
+    ) {
         let done = {
             let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
             *done += 1;
             *done
         };
         let mut text = format!(
-            "[{done}/{}] {name}: {}, {}:",
+            "[{done}/{}] {}:",
             self.total,
-            report::conns_label(conns),
-            report::size_label(size)
+            run_label(name, conns, size, round, repeat)
         );
         if let Some(f) = &run.figures {
             text.push_str(&format!(
@@ -99,4 +97,18 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// `epoll: 50 conns, 64 B`, with ` (run 2/3)` when points are run more than once.
+fn run_label(name: &str, conns: usize, size: u64, round: u32, repeat: u32) -> String {
+    let of = if repeat > 1 {
+        format!(" (run {round}/{repeat})")
+    } else {
+        String::new()
+    };
+    format!(
+        "{name}: {}, {}{of}",
+        report::conns_label(conns),
+        report::size_label(size)
+    )
 }

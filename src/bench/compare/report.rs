@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 pub struct Report {
     pub environment: Environment,
     pub settings: Settings,
-    /// One entry per model or external server, in the order they were run.
+    /// One entry per model (in the order asked for), then per external server.
     pub servers: Vec<ServerResult>,
 }
 
@@ -136,7 +136,8 @@ pub struct Figures {
     pub server_cpu_us_per_round_trip: Option<f64>,
     /// Server CPU time per second of wall time over the measured window (1.0 = one core).
     pub server_cpu_cores: Option<f64>,
-    /// The largest resident memory of the server and its descendants together, in KiB.
+    /// The largest resident memory of the server and its descendants together while the run
+    /// went on (sampled every 100 ms), in KiB.
     pub peak_rss_kib: Option<f64>,
 }
 
@@ -359,7 +360,9 @@ pub fn markdown(report: &Report, charts: &[String]) -> String {
     );
     let _ = writeln!(
         out,
-        "- Each point: {} s measured after {} s warm-up; median of {} run{}",
+        "- Each point: {} s measured after {} s warm-up; median of {} run{}; runs \
+         interleaved (round-robin across the servers for each point, so machine drift hits \
+         them alike)",
         settings.duration_secs,
         settings.warmup_secs,
         settings.repeat,

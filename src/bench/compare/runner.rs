@@ -20,8 +20,8 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 const BENCH_GRACE: Duration = Duration::from_secs(60);
 
 /// A server to load: where it listens and, if known, its process.
-pub(super) struct Target<'a> {
-    pub(super) name: &'a str,
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Target {
     pub(super) addr: SocketAddr,
     pub(super) pid: Option<i32>,
 }
@@ -59,7 +59,7 @@ fn parse_bench_output(stdout: &str) -> Result<BenchOutput, String> {
 /// memory around it.
 pub(super) fn run_bench(
     exe: &Path,
-    target: &Target<'_>,
+    target: &Target,
     conns: usize,
     size: u64,
     args: &CompareArgs,
