@@ -9,13 +9,12 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
-use std::time::{Duration, Instant};
 
-use common::{assert_same, connect, round_trip, rss_kib, Server};
+use common::{assert_same, connect, push_until_blocked, round_trip, rss_kib, Server};
 use multiecho::payload;
 
 /// Connections in the 10k tests.
@@ -142,32 +141,10 @@ fn client_that_never_reads(model: &str) {
     let Some(server) = start(model, &[]) else {
         return;
     };
-    let chunk = payload::bytes(7, 64 * 1024);
     let mut stalled = Vec::new();
     for _ in 0..STALLED {
         let stream = connect(server.addr);
-        stream.set_nonblocking(true).unwrap();
-        let mut pushed = 0usize;
-        let mut quiet_rounds = 0;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // Push until the kernel accepts nothing more for a while: the server has stopped
-        // reading (its echo cannot be written), so every buffer on the way is full.
-        while quiet_rounds < 5 {
-            assert!(Instant::now() < deadline, "the client could push forever");
-            let mut progressed = false;
-            loop {
-                match (&stream).write(&chunk) {
-                    Ok(n) => {
-                        pushed += n;
-                        progressed = true;
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) => panic!("stalled client write failed: {e}"),
-                }
-            }
-            quiet_rounds = if progressed { 0 } else { quiet_rounds + 1 };
-            thread::sleep(Duration::from_millis(20));
-        }
+        let pushed = push_until_blocked(&stream);
         eprintln!("{model}: a client that never reads pushed {pushed} bytes before blocking");
         stalled.push(stream);
     }

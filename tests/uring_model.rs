@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{assert_same, connect, round_trip, Server, PATIENCE};
 use multiecho::payload;
+use multiecho::server::uring::{BUFFERS_ENV, SINGLE_RECV_ENV};
 
 /// Starts a uring server, or returns `None` (after saying so) where io_uring is unavailable.
 fn start(extra: &[&str]) -> Option<Server> {
@@ -48,8 +49,18 @@ fn echoes_random_payloads_exactly() {
 /// connection, in order.
 #[test]
 fn thousand_concurrent_connections_are_echoed_byte_exact() {
+    thousand_concurrent_connections(&[]);
+}
+
+/// The same with one recv per message, the path kernels before 6.16 take.
+#[test]
+fn thousand_concurrent_connections_with_single_recvs() {
+    thousand_concurrent_connections(&[(SINGLE_RECV_ENV, "1")]);
+}
+
+fn thousand_concurrent_connections(envs: &[(&str, &str)]) {
     multiecho::net::raise_open_files_limit().expect("raise the open files limit");
-    let Some(server) = start(&["--workers", "1", "--backlog", "2048"]) else {
+    let Some(server) = start_with_env(&["--workers", "1", "--backlog", "2048"], envs) else {
         return;
     };
     const CONNECTIONS: usize = 1000;
@@ -359,10 +370,7 @@ fn block_io_uring_setup() -> std::io::Result<()> {
 /// every echo must still be exact.
 #[test]
 fn a_dry_buffer_pool_delays_receives_but_loses_nothing() {
-    let Some(mut server) = start_with_env(
-        &["--workers", "1"],
-        &[(multiecho::server::uring::BUFFERS_ENV, "4")],
-    ) else {
+    let Some(mut server) = start_with_env(&["--workers", "1"], &[(BUFFERS_ENV, "4")]) else {
         return;
     };
     const CONNECTIONS: usize = 200;
@@ -409,6 +417,45 @@ fn a_dry_buffer_pool_delays_receives_but_loses_nothing() {
         waits > 0,
         "the pool never ran dry, so this tested nothing; log:\n{log}"
     );
+}
+
+/// A connection's multishot recv keeps taking buffers while its echo is stuck; it must be
+/// stopped at once, so that clients that never read hold only a couple of buffers each and
+/// cannot drain the pool for everyone. Six such clients with a pool of 16 buffers: a new
+/// client is still echoed.
+#[test]
+fn clients_that_never_read_cannot_drain_the_buffer_pool() {
+    clients_that_never_read(&[]);
+}
+
+/// The same with one recv per message, the path kernels before 6.16 take.
+#[test]
+fn clients_that_never_read_cannot_drain_the_pool_with_single_recvs() {
+    clients_that_never_read(&[(SINGLE_RECV_ENV, "1")]);
+}
+
+fn clients_that_never_read(envs: &[(&str, &str)]) {
+    let mut envs = envs.to_vec();
+    envs.push((BUFFERS_ENV, "16"));
+    let Some(mut server) = start_with_env(&["--workers", "1"], &envs) else {
+        return;
+    };
+    let stalled: Vec<_> = (0..6)
+        .map(|_| {
+            let stream = connect(server.addr);
+            common::push_until_blocked(&stream);
+            stream
+        })
+        .collect();
+    let data = payload::bytes(77, 256 * 1024);
+    assert_same(
+        &round_trip(connect(server.addr), &data),
+        &data,
+        "a client beside six stalled ones",
+    );
+    drop(stalled);
+    server.terminate();
+    assert!(server.wait_timeout(PATIENCE).expect("exit").success());
 }
 
 /// The kernel gives every new connection to the first armed multishot accept, so without

@@ -9,13 +9,18 @@
 //!   connection to the first armed accept, so a worker serving a few (`BALANCE_SLACK`) more
 //!   connections than the least loaded one hands the new one over (a mailbox plus a wake-up
 //!   descriptor each ring polls);
-//! - **recv**: one single-shot recv per connection with *buffer select*: the kernel picks a
+//! - **recv**: one multishot recv per connection with *buffer select*: the kernel picks a
 //!   buffer from this worker's registered buffer ring only when data arrives, so an idle
-//!   connection holds no buffer at all;
+//!   connection holds no buffer at all, and keeps posting a completion per arrival without a
+//!   new submission. Each recv ends after [`RECV_LIMIT`] bytes and is armed again (Linux
+//!   6.16 caps it; older kernels refuse the cap, and the worker falls back to one recv per
+//!   message that waits for data before trying);
 //! - **send**: the received buffer is sent back; a partial send is resubmitted with exactly the
 //!   bytes not yet sent. The buffer goes back to the kernel only after *all* its bytes were
-//!   sent, and the connection posts its next recv only then (backpressure: at most one buffer
-//!   per connection, and a client that does not read its echo stops being read).
+//!   sent. Data that arrives while a send is in flight waits in the connection's queue, and
+//!   its recv is cancelled at once; it is armed again only when the queue is empty
+//!   (backpressure: a client that does not read its echo stops being read, holding a couple
+//!   of buffers at most).
 //! - timers (idle sweep, accept back-off, shutdown deadline) are Timeout operations, and a
 //!   PollAdd on the shutdown descriptor tells every ring when SIGINT/SIGTERM arrives.
 //!
@@ -33,8 +38,9 @@
 //! environment variable [`BUFFERS_ENV`] overrides the number per worker). Per
 //! connection: a socket and a slot of about a hundred bytes; no buffer while idle (measured:
 //! under 6 MiB total RSS with 10,000 idle connections). Submissions are batched: one
-//! `io_uring_enter` per loop turn both submits everything queued and waits; a receive waits
-//! for data before trying (poll first), and a send usually completes inline.
+//! `io_uring_enter` per loop turn both submits everything queued and waits, and a send
+//! usually completes inline. Under load a turn handles dozens of round trips (measured: about
+//! 40 per `io_uring_enter` at 50 connections).
 //!
 //! # Limits and connection handling
 //! `--max-conns` is a counter shared by the workers: at the limit a worker cancels its accepts
@@ -44,8 +50,8 @@
 //! [`crate::net::classify_accept_error`]: out of descriptors or memory warns once and re-arms
 //! after [`crate::net::ACCEPT_BACKOFF`]. `--idle-timeout` is a periodic sweep that shuts idle
 //! sockets down, which completes their pending operation so the connection closes. When the
-//! client half-closes, the echo of everything received has already completed (no recv is
-//! posted while a send is in flight), so the server shuts its write side and closes.
+//! client half-closes, the server finishes echoing what it queued, then shuts its write side
+//! and closes.
 //! A worker with many clients that never read can run out of buffers; its other connections
 //! then wait for a buffer until those clients read or hit the idle timeout.
 //!
@@ -55,16 +61,16 @@
 //! complete, and returns.
 //!
 //! # Kernel features
-//! Linux 5.19 or later: multishot accept and registered buffer rings (both 5.19); the probe
-//! checks the opcodes and registers a test buffer ring. Where io_uring is missing or disabled
+//! Linux 6.0 or later: multishot accept and registered buffer rings (both 5.19) and
+//! multishot recv (6.0); the probe checks the opcodes and registers a test buffer ring. Where io_uring is missing or disabled
 //! (ENOSYS, EPERM from seccomp or `kernel.io_uring_disabled`), [`serve`] returns
 //! [`crate::Error::Unsupported`] before serving. On 6.1+ rings use single-issuer and deferred
 //! task running, which saves interrupts and context switches. Every ring is created before
 //! any worker serves, so a failure is reported at start.
 //!
 //! Measured on loopback against the C epoll reference (`--workers 1`, both pinned to one
-//! core): round trips per second and server CPU per round trip on par, within the noise of a
-//! shared machine; most of that CPU is the TCP stack, common to both.
+//! core, runs interleaved): round trips per second and server CPU per round trip on par
+//! (see BENCHMARKS.md); most of that CPU is the TCP stack, common to both.
 
 use std::alloc::{self, Layout};
 use std::collections::VecDeque;
@@ -94,6 +100,10 @@ pub const POOL_BYTES: usize = 4 * 1024 * 1024;
 /// to run dry and for tuning.
 pub const BUFFERS_ENV: &str = "MULTIECHO_URING_BUFFERS";
 
+/// Makes every worker use one recv per message, as on kernels without capped multishot recv
+/// (before 6.16), so tests and comparisons can run that path anywhere.
+pub const SINGLE_RECV_ENV: &str = "MULTIECHO_URING_SINGLE_RECV";
+
 /// Submission queue entries per ring; the completion queue has four times as many.
 const RING_ENTRIES: u32 = 1024;
 
@@ -101,6 +111,11 @@ const RING_ENTRIES: u32 = 1024;
 /// worker hands it over to that one. Needed because a multishot accept would otherwise take
 /// them all: the kernel wakes the first waiter on the listener, and that one stays armed.
 const BALANCE_SLACK: usize = 4;
+
+/// What one multishot recv may take in total before it ends and is armed again: one buffer's
+/// worth, so a connection whose echo is stuck holds few buffers (it is also cancelled as soon
+/// as a second buffer arrives before the first is sent).
+const RECV_LIMIT: u32 = BUFFER_SIZE as u32;
 
 /// IORING_RECVSEND_POLL_FIRST: wait for data before trying the receive. The next message of
 /// an echo client arrives after its echo, so trying at once would fail nearly every time.
@@ -211,9 +226,12 @@ pub fn probe() -> crate::Result<()> {
         (opcode::PollAdd::CODE, "poll"),
         (opcode::Timeout::CODE, "timeout"),
         (opcode::AsyncCancel::CODE, "cancel"),
-        // The probe has no bit for multishot accept; IORING_OP_SOCKET came in the same
-        // release (5.19), so it stands for it.
-        (opcode::Socket::CODE, "multishot accept (Linux 5.19)"),
+        // The probe has no bit for multishot accept or recv; IORING_OP_SEND_ZC came in the
+        // release that completed them (6.0), so it stands for them.
+        (
+            opcode::SendZc::CODE,
+            "multishot accept and recv (Linux 6.0)",
+        ),
     ];
     for (code, name) in needed {
         if !probe.is_supported(code) {
@@ -481,17 +499,12 @@ impl From<ServerEnd> for End {
     }
 }
 
-/// What a connection's one operation in flight is.
+/// The send in flight: buffer `bid` holds `len` received bytes, `sent` of them already out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Io {
-    Receiving,
-    /// No operation in flight: the last recv found no free buffer.
-    WaitingForBuffer,
-    Sending {
-        bid: u16,
-        len: u32,
-        sent: u32,
-    },
+struct Sending {
+    bid: u16,
+    len: u32,
+    sent: u32,
 }
 
 struct Connection {
@@ -500,9 +513,29 @@ struct Connection {
     started: Instant,
     last_active: Instant,
     bytes: u64,
-    io: Io,
-    /// Set when the server decided to close it; the pending operation's completion closes it.
+    /// Its multishot recv is armed: the completion without "more" has not arrived yet.
+    receiving: bool,
+    /// A cancellation of the armed recv was submitted (backpressure or an error).
+    recv_cancelled: bool,
+    /// The last recv found no free buffer; the connection waits in `Worker::waiting`.
+    waiting_for_buffer: bool,
+    sending: Option<Sending>,
+    /// Buffers received while a send was in flight, in order; they go out after it.
+    queued: VecDeque<(u16, u32)>,
+    /// The client half-closed: close once everything received is echoed.
+    client_done: bool,
+    /// A recv or send failed; the connection closes once its operations have completed.
+    failed: Option<io::Error>,
+    /// Set when the server decided to close it; the pending operations' completions close it.
     ending: Option<ServerEnd>,
+}
+
+impl Connection {
+    /// Whether the kernel still has an operation of this connection (its socket must stay
+    /// open and its slot reserved).
+    fn in_flight(&self) -> bool {
+        self.receiving || self.sending.is_some()
+    }
 }
 
 #[derive(Default)]
@@ -540,6 +573,8 @@ struct Worker<'a> {
     stopping: bool,
     /// Buffers the kernel gave us (received data) that we have not given back yet.
     buffers_held: usize,
+    /// Whether recvs are multishot with a byte limit (false once the kernel refused one).
+    multishot: bool,
     /// How often a recv found the pool empty (reported at debug level when the worker ends).
     buffer_waits: u64,
     /// Connections this worker served.
@@ -569,10 +604,12 @@ impl<'a> Worker<'a> {
                 .register_enable_rings()
                 .map_err(|e| crate::Error::io("cannot enable the io_uring", e))?;
         }
+        let multishot = std::env::var_os(SINGLE_RECV_ENV).is_none();
         tracing::debug!(
             worker = id,
             single_issuer = disabled,
             buffers = pool.count,
+            multishot_recv = multishot,
             "ring ready"
         );
         let idle_interval = server.config.idle_timeout.map(|idle| {
@@ -604,6 +641,7 @@ impl<'a> Worker<'a> {
             warned_exhausted: None,
             stopping: false,
             buffers_held: 0,
+            multishot,
             buffer_waits: 0,
             served: 0,
             backlog: VecDeque::new(),
@@ -878,7 +916,13 @@ impl<'a> Worker<'a> {
             started: now,
             last_active: now,
             bytes: 0,
-            io: Io::Receiving,
+            receiving: false,
+            recv_cancelled: false,
+            waiting_for_buffer: false,
+            sending: None,
+            queued: VecDeque::new(),
+            client_done: false,
+            failed: None,
             ending: None,
         };
         let index = match self.free.pop() {
@@ -890,7 +934,7 @@ impl<'a> Worker<'a> {
         };
         self.slots[index as usize].connection = Some(connection);
         self.active += 1;
-        self.post_recv(index);
+        self.advance(index);
     }
 
     // ---- echoing ----
@@ -907,24 +951,82 @@ impl<'a> Worker<'a> {
         self.slots[index as usize].generation
     }
 
+    /// Moves connection `index` on after a completion (or when it starts): closes it when it
+    /// is done and nothing of it is in flight, echoes the next queued buffer, or arms its
+    /// recv when it has nothing left to echo.
+    fn advance(&mut self, index: u32) {
+        let generation = self.generation(index);
+        let Some(connection) = self.slots[index as usize].connection.as_mut() else {
+            return;
+        };
+        if connection.ending.is_some() || connection.failed.is_some() {
+            // Nothing more goes out: the queued data is dropped with the connection.
+            let queued = std::mem::take(&mut connection.queued);
+            let cancel = connection.receiving && !connection.recv_cancelled;
+            connection.recv_cancelled |= cancel;
+            let done = !connection.in_flight();
+            for (bid, _) in queued {
+                self.give_back(bid);
+            }
+            if done {
+                self.finish(index, false);
+            } else if cancel {
+                self.cancel_recv(index, generation);
+            }
+            return;
+        }
+        if connection.sending.is_none() {
+            if let Some((bid, len)) = connection.queued.pop_front() {
+                connection.sending = Some(Sending { bid, len, sent: 0 });
+                self.post_send(index);
+                return;
+            }
+            if connection.client_done {
+                if !connection.receiving {
+                    self.finish(index, true);
+                }
+                return;
+            }
+            if !connection.receiving && !connection.waiting_for_buffer {
+                self.post_recv(index);
+            }
+        }
+    }
+
+    /// Arms the connection's recv with buffer select: the kernel picks a buffer only when
+    /// data arrives. Where the kernel can cap it (Linux 6.16+), a multishot recv that keeps
+    /// posting completions, without a submission per message, until [`RECV_LIMIT`] bytes,
+    /// a cancellation, the client's close or an empty pool ends it; otherwise one recv per
+    /// message that waits for data before trying (poll first).
     fn post_recv(&mut self, index: u32) {
         let generation = self.generation(index);
         let connection = self.slots[index as usize]
             .connection
             .as_mut()
             .expect("live slot");
-        connection.io = Io::Receiving;
-        let entry = opcode::Recv::new(
-            Fd(connection.stream.as_raw_fd()),
-            std::ptr::null_mut(),
-            BUFFER_SIZE as u32,
-        )
-        .buf_group(BUFFER_GROUP)
-        .ioprio(RECV_POLL_FIRST)
-        .build()
-        .flags(squeue::Flags::BUFFER_SELECT)
-        .user_data(token(Kind::Recv, index, generation));
-        self.push(entry);
+        connection.receiving = true;
+        connection.recv_cancelled = false;
+        let fd = Fd(connection.stream.as_raw_fd());
+        let entry = if self.multishot {
+            with_total_limit(opcode::RecvMulti::new(fd, BUFFER_GROUP).build(), RECV_LIMIT)
+        } else {
+            opcode::Recv::new(fd, std::ptr::null_mut(), BUFFER_SIZE as u32)
+                .buf_group(BUFFER_GROUP)
+                .ioprio(RECV_POLL_FIRST)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+        };
+        self.push(entry.user_data(token(Kind::Recv, index, generation)));
+    }
+
+    /// Stops the connection's armed recv; its last completion (without "more") follows.
+    fn cancel_recv(&mut self, index: u32, generation: u32) {
+        let target = token(Kind::Recv, index, generation);
+        self.push(
+            opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(token(Kind::Cancel, 0, 0)),
+        );
     }
 
     fn post_send(&mut self, index: u32) {
@@ -933,9 +1035,7 @@ impl<'a> Worker<'a> {
             .connection
             .as_ref()
             .expect("live slot");
-        let Io::Sending { bid, len, sent } = connection.io else {
-            unreachable!("post_send without a buffer to send");
-        };
+        let Sending { bid, len, sent } = connection.sending.expect("a send to post");
         // SAFETY (pointer arithmetic): `sent < len <= BUFFER_SIZE`, inside buffer `bid`.
         let data = unsafe { self.pool.buffer(bid).add(sent as usize) };
         let entry = opcode::Send::new(Fd(connection.stream.as_raw_fd()), data, len - sent)
@@ -951,6 +1051,7 @@ impl<'a> Worker<'a> {
             self.buffers_held += 1;
         }
         let now = self.now;
+        let multishot = self.multishot;
         let Some(connection) = self.connection(index, generation) else {
             // Cannot happen (a slot is freed only with no operation in flight), but a buffer
             // must never be lost.
@@ -959,41 +1060,76 @@ impl<'a> Worker<'a> {
             }
             return;
         };
+        if !cqueue::more(flags) {
+            connection.receiving = false;
+        }
+        let mut cancel = false;
+        let mut discard = None;
+        let mut refused_multishot = false;
         match (result, buffer) {
             (n, Some(bid)) if n > 0 => {
                 connection.last_active = now;
-                connection.io = Io::Sending {
-                    bid,
-                    len: n as u32,
-                    sent: 0,
-                };
-                self.post_send(index);
+                if connection.ending.is_some() || connection.failed.is_some() {
+                    discard = Some(bid);
+                } else if connection.sending.is_none() && connection.queued.is_empty() {
+                    connection.sending = Some(Sending {
+                        bid,
+                        len: n as u32,
+                        sent: 0,
+                    });
+                    self.post_send(index);
+                    return;
+                } else {
+                    // The echo before it is still going out: keep this one for after it,
+                    // and stop reading until the client has taken what it was sent.
+                    connection.queued.push_back((bid, n as u32));
+                    cancel = connection.receiving && !connection.recv_cancelled;
+                    connection.recv_cancelled |= cancel;
+                }
             }
             (0, buffer) => {
-                if let Some(bid) = buffer {
-                    self.give_back(bid);
-                }
-                self.finish(index, None, true);
+                discard = buffer;
+                connection.client_done = true;
             }
-            (e, None) if e == -libc::ENOBUFS => {
+            (e, None) if e == -libc::EINVAL && multishot && !connection.receiving => {
+                // A kernel before 6.16: no byte limit for multishot recv. Without it a fast
+                // sender could take the whole pool in one turn, so use single recvs.
+                refused_multishot = true;
+            }
+            (e, None) if e == -libc::ENOBUFS && !connection.receiving => {
                 connection.last_active = now;
-                connection.io = Io::WaitingForBuffer;
+                connection.waiting_for_buffer = true;
                 self.waiting.push_back((index, generation));
                 self.buffer_waits += 1;
             }
-            (e, None) if e == -libc::EINTR || e == -libc::EAGAIN => self.post_recv(index),
+            (e, None)
+                if e == -libc::ECANCELED
+                    || e == -libc::EINTR
+                    || e == -libc::EAGAIN
+                    || e == -libc::ENOBUFS => {}
             (e, buffer) => {
-                if let Some(bid) = buffer {
-                    self.give_back(bid);
-                }
-                let err = if e < 0 {
+                discard = buffer;
+                connection.failed = Some(if e < 0 {
                     io::Error::from_raw_os_error(-e)
                 } else {
                     io::Error::other("recv completed without a buffer")
-                };
-                self.finish(index, Some(err), false);
+                });
             }
         }
+        if let Some(bid) = discard {
+            self.give_back(bid);
+        }
+        if cancel {
+            self.cancel_recv(index, generation);
+        }
+        if refused_multishot {
+            tracing::debug!(
+                worker = self.id,
+                "no capped multishot recv; using single recvs"
+            );
+            self.multishot = false;
+        }
+        self.advance(index);
     }
 
     fn sent(&mut self, index: u32, generation: u32, result: i32) {
@@ -1001,7 +1137,7 @@ impl<'a> Worker<'a> {
         let Some(connection) = self.connection(index, generation) else {
             return;
         };
-        let Io::Sending { bid, len, sent } = connection.io else {
+        let Some(Sending { bid, len, sent }) = connection.sending else {
             return;
         };
         if result == -libc::EINTR || result == -libc::EAGAIN {
@@ -1009,31 +1145,30 @@ impl<'a> Worker<'a> {
             return;
         }
         if result <= 0 {
+            connection.sending = None;
+            connection.failed.get_or_insert_with(|| {
+                if result < 0 {
+                    io::Error::from_raw_os_error(-result)
+                } else {
+                    io::Error::from(io::ErrorKind::WriteZero)
+                }
+            });
             self.give_back(bid);
-            let err = if result < 0 {
-                io::Error::from_raw_os_error(-result)
-            } else {
-                io::Error::from(io::ErrorKind::WriteZero)
-            };
-            self.finish(index, Some(err), false);
+            self.advance(index);
             return;
         }
         let sent = sent + result as u32;
         connection.bytes += result as u64;
         connection.last_active = now;
         if sent < len {
-            connection.io = Io::Sending { bid, len, sent };
+            connection.sending = Some(Sending { bid, len, sent });
             self.post_send(index);
             return;
         }
         // Every byte of this buffer is out: only now may the kernel reuse it.
-        let ending = connection.ending.is_some();
+        connection.sending = None;
         self.give_back(bid);
-        if ending {
-            self.finish(index, None, false);
-        } else {
-            self.post_recv(index);
-        }
+        self.advance(index);
     }
 
     /// Returns a buffer to the kernel.
@@ -1043,7 +1178,7 @@ impl<'a> Worker<'a> {
     }
 
     /// After a batch of completions: as many connections waiting for a buffer as there are
-    /// free buffers post their recv again. Done per batch, not per returned buffer, so a
+    /// free buffers arm their recv again. Done per batch, not per returned buffer, so a
     /// buffer returned in the same batch as (before) an ENOBUFS completion is not missed.
     fn resume_waiting(&mut self) {
         let mut free = usize::from(self.pool.count) - self.buffers_held;
@@ -1051,26 +1186,28 @@ impl<'a> Worker<'a> {
             let Some((index, generation)) = self.waiting.pop_front() else {
                 break;
             };
-            let waiting = self
-                .connection(index, generation)
-                .is_some_and(|c| c.io == Io::WaitingForBuffer);
-            if waiting {
-                self.post_recv(index);
+            let Some(connection) = self.connection(index, generation) else {
+                continue;
+            };
+            if connection.waiting_for_buffer {
+                connection.waiting_for_buffer = false;
+                self.advance(index);
                 free -= 1;
             }
         }
     }
 
     /// Closes a connection that has no operation in flight, logs it, and frees its slot.
-    fn finish(&mut self, index: u32, error: Option<io::Error>, client_closed: bool) {
+    fn finish(&mut self, index: u32, client_closed: bool) {
         let slot = &mut self.slots[index as usize];
         let Some(connection) = slot.connection.take() else {
             return;
         };
+        debug_assert!(!connection.in_flight() && connection.queued.is_empty());
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(index);
         self.active -= 1;
-        let end = match (connection.ending, error) {
+        let end = match (connection.ending, connection.failed) {
             (Some(ending), _) => End::from(ending),
             (None, Some(e)) => End::Failed(e),
             (None, None) => {
@@ -1083,12 +1220,12 @@ impl<'a> Worker<'a> {
         };
         self.server.stats.connection_closed(connection.bytes);
         echo::log_close(connection.peer, connection.bytes, connection.started, &end);
-        drop(connection);
+        drop(connection.stream);
         self.shared.release(self.id);
     }
 
     /// Ends a connection at the server's initiative: shutting the socket down completes its
-    /// pending operation, whose completion then closes it.
+    /// pending operations, whose completions then close it.
     fn end_connection(&mut self, index: u32, why: ServerEnd) {
         let Some(connection) = self.slots[index as usize].connection.as_mut() else {
             return;
@@ -1097,11 +1234,10 @@ impl<'a> Worker<'a> {
             return;
         }
         connection.ending = Some(why);
-        if connection.io == Io::WaitingForBuffer {
-            self.finish(index, None, false);
-        } else {
+        if connection.in_flight() {
             let _ = connection.stream.shutdown(Direction::Both);
         }
+        self.advance(index);
     }
 
     // ---- timers and shutdown ----
@@ -1168,6 +1304,20 @@ impl<'a> Worker<'a> {
             self.end_connection(index, ServerEnd::Shutdown);
         }
     }
+}
+
+/// Sets a multishot recv's total byte limit, after which it ends (`sqe->optlen` with
+/// IORING_OP_RECV, Linux 6.16; older kernels fail it with EINVAL). The io-uring crate does
+/// not expose the field.
+fn with_total_limit(entry: squeue::Entry, limit: u32) -> squeue::Entry {
+    /// Where `optlen` is in `struct io_uring_sqe` (the kernel's ABI).
+    const OPTLEN_OFFSET: usize = 44;
+    // SAFETY: `squeue::Entry` is `#[repr(C)]` around `struct io_uring_sqe`, 64 bytes of plain
+    // integers (transmute checks the size), so any bytes make a valid value either way.
+    let mut raw: [u8; 64] = unsafe { std::mem::transmute(entry) };
+    raw[OPTLEN_OFFSET..OPTLEN_OFFSET + 4].copy_from_slice(&limit.to_ne_bytes());
+    // SAFETY: as above.
+    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
 }
 
 /// Errors of `io_uring_enter` after which reaping completions and trying again is right.

@@ -186,6 +186,34 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     stream
 }
 
+/// Writes to `stream` (switched to non-blocking) without ever reading, until the kernel takes
+/// nothing more for a while: the server has stopped reading it (its echo cannot be written),
+/// so every buffer on the way is full. Returns the bytes pushed; panics after 10 s.
+pub fn push_until_blocked(stream: &TcpStream) -> usize {
+    let chunk = vec![0x5a_u8; 64 * 1024];
+    stream.set_nonblocking(true).unwrap();
+    let mut pushed = 0usize;
+    let mut quiet_rounds = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while quiet_rounds < 5 {
+        assert!(Instant::now() < deadline, "the client could push forever");
+        let mut progressed = false;
+        loop {
+            match (&*stream).write(&chunk) {
+                Ok(n) => {
+                    pushed += n;
+                    progressed = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("stalled client write failed: {e}"),
+            }
+        }
+        quiet_rounds = if progressed { 0 } else { quiet_rounds + 1 };
+        thread::sleep(Duration::from_millis(20));
+    }
+    pushed
+}
+
 /// Sends `payload` from one thread while reading the echo on this one, then half-closes and
 /// expects end of stream after exactly `payload.len()` bytes. Returns what came back.
 pub fn round_trip(stream: TcpStream, payload: &[u8]) -> Vec<u8> {
