@@ -5,8 +5,8 @@
 # event mechanism (epoll or io_uring) and in the rest of the kernel.
 #
 # usage: scripts/cpu-profile.sh NAME [CONNS] [SIZE] [SECS]
-#   NAME: c-reference, or a model (epoll, uring, async, ...)
-# Needs perf (Debian's linux-perf) and, for c-reference, a C compiler.
+#   NAME: c-reference, c-uring (scripts/c_uring_echo.c), or a model (epoll, uring, ...)
+# Needs perf (Debian's linux-perf); c-reference needs a C compiler, c-uring liburing-dev too.
 set -euo pipefail
 
 name=$1
@@ -23,6 +23,9 @@ multiecho=$root/target/release/multiecho
 if [ "$name" = c-reference ]; then
     cc -O2 -o "$out/epoll_echo" "${EPOLL_ECHO_C:-$root/../shared/bench/epoll_echo.c}"
     taskset -c 0 "$out/epoll_echo" "$port" &
+elif [ "$name" = c-uring ]; then
+    cc -O2 -o "$out/c_uring_echo" "$root/scripts/c_uring_echo.c" -luring
+    taskset -c 0 "$out/c_uring_echo" "$port" &
 else
     taskset -c 0 "$multiecho" -q serve --model "$name" --workers 1 --listen "127.0.0.1:$port" &
 fi
@@ -37,8 +40,11 @@ taskset -c 1 "$multiecho" bench "127.0.0.1:$port" --conns "$conns" --size "$size
     --warmup 1 --duration $((secs + 2)) --threads 1 --json > "$out/$name.bench.json" &
 bench=$!
 sleep 1.5
+# Also count the system calls made on CPU 0 over the same window.
+perf stat -x, -e raw_syscalls:sys_enter -C 0 -o "$out/$name.syscalls.csv" -- sleep "$secs" &
+syscall_count=$!
 perf record -q -e cpu-clock -C 0 -o "$out/$name.perf.data" -- sleep "$secs" 2>/dev/null
-wait "$bench"
+wait "$syscall_count" "$bench"
 
 perf report -q -i "$out/$name.perf.data" --sort dso,sym --stdio 2>/dev/null |
     awk -v name="$name" '
@@ -57,4 +63,13 @@ perf report -q -i "$out/$name.perf.data" --sort dso,sym --stdio 2>/dev/null |
         printf "%s: busy %.1f%% of CPU 0; of that: user space %.1f%%, TCP/IP and sockets %.1f%%, event mechanism %.1f%%, syscall entry %.1f%%, other kernel %.1f%%\n",
             name, busy, 100*user/busy, 100*net/busy, 100*events/busy, 100*syscalls/busy, 100*other/busy
     }'
-python3 -c "import json; r=json.load(open('$out/$name.bench.json')); print(f\"$name: {r['requests_per_sec']:,.0f} round trips/s, {r['mismatches']} mismatches\")"
+python3 - "$out/$name.bench.json" "$out/$name.syscalls.csv" "$name" "$secs" <<'EOF'
+import json, sys
+bench, syscalls, name, secs = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+r = json.load(open(bench))
+count = next(float(line.split(",")[0]) for line in open(syscalls)
+             if line.strip() and not line.startswith("#"))
+rate = r["requests_per_sec"]
+print(f"{name}: {rate:,.0f} round trips/s, {r['mismatches']} mismatches, "
+      f"{count / (rate * secs):.2f} system calls per round trip on CPU 0")
+EOF
