@@ -5,7 +5,9 @@
 #    with one worker and the C server, each pinned to CPU 0, the load generator (one thread)
 #    pinned to CPU 1; 1, 50 and 1000 connections, 512-byte messages. Also a hand-written C
 #    io_uring server (scripts/c_uring_echo.c, needs liburing-dev; skipped without it), the
-#    yardstick for what io_uring can save here.
+#    yardstick for what io_uring can save here. Then 1000 connections again with twice the
+#    rounds, and each server's figures divided by the C reference's of the same round
+#    (scripts/paired_ratios.py).
 # 2. Every model, same pinning, the default sweep of `multiecho compare` (1, 50, 500
 #    connections; 64, 512, 16384 bytes).
 # 3. Server memory with 10,000 idle connections (scripts/idle_rss.py).
@@ -58,8 +60,18 @@ echo "== head to head with the C reference"
     "${externals[@]}" \
     --conns 1,50,1000 --size 512 --out "$out/head-to-head"
 
+echo "== head to head at 1000 connections, twice the rounds (the noisiest point)"
+"$multiecho" compare "${common[@]}" --repeat $((head_repeat * 2)) --models epoll,uring --workers 1 \
+    "${externals[@]}" \
+    --conns 1000 --size 512 --out "$out/head-to-head-1000"
+
 echo "== every model"
 "$multiecho" compare "${common[@]}" --repeat "$repeat" --out "$out/all-models"
+
+for report in head-to-head head-to-head-1000; do
+    python3 "$root/scripts/paired_ratios.py" "$out/$report/report.json" | tee "$out/$report/paired-ratios.md"
+done
+python3 "$root/scripts/paired_ratios.py" "$out/all-models/report.json" epoll > "$out/all-models/paired-ratios.md"
 
 echo "== memory with 10,000 idle connections"
 python3 "$root/scripts/idle_rss.py" --conns 10000 epoll async uring thread | tee "$out/idle-rss.txt"
