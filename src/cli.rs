@@ -45,8 +45,8 @@ pub struct ServeArgs {
     #[arg(short, long = "listen", value_name = "ADDR", value_parser = parse_addr,
           default_value = crate::net::DEFAULT_LISTEN)]
     pub listen: Vec<SocketAddr>,
-    /// How to serve many clients at once. The default, epoll, measured fastest here and needs
-    /// no special kernel feature (BENCHMARKS.md).
+    /// How to serve many clients at once. The default, epoll, measured as fast as any (on par
+    /// with uring) and needs no special kernel feature (BENCHMARKS.md).
     #[arg(short, long, value_enum, default_value_t = Model::Epoll)]
     pub model: Model,
     /// Listen backlog: finished handshakes waiting to be accepted.
