@@ -94,12 +94,13 @@ pub fn serve_connection(
     }
     let mut buf = vec![0u8; BUFFER_SIZE];
     let (bytes, end) = echo(stream, &mut buf);
-    stats.connection_closed(bytes);
-    log_close(peer, bytes, started, &end);
+    record_close(stats, peer, bytes, started, &end);
 }
 
-/// The one info line per connection, shared by every model.
-pub fn log_close(peer: SocketAddr, bytes: u64, started: Instant, end: &End) {
+/// The end of a connection, for every model: counts it in the server's stats and logs its one
+/// info line.
+pub fn record_close(stats: &Stats, peer: SocketAddr, bytes: u64, started: Instant, end: &End) {
+    stats.connection_closed(bytes);
     tracing::info!(
         %peer,
         bytes,

@@ -49,7 +49,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::net::{classify_accept_error, AcceptError, ACCEPT_BACKOFF};
-use crate::server::echo::{log_close, End};
+use crate::server::echo::{record_close, End};
 use crate::server::{Server, ServerConfig};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -534,8 +534,7 @@ impl<'a> Worker<'a> {
             // The server was full: this worker takes the next waiting client right away.
             self.accept_ready = true;
         }
-        self.stats.connection_closed(conn.bytes);
-        log_close(conn.peer, conn.bytes, conn.started, &end);
+        record_close(self.stats, conn.peer, conn.bytes, conn.started, &end);
     }
 
     fn close_idle(&mut self, idle: Duration, now: Instant) {

@@ -257,8 +257,7 @@ async fn serve_connection(
         }
     };
     drop(stream);
-    shared.stats.connection_closed(bytes);
-    echo::log_close(peer, bytes, started, &end);
+    echo::record_close(&shared.stats, peer, bytes, started, &end);
 }
 
 /// Echoes until the client half-closes (then closes our side too), an error, or the idle

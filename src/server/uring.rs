@@ -1218,8 +1218,14 @@ impl<'a> Worker<'a> {
                 End::ClientClosed
             }
         };
-        self.server.stats.connection_closed(connection.bytes);
-        echo::log_close(connection.peer, connection.bytes, connection.started, &end);
+        let stats = &self.server.stats;
+        echo::record_close(
+            stats,
+            connection.peer,
+            connection.bytes,
+            connection.started,
+            &end,
+        );
         drop(connection.stream);
         self.shared.release(self.id);
     }
