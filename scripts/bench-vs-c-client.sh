@@ -19,6 +19,8 @@ server_cpu=${SERVER_CPU:-0}
 client_cpu=${CLIENT_CPU:-1}
 
 root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/wait_for_port.sh
+source "$root/scripts/wait_for_port.sh"
 out="$root/target/bench-c"
 mkdir -p "$out"
 # The reference server lives next to the main checkout, also when this runs in a worktree.
@@ -31,11 +33,7 @@ multiecho="$root/target/release/multiecho"
 taskset -c "$server_cpu" "$out/epoll_echo" "$port" &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
-# Wait until the server accepts connections (no sleeping for readiness).
-for _ in $(seq 1 200); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
-    sleep 0.01
-done
+wait_for_port "$port"
 
 echo "load: $conns connections, $size B messages, pipeline 1, ${secs}s x $rounds rounds;" \
      "server on CPU $server_cpu, clients on CPU $client_cpu"

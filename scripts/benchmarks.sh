@@ -18,6 +18,8 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/wait_for_port.sh
+source "$root/scripts/wait_for_port.sh"
 repeat=${REPEAT:-3}
 head_repeat=${HEAD_REPEAT:-5}
 duration=${DURATION:-3}
@@ -28,13 +30,6 @@ mkdir -p "$out"
 (cd "$root" && cargo build --release --quiet)
 multiecho="$root/target/release/multiecho"
 cc -O2 -o "$out/epoll_echo" "${EPOLL_ECHO_C:-$root/../shared/bench/epoll_echo.c}"
-
-wait_for_port() {
-    for _ in $(seq 1 200); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return; fi
-        sleep 0.01
-    done
-}
 
 taskset -c 0 "$out/epoll_echo" "$port" &
 c_server=$!

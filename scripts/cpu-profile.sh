@@ -15,6 +15,8 @@ size=${3:-512}
 secs=${4:-3}
 port=${PORT:-5098}
 root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/wait_for_port.sh
+source "$root/scripts/wait_for_port.sh"
 out=$root/target/cpu-profile
 mkdir -p "$out"
 (cd "$root" && cargo build --release --quiet)
@@ -31,10 +33,7 @@ else
 fi
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
-for _ in $(seq 1 200); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
-    sleep 0.01
-done
+wait_for_port "$port"
 
 taskset -c 1 "$multiecho" bench "127.0.0.1:$port" --conns "$conns" --size "$size" \
     --warmup 1 --duration $((secs + 2)) --threads 1 --json > "$out/$name.bench.json" &
