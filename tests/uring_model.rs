@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -92,11 +92,7 @@ fn thousand_concurrent_connections(envs: &[(&str, &str)]) {
                 for stream in &streams {
                     stream.shutdown(Shutdown::Write).unwrap();
                 }
-                for ((stream, data), id) in streams.iter_mut().zip(&payloads).zip(&ids) {
-                    let mut echoed = Vec::with_capacity(data.len());
-                    stream.read_to_end(&mut echoed).expect("read the echo");
-                    assert_same(&echoed, data, &format!("connection {id}"));
-                }
+                expect_echoes(&mut streams, &payloads, &ids);
             })
         })
         .collect();
@@ -388,11 +384,7 @@ fn a_dry_buffer_pool_delays_receives_but_loses_nothing() {
                     stream.write_all(data).unwrap();
                     stream.shutdown(Shutdown::Write).unwrap();
                 }
-                for ((stream, data), id) in streams.iter_mut().zip(&payloads).zip(&ids) {
-                    let mut echoed = Vec::with_capacity(data.len());
-                    stream.read_to_end(&mut echoed).expect("read the echo");
-                    assert_same(&echoed, data, &format!("connection {id}"));
-                }
+                expect_echoes(&mut streams, &payloads, &ids);
             })
         })
         .collect();
@@ -402,17 +394,7 @@ fn a_dry_buffer_pool_delays_receives_but_loses_nothing() {
     server.terminate();
     assert!(server.wait_timeout(PATIENCE).expect("exit").success());
     let log = strip_ansi(&server.log());
-    let waits: u64 = log
-        .lines()
-        .filter(|l| l.contains("worker stopped"))
-        .filter_map(|l| l.split("buffer_waits=").nth(1))
-        .filter_map(|v| {
-            v.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
+    let waits: u64 = worker_summaries(&log, "buffer_waits").iter().sum();
     assert!(
         waits > 0,
         "the pool never ran dry, so this tested nothing; log:\n{log}"
@@ -474,17 +456,7 @@ fn connections_are_shared_between_the_rings() {
     server.terminate();
     assert!(server.wait_timeout(PATIENCE).expect("exit").success());
     let log = strip_ansi(&server.log());
-    let served: Vec<u64> = log
-        .lines()
-        .filter(|l| l.contains("worker stopped"))
-        .filter_map(|l| l.split("served=").nth(1))
-        .filter_map(|v| {
-            v.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .collect();
+    let served = worker_summaries(&log, "served");
     assert_eq!(
         served.len(),
         2,
@@ -510,6 +482,30 @@ fn start_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Option<Server> {
         }
         Err(log) => panic!("uring server did not start; its log:\n{log}"),
     }
+}
+
+/// Reads each stream to its end and checks it echoed its payload (`ids` name them).
+fn expect_echoes(streams: &mut [TcpStream], payloads: &[Vec<u8>], ids: &[usize]) {
+    for ((stream, data), id) in streams.iter_mut().zip(payloads).zip(ids) {
+        let mut echoed = Vec::with_capacity(data.len());
+        stream.read_to_end(&mut echoed).expect("read the echo");
+        assert_same(&echoed, data, &format!("connection {id}"));
+    }
+}
+
+/// `field` of every "worker stopped" debug line in `log` (one per worker).
+fn worker_summaries(log: &str, field: &str) -> Vec<u64> {
+    let prefix = format!("{field}=");
+    log.lines()
+        .filter(|l| l.contains("worker stopped"))
+        .filter_map(|l| l.split(prefix.as_str()).nth(1))
+        .filter_map(|v| {
+            v.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .collect()
 }
 
 /// The log without terminal colour sequences (ESC [ ... m).
