@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use ipnet::IpNet;
+
+use crate::listen::ListenSpec;
+use crate::server::conn::admission::{default_trusted_proxies, parse_prefix, AdmissionConfig};
 use crate::server::{Model, ServerConfig};
 
 /// A TCP echo server with every classic concurrency model, its clients, and a verifying
@@ -40,11 +44,14 @@ pub enum Command {
 /// `multiecho serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address to listen on: HOST:PORT, [V6]:PORT or PORT (loopback). Repeat to listen on
-    /// several; use 0.0.0.0:4000 or [::]:4000 to accept connections from other machines.
-    #[arg(short, long = "listen", value_name = "ADDR", value_parser = parse_addr,
+    /// Where to listen: HOST:PORT, [V6]:PORT or PORT (loopback) for plain TCP, or a URL:
+    /// tcp://HOST:PORT, or tcp+proxy://HOST:PORT, where every connection must begin with a
+    /// PROXY protocol v1 or v2 header (from HAProxy or another load balancer) naming the real
+    /// client. Repeat to listen on several; use 0.0.0.0:4000 or [::]:4000 to accept connections
+    /// from other machines.
+    #[arg(short, long = "listen", value_name = "ADDR", value_parser = crate::listen::parse,
           default_value = crate::net::DEFAULT_LISTEN)]
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenSpec>,
     /// How to serve many clients at once. The default, epoll, measured as fast as any (on par
     /// with uring) and needs no special kernel feature (BENCHMARKS.md).
     #[arg(short, long, value_enum, default_value_t = Model::Epoll)]
@@ -67,6 +74,55 @@ pub struct ServeArgs {
     /// Stack size of connection threads (thread model), e.g. 128KiB.
     #[arg(long, value_name = "BYTES", default_value = "128KiB", value_parser = parse_size)]
     pub thread_stack: u64,
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
+}
+
+/// Who is served: `serve`'s admission-control flags.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Admission control")]
+pub struct AdmissionArgs {
+    /// Serve only sources in this prefix (CIDR such as 10.0.0.0/8, or an address). Repeatable;
+    /// without it every source may connect. IPv4 rules also match IPv4-mapped IPv6 peers.
+    #[arg(long, value_name = "CIDR", value_parser = parse_prefix)]
+    pub allow: Vec<IpNet>,
+    /// Never serve sources in this prefix; deny wins over allow. Repeatable.
+    #[arg(long, value_name = "CIDR", value_parser = parse_prefix)]
+    pub deny: Vec<IpNet>,
+    /// At most N connections open at once from one source address; the next one is closed at
+    /// once, without an echo.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_per_source: Option<u32>,
+    /// At most N new connections per second from one source (a token bucket with a burst of
+    /// N); beyond it, closed at once. The source is served again as soon as its rate drops.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_conn_rate: Option<u32>,
+    /// Peers allowed to send PROXY headers on tcp+proxy:// listeners (CIDR or address).
+    /// Repeatable; default: loopback only. A connection from any other peer is closed.
+    #[arg(long, value_name = "CIDR", value_parser = parse_prefix)]
+    pub trusted_proxy: Vec<IpNet>,
+    /// How long a tcp+proxy:// listener waits for a connection's PROXY header before closing
+    /// it.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub proxy_timeout: Duration,
+}
+
+impl AdmissionArgs {
+    /// The admission configuration these flags describe.
+    pub fn config(&self) -> AdmissionConfig {
+        AdmissionConfig {
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
+            max_per_source: self.max_per_source,
+            max_conn_rate: self.max_conn_rate,
+            trusted_proxies: if self.trusted_proxy.is_empty() {
+                default_trusted_proxies()
+            } else {
+                self.trusted_proxy.clone()
+            },
+            proxy_timeout: self.proxy_timeout,
+        }
+    }
 }
 
 impl ServeArgs {
@@ -81,6 +137,7 @@ impl ServeArgs {
             workers: self.workers.map_or(defaults.workers, |w| w as usize),
             // Below 16 KiB a thread cannot even format a log line.
             thread_stack: (self.thread_stack as usize).max(16 * 1024),
+            admission: self.admission.config(),
         }
     }
 }
@@ -160,7 +217,9 @@ mod tests {
         assert_eq!(args.model, Model::Epoll);
         assert_eq!(
             args.listen,
-            vec![crate::net::parse_addr("127.0.0.1:4000").unwrap()]
+            vec![ListenSpec::tcp(
+                crate::net::parse_addr("127.0.0.1:4000").unwrap()
+            )]
         );
         let config = args.config();
         assert_eq!(config.backlog, 1024);

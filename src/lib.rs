@@ -6,6 +6,8 @@
 //!
 //! # Layout
 //! - [`cli`]: the command line (clap derive) and its validation into configurations.
+//! - [`listen`]: listener specs (`HOST:PORT` or `tcp://`, `tcp+proxy://`, `udp://`, `tls://`,
+//!   `tls+proxy://` URLs) and the kind each bound socket carries.
 //! - [`net`]: binding listeners (backlog, address reuse), per-connection socket options,
 //!   the open-files limit, and the accept-error classification every model shares.
 //! - [`shutdown`]: the one shutdown signal (SIGINT/SIGTERM or a programmatic trigger) that
@@ -13,8 +15,10 @@
 //! - [`limits`]: the connection limit and the registry of live connections that lets a
 //!   blocking model wait for them to finish and then close them at the shutdown deadline.
 //! - [`stats`]: cheap counters of connections and bytes.
-//! - [`server`]: `enum Model` and one module per concurrency model (`server/<model>.rs`), plus
-//!   what the blocking models share: the accept loop (`server/accept.rs`) and the echo loop
+//! - [`server`]: `enum Model` and one module per concurrency model (`server/<model>.rs`); the
+//!   one connection lifecycle every model calls (`server/conn/`: the connection limit,
+//!   admission control, socket options, open/close records, the shared warnings); and what the
+//!   blocking models share: the accept loop (`server/accept.rs`) and the echo loop
 //!   (`server/echo.rs`).
 //! - [`client`]: the seeds' line client and split-I/O client.
 //! - [`payload`]: deterministic pseudo-random content for load generation and tests.
@@ -24,6 +28,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod limits;
+pub mod listen;
 pub mod net;
 pub mod payload;
 pub mod server;

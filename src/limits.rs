@@ -1,20 +1,19 @@
-//! The connection limit and the registry of live connections, shared by the blocking models
-//! (iterative, thread, pool, and prefork's workers).
+//! The registry of live connections of the blocking models (iterative, thread, pool, and
+//! prefork's workers), on top of the one connection limit ([`crate::server::conn::limit`]).
 //!
-//! `--max-conns` is enforced *before* `accept()`: while the server is full it does not accept,
-//! so extra clients wait in the listen backlog instead of being accepted and reset. The
-//! registry remembers each live socket so that, at the shutdown deadline, the server can shut
-//! them down, which wakes threads blocked in `read()`.
+//! The registry remembers each live socket so that, at the shutdown deadline, the server can
+//! shut them down, which wakes threads blocked in `read()`.
 
 use std::io;
 use std::net::TcpStream;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use crate::wake::Wake;
+use crate::server::conn::limit::{Limit, Permit};
+use crate::server::conn::Lifecycle;
 
 /// Live connections of one server process, with a limit on how many there may be.
 #[derive(Clone, Debug)]
@@ -24,10 +23,9 @@ pub struct Connections {
 
 #[derive(Debug)]
 struct Inner {
-    max: usize,
+    limit: Arc<Limit>,
     live: Mutex<Slab<RawFd>>,
     changed: Condvar,
-    room: Wake,
 }
 
 impl Connections {
@@ -35,17 +33,11 @@ impl Connections {
     pub fn new(max: usize) -> io::Result<Self> {
         Ok(Connections {
             inner: Arc::new(Inner {
-                max: max.max(1),
+                limit: Limit::new(max)?,
                 live: Mutex::new(Slab::new()),
                 changed: Condvar::new(),
-                room: Wake::new()?,
             }),
         })
-    }
-
-    /// The limit.
-    pub fn max(&self) -> usize {
-        self.inner.max
     }
 
     /// How many connections are live.
@@ -58,29 +50,31 @@ impl Connections {
         self.len() == 0
     }
 
-    /// Whether another connection may be accepted now.
-    pub fn has_room(&self) -> bool {
-        self.lock().len() < self.inner.max
+    /// A slot under the limit, to take before accepting; `None` while full.
+    pub fn try_reserve(&self) -> Option<Permit> {
+        self.inner.limit.try_acquire()
     }
 
-    /// A descriptor that becomes readable when a connection ends; call
-    /// [`Connections::clear_room_signal`] before re-checking [`Connections::has_room`].
+    /// A descriptor that becomes readable when a full server frees a slot; call
+    /// [`Connections::clear_room_signal`] before trying [`Connections::try_reserve`] again.
     pub fn room_fd(&self) -> BorrowedFd<'_> {
-        self.inner.room.as_fd()
+        self.inner.limit.room_fd()
     }
 
     /// Consumes the room signal.
     pub fn clear_room_signal(&self) {
-        self.inner.room.drain();
+        self.inner.limit.clear_room_signal();
     }
 
-    /// Registers a live connection; it counts until the returned [`Tracked`] is dropped.
-    pub fn admit(&self, stream: TcpStream) -> Tracked {
+    /// Registers a live connection in the slot `permit` reserved; it counts until the returned
+    /// [`Tracked`] is dropped.
+    pub fn track(&self, stream: TcpStream, permit: Permit) -> Tracked {
         let key = self.lock().insert(stream.as_raw_fd());
         Tracked {
             _guard: ConnectionGuard {
                 connections: self.clone(),
                 key,
+                _permit: permit,
             },
             stream,
         }
@@ -118,16 +112,13 @@ impl Connections {
     /// The graceful end of a blocking model: let live connections finish for up to
     /// `timeout`, then close the rest and wait briefly for their owners to notice.
     /// Returns how many connections had to be closed.
-    pub fn drain(&self, timeout: Duration) -> usize {
-        crate::shutdown::log_draining(self.len(), timeout);
+    pub fn drain(&self, timeout: Duration, lifecycle: &Lifecycle) -> usize {
+        lifecycle.log_draining(self.len(), timeout);
         if self.wait_empty(timeout) {
             return 0;
         }
         let closed = self.close_all();
-        tracing::info!(
-            closed,
-            "shutdown timeout reached; closed remaining connections"
-        );
+        lifecycle.log_deadline(closed);
         self.wait_empty(Duration::from_secs(2));
         closed
     }
@@ -138,12 +129,14 @@ impl Connections {
         &self,
         shutdown: &crate::shutdown::Shutdown,
         timeout: Duration,
+        lifecycle: &Arc<Lifecycle>,
     ) -> std::thread::JoinHandle<()> {
         let connections = self.clone();
         let shutdown = shutdown.clone();
+        let lifecycle = Arc::clone(lifecycle);
         std::thread::spawn(move || {
             shutdown.wait();
-            connections.drain(timeout);
+            connections.drain(timeout, &lifecycle);
         })
     }
 
@@ -178,16 +171,16 @@ impl std::ops::DerefMut for Tracked {
 struct ConnectionGuard {
     connections: Connections,
     key: usize,
+    /// Freed after the registry entry (fields drop in order), which wakes a full acceptor.
+    _permit: Permit,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        let inner = &self.connections.inner;
         let mut live = self.connections.lock();
         live.remove(self.key);
         drop(live);
-        inner.changed.notify_all();
-        inner.room.wake();
+        self.connections.inner.changed.notify_all();
     }
 }
 
@@ -202,13 +195,15 @@ mod tests {
         let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let b = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let conns = Connections::new(2).unwrap();
-        let ga = conns.admit(a);
-        assert!(conns.has_room());
-        let gb = conns.admit(b);
-        assert!(!conns.has_room());
+        let ga = conns.track(a, conns.try_reserve().unwrap());
+        let gb = conns.track(b, conns.try_reserve().unwrap());
+        assert!(conns.try_reserve().is_none(), "the limit holds");
         assert!(!conns.wait_empty(Duration::from_millis(10)));
         drop(ga);
-        assert!(conns.has_room());
+        assert!(
+            conns.try_reserve().is_some(),
+            "a closed connection frees its slot"
+        );
         assert_eq!(conns.close_all(), 1);
         drop(gb);
         assert!(conns.wait_empty(Duration::ZERO));

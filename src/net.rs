@@ -2,7 +2,7 @@
 //! limit, and how accept errors are classified (the same rules for every model).
 
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -59,11 +59,6 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> crate::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Options every accepted connection gets: no Nagle delay, so small echoes go out at once.
-pub fn configure_connection(stream: &TcpStream) -> io::Result<()> {
-    stream.set_nodelay(true)
-}
-
 /// Raises the soft limit on open files to the hard limit; returns the new soft limit.
 pub fn raise_open_files_limit() -> io::Result<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -83,6 +78,8 @@ pub enum AcceptError {
     Retry,
     /// Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): back off, keep serving.
     Exhausted,
+    /// The listener no longer listens (EINVAL: shutdown stopped it): stop accepting from it.
+    Closed,
     /// Anything else ends the server.
     Fatal,
 }
@@ -94,6 +91,7 @@ pub fn classify_accept_error(err: &io::Error) -> AcceptError {
     }
     match err.raw_os_error() {
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => AcceptError::Exhausted,
+        Some(libc::EINVAL) => AcceptError::Closed,
         Some(
             libc::ECONNABORTED
             | libc::EINTR

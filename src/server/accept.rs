@@ -1,21 +1,67 @@
 //! The accept loop of the blocking models: wait on every listener and on the shutdown signal
-//! at once (`poll`), honour the connection limit before accepting, and apply the accept-error
-//! rules (retry on aborted connections, back off on descriptor exhaustion, never spin).
+//! at once (`poll`), take a slot under the connection limit before accepting, and apply the
+//! lifecycle's accept-error rules (retry on aborted connections, back off on descriptor
+//! exhaustion, never spin).
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 
 use crate::limits::Connections;
-use crate::net::{classify_accept_error, configure_connection, AcceptError, ACCEPT_BACKOFF};
+use crate::listen::ListenerKind;
+use crate::net::{AcceptError, ACCEPT_BACKOFF};
+use crate::server::conn::limit::Permit;
+use crate::server::conn::{Admitted, Lifecycle};
+use crate::server::Server;
 use crate::shutdown::Shutdown;
 use crate::wake::poll_readable;
+
+/// A freshly accepted stream (blocking mode, socket options set), not yet admitted.
+#[derive(Debug)]
+pub struct Incoming {
+    pub stream: TcpStream,
+    /// The TCP peer (on a PROXY listener, the proxy).
+    pub peer: SocketAddr,
+    /// What the listener it came from expects.
+    pub kind: ListenerKind,
+}
+
+/// A connection that passed the lifecycle's first decision: a plain one is admitted; a PROXY
+/// one comes from a trusted proxy and is admitted once its header names the client.
+#[derive(Debug)]
+pub struct Screened {
+    pub peer: SocketAddr,
+    pub kind: ListenerKind,
+    pub admitted: Option<Admitted>,
+}
+
+impl Incoming {
+    /// The decision a blocking model takes before it spends a thread, a process or a queue
+    /// slot on the connection; `None` means refused (counted and logged): the stream is
+    /// dropped, which closes it without an echo.
+    pub fn screen(self, lifecycle: &Lifecycle) -> Option<(TcpStream, Screened)> {
+        let admitted = if self.kind.expects_proxy_header() {
+            lifecycle.check_proxy_peer(self.peer).ok()?;
+            None
+        } else {
+            Some(lifecycle.admit(self.peer).ok()?)
+        };
+        Some((
+            self.stream,
+            Screened {
+                peer: self.peer,
+                kind: self.kind,
+                admitted,
+            },
+        ))
+    }
+}
 
 /// What [`Acceptor::next`] saw.
 #[derive(Debug)]
 pub enum Accepted {
-    /// A new connection (blocking mode, TCP_NODELAY set).
-    Connection(TcpStream, SocketAddr),
+    /// A new connection.
+    Connection(Incoming),
     /// The extra descriptor the caller watches became readable.
     Woken,
     /// Shutdown has started: stop accepting.
@@ -26,23 +72,28 @@ pub enum Accepted {
 #[derive(Debug)]
 pub struct Acceptor<'a> {
     listeners: &'a [TcpListener],
+    kinds: &'a [ListenerKind],
+    /// Listeners that stopped listening (EINVAL); never polled again.
+    closed: Vec<bool>,
     shutdown: &'a Shutdown,
+    lifecycle: &'a Lifecycle,
     next_listener: usize,
-    exhausted: bool,
 }
 
 impl<'a> Acceptor<'a> {
-    /// Puts the listeners in non-blocking mode (so a listener another process or thread
-    /// emptied first never blocks this one) and returns an acceptor over them.
-    pub fn new(listeners: &'a [TcpListener], shutdown: &'a Shutdown) -> io::Result<Self> {
-        for listener in listeners {
+    /// Puts the server's listeners in non-blocking mode (so a listener another process or
+    /// thread emptied first never blocks this one) and returns an acceptor over them.
+    pub fn new(server: &'a Server) -> io::Result<Self> {
+        for listener in &server.listeners {
             listener.set_nonblocking(true)?;
         }
         Ok(Acceptor {
-            listeners,
-            shutdown,
+            listeners: &server.listeners,
+            kinds: &server.kinds,
+            closed: vec![false; server.listeners.len()],
+            shutdown: &server.shutdown,
+            lifecycle: &server.conn,
             next_listener: 0,
-            exhausted: false,
         })
     }
 
@@ -56,8 +107,14 @@ impl<'a> Acceptor<'a> {
             let mut fds = vec![self.shutdown.as_fd()];
             fds.extend(watch);
             let first_listener = fds.len();
+            let mut polled = Vec::new();
             if accepting {
-                fds.extend(self.listeners.iter().map(|l| l.as_fd()));
+                for (index, listener) in self.listeners.iter().enumerate() {
+                    if !self.closed[index] {
+                        fds.push(listener.as_fd());
+                        polled.push(index);
+                    }
+                }
             }
             let ready = poll_readable(&fds, None)?;
             if self.shutdown.is_triggered() {
@@ -66,60 +123,65 @@ impl<'a> Acceptor<'a> {
             if watch.is_some() && ready[1] {
                 return Ok(Accepted::Woken);
             }
-            if !accepting {
+            if polled.is_empty() {
                 continue;
             }
             // Start at a different listener each time so a busy one cannot starve the others.
-            let count = self.listeners.len();
+            let count = polled.len();
             for i in 0..count {
-                let index = (self.next_listener + i) % count;
-                if !ready[first_listener + index] {
+                let slot = (self.next_listener + i) % count;
+                if !ready[first_listener + slot] {
                     continue;
                 }
-                self.next_listener = (index + 1) % count;
-                if let Some((stream, peer)) = self.try_accept(&self.listeners[index])? {
-                    return Ok(Accepted::Connection(stream, peer));
+                self.next_listener = (slot + 1) % count;
+                if let Some(incoming) = self.try_accept(polled[slot])? {
+                    return Ok(Accepted::Connection(incoming));
                 }
             }
         }
     }
 
-    /// Accepts the next connection while `connections` has room; `None` once shutdown starts.
+    /// Accepts the next connection in a slot of `connections`; `None` once shutdown starts.
     pub fn accept_within(
         &mut self,
         connections: &Connections,
-    ) -> io::Result<Option<(TcpStream, SocketAddr)>> {
+    ) -> io::Result<Option<(Incoming, Permit)>> {
         loop {
-            match self.next(connections.has_room(), Some(connections.room_fd()))? {
-                Accepted::Connection(stream, peer) => return Ok(Some((stream, peer))),
-                Accepted::Woken => connections.clear_room_signal(),
+            let Some(permit) = connections.try_reserve() else {
+                match self.next(false, Some(connections.room_fd()))? {
+                    Accepted::Shutdown => return Ok(None),
+                    _ => connections.clear_room_signal(),
+                }
+                continue;
+            };
+            match self.next(true, None)? {
+                Accepted::Connection(incoming) => return Ok(Some((incoming, permit))),
+                Accepted::Woken => {}
                 Accepted::Shutdown => return Ok(None),
             }
         }
     }
 
-    fn try_accept(
-        &mut self,
-        listener: &TcpListener,
-    ) -> io::Result<Option<(TcpStream, SocketAddr)>> {
-        match listener.accept() {
+    fn try_accept(&mut self, index: usize) -> io::Result<Option<Incoming>> {
+        match self.listeners[index].accept() {
             Ok((stream, peer)) => {
-                self.exhausted = false;
                 // Accepted sockets do not inherit O_NONBLOCK on Linux; make sure anyway.
                 stream.set_nonblocking(false)?;
-                if let Err(e) = configure_connection(&stream) {
-                    tracing::debug!(%peer, "cannot set socket options: {e}");
-                }
-                Ok(Some((stream, peer)))
+                self.lifecycle.configure(&stream, peer);
+                Ok(Some(Incoming {
+                    stream,
+                    peer,
+                    kind: self.kinds[index],
+                }))
             }
-            Err(e) => match classify_accept_error(&e) {
+            Err(e) => match self.lifecycle.accept_error(&e) {
                 AcceptError::WouldBlock | AcceptError::Retry => Ok(None),
                 AcceptError::Exhausted => {
-                    if !self.exhausted {
-                        tracing::warn!("accept failed: {e}; backing off and retrying");
-                        self.exhausted = true;
-                    }
                     self.shutdown.wait_timeout(ACCEPT_BACKOFF);
+                    Ok(None)
+                }
+                AcceptError::Closed => {
+                    self.closed[index] = true;
                     Ok(None)
                 }
                 AcceptError::Fatal => Err(e),

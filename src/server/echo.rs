@@ -6,46 +6,17 @@
 //! then closes its side. The idle timeout is the socket's receive and send timeout, so a client
 //! that neither sends nor accepts its echo is closed after that long.
 
-use std::fmt;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown as Direction, SocketAddr, TcpStream};
-use std::time::Instant;
+use std::net::{Shutdown as Direction, TcpStream};
 
+use crate::server::accept::Screened;
+use crate::server::conn::{Admitted, Lifecycle};
 use crate::server::ServerConfig;
-use crate::stats::Stats;
+
+pub use crate::server::conn::End;
 
 /// The read buffer of a blocking connection.
 pub const BUFFER_SIZE: usize = 16 * 1024;
-
-/// Why a connection ended: the `end` field of every model's close line.
-#[derive(Debug)]
-pub enum End {
-    /// The client closed (or half-closed) and got every byte back.
-    ClientClosed,
-    /// Nothing moved for the idle timeout.
-    IdleTimeout,
-    /// Still open when the server closed it (the shutdown deadline, or a server error).
-    Shutdown,
-    /// The connection failed (for example reset by the client).
-    Failed(io::Error),
-}
-
-impl fmt::Display for End {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            End::ClientClosed => f.write_str("client closed"),
-            End::IdleTimeout => f.write_str("idle timeout"),
-            End::Shutdown => f.write_str("closed at shutdown"),
-            End::Failed(e) => write!(f, "error: {e}"),
-        }
-    }
-}
-
-impl From<io::Error> for End {
-    fn from(e: io::Error) -> Self {
-        End::Failed(e)
-    }
-}
 
 /// Echoes until end of stream, an error or the idle timeout; returns the bytes echoed.
 pub fn echo(stream: &mut TcpStream, buf: &mut [u8]) -> (u64, End) {
@@ -74,16 +45,15 @@ fn classify(e: io::Error) -> End {
     }
 }
 
-/// Serves one connection to its end and logs one line about it.
+/// Serves one screened connection to its end (after its PROXY header, if its listener expects
+/// one) and records its close.
 pub fn serve_connection(
     stream: &mut TcpStream,
-    peer: SocketAddr,
+    screened: Screened,
     config: &ServerConfig,
-    stats: &Stats,
+    lifecycle: &Lifecycle,
 ) {
-    let started = Instant::now();
-    stats.connection_opened();
-    tracing::debug!(%peer, "connection accepted");
+    let Screened { peer, admitted, .. } = screened;
     if let Some(idle) = config.idle_timeout {
         let set = stream
             .set_read_timeout(Some(idle))
@@ -92,20 +62,24 @@ pub fn serve_connection(
             tracing::warn!(%peer, "cannot set the idle timeout: {e}");
         }
     }
-    let mut buf = vec![0u8; BUFFER_SIZE];
-    let (bytes, end) = echo(stream, &mut buf);
-    record_close(stats, peer, bytes, started, &end);
+    let Some(admitted) = admitted.or_else(|| admit_after_header(stream, peer, lifecycle)) else {
+        return;
+    };
+    serve_admitted(stream, admitted, lifecycle);
 }
 
-/// The end of a connection, for every model: counts it in the server's stats and logs its one
-/// info line.
-pub fn record_close(stats: &Stats, peer: SocketAddr, bytes: u64, started: Instant, end: &End) {
-    stats.connection_closed(bytes);
-    tracing::info!(
-        %peer,
-        bytes,
-        duration = ?started.elapsed(),
-        end = %end,
-        "connection closed"
-    );
+/// Echoes an admitted connection to its end and records its close.
+pub fn serve_admitted(stream: &mut TcpStream, admitted: Admitted, lifecycle: &Lifecycle) {
+    let mut buf = vec![0u8; BUFFER_SIZE];
+    let (bytes, end) = echo(stream, &mut buf);
+    lifecycle.close(admitted, bytes, &end);
+}
+
+fn admit_after_header(
+    _stream: &mut TcpStream,
+    peer: std::net::SocketAddr,
+    lifecycle: &Lifecycle,
+) -> Option<Admitted> {
+    lifecycle.refuse(peer, crate::server::conn::admission::Refusal::ProxyHeader);
+    None
 }

@@ -39,7 +39,7 @@
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown as Direction, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -48,11 +48,12 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use crate::net::{classify_accept_error, AcceptError, ACCEPT_BACKOFF};
-use crate::server::echo::{record_close, End};
+use crate::listen::ListenerKind;
+use crate::net::{AcceptError, ACCEPT_BACKOFF};
+use crate::server::conn::limit::{Limit, Permit};
+use crate::server::conn::{Admitted, End, Lifecycle};
 use crate::server::{Server, ServerConfig};
 use crate::shutdown::Shutdown;
-use crate::stats::Stats;
 
 /// The read buffer each worker shares among its connections.
 const READ_BUFFER: usize = 64 * 1024;
@@ -73,14 +74,10 @@ fn listener_token(index: usize) -> Token {
 
 /// Runs the epoll model.
 pub fn serve(server: &Server) -> crate::Result<()> {
-    let shared = Shared {
-        live: AtomicUsize::new(0),
-        max: server.config.max_conns.max(1),
-        exhausted_warned: AtomicBool::new(false),
-        draining_logged: AtomicBool::new(false),
-    };
+    let limit = Limit::new(server.config.max_conns)
+        .map_err(|e| crate::Error::io("cannot create the connection limit", e))?;
     let workers = (0..server.config.workers.max(1))
-        .map(|_| Worker::new(server, &shared))
+        .map(|_| Worker::new(server, &limit))
         .collect::<crate::Result<Vec<_>>>()?;
     tracing::debug!(workers = workers.len(), "epoll workers started");
 
@@ -113,50 +110,12 @@ pub fn serve(server: &Server) -> crate::Result<()> {
     results.into_iter().collect()
 }
 
-/// What the workers share: the live-connection count behind `--max-conns`, and which
-/// once-per-server log lines were written.
-struct Shared {
-    live: AtomicUsize,
-    max: usize,
-    exhausted_warned: AtomicBool,
-    draining_logged: AtomicBool,
-}
-
-impl Shared {
-    /// Takes a connection slot, if the limit allows.
-    fn reserve(&self) -> bool {
-        let mut live = self.live.load(Ordering::Relaxed);
-        loop {
-            if live >= self.max {
-                return false;
-            }
-            match self.live.compare_exchange_weak(
-                live,
-                live + 1,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(now) => live = now,
-            }
-        }
-    }
-
-    /// Gives a slot back; returns whether the server was full until now.
-    fn release(&self) -> bool {
-        self.live.fetch_sub(1, Ordering::AcqRel) >= self.max
-    }
-
-    fn has_room(&self) -> bool {
-        self.live.load(Ordering::Relaxed) < self.max
-    }
-}
-
 /// One client, as small as it can be while idle.
 struct Connection {
     stream: TcpStream,
-    peer: SocketAddr,
-    started: Instant,
+    admitted: Admitted,
+    /// Its slot under `--max-conns`.
+    permit: Permit,
     last_active: Instant,
     bytes: u64,
     /// Echo the socket has not taken yet; empty (no allocation) when caught up.
@@ -260,8 +219,9 @@ struct Worker<'a> {
     listeners: Vec<TcpListener>,
     connections: Slab<Connection>,
     buffer: Box<[u8]>,
-    shared: &'a Shared,
-    stats: &'a Stats,
+    limit: &'a Arc<Limit>,
+    lifecycle: &'a Lifecycle,
+    kinds: &'a [ListenerKind],
     config: &'a ServerConfig,
     shutdown: &'a Shutdown,
     /// The listeners may have connections waiting (their edge was not drained).
@@ -277,7 +237,7 @@ struct Worker<'a> {
 }
 
 impl<'a> Worker<'a> {
-    fn new(server: &'a Server, shared: &'a Shared) -> crate::Result<Self> {
+    fn new(server: &'a Server, limit: &'a Arc<Limit>) -> crate::Result<Self> {
         let poll =
             Poll::new().map_err(|e| crate::Error::io("cannot create an epoll instance", e))?;
         let mut listeners = Vec::with_capacity(server.listeners.len());
@@ -304,8 +264,9 @@ impl<'a> Worker<'a> {
             listeners,
             connections: Slab::new(),
             buffer: vec![0; READ_BUFFER].into_boxed_slice(),
-            shared,
-            stats: &server.stats,
+            limit,
+            lifecycle: &server.conn,
+            kinds: &server.kinds,
             config: &server.config,
             shutdown: &server.shutdown,
             accept_ready: true,
@@ -393,11 +354,7 @@ impl<'a> Worker<'a> {
                     return Ok(());
                 }
                 if now >= deadline {
-                    let closed = self.connections.len();
-                    tracing::info!(
-                        closed,
-                        "shutdown timeout reached; closed remaining connections"
-                    );
+                    self.lifecycle.log_deadline(self.connections.len());
                     self.close_all();
                     return Ok(());
                 }
@@ -416,7 +373,7 @@ impl<'a> Worker<'a> {
         if self.accept_ready && self.drain_deadline.is_none() {
             match self.accept_paused_until {
                 Some(at) => wake_by(at),
-                None if self.shared.has_room() => return Some(Duration::ZERO),
+                None if self.limit.has_room() => return Some(Duration::ZERO),
                 None => wake_by(now + FULL_RETRY),
             }
         }
@@ -452,51 +409,53 @@ impl<'a> Worker<'a> {
         let mut accepted = 0;
         for index in 0..self.listeners.len() {
             loop {
-                if accepted == ACCEPT_BUDGET || !self.shared.reserve() {
-                    // Still ready: the next turn (or the retry timer) comes back here.
+                if accepted == ACCEPT_BUDGET {
                     return Ok(());
                 }
+                let Some(permit) = self.limit.try_acquire() else {
+                    // Still ready: the next turn (or the retry timer) comes back here.
+                    return Ok(());
+                };
                 match self.listeners[index].accept() {
                     Ok((stream, peer)) => {
                         accepted += 1;
-                        self.admit(stream, peer, now);
+                        self.admit(stream, peer, self.kinds[index], permit, now);
                     }
-                    Err(e) => {
-                        self.shared.release();
-                        match classify_accept_error(&e) {
-                            AcceptError::WouldBlock => break,
-                            AcceptError::Retry => continue,
-                            AcceptError::Exhausted => {
-                                if !self.shared.exhausted_warned.swap(true, Ordering::Relaxed) {
-                                    tracing::warn!(
-                                        "accept failed: {e}; pausing accepts for {:?}",
-                                        ACCEPT_BACKOFF
-                                    );
-                                }
-                                self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
-                                return Ok(());
-                            }
-                            AcceptError::Fatal => {
-                                return Err(crate::Error::io("accept failed", e));
-                            }
+                    Err(e) => match self.lifecycle.accept_error(&e) {
+                        AcceptError::WouldBlock | AcceptError::Closed => break,
+                        AcceptError::Retry => continue,
+                        AcceptError::Exhausted => {
+                            self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+                            return Ok(());
                         }
-                    }
+                        AcceptError::Fatal => {
+                            return Err(crate::Error::io("accept failed", e));
+                        }
+                    },
                 }
             }
         }
         // Every listener said WouldBlock: wait for the next edge.
         self.accept_ready = false;
-        if accepted > 0 && self.shared.exhausted_warned.load(Ordering::Relaxed) {
-            self.shared.exhausted_warned.store(false, Ordering::Relaxed);
-        }
         Ok(())
     }
 
-    /// Takes an accepted connection (its slot already reserved) into this worker.
-    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr, now: Instant) {
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(%peer, "cannot set TCP_NODELAY: {e}");
-        }
+    /// Takes an accepted connection (its slot already reserved) into this worker, if the
+    /// lifecycle admits it.
+    fn admit(
+        &mut self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        kind: ListenerKind,
+        permit: Permit,
+        now: Instant,
+    ) {
+        debug_assert_eq!(kind, ListenerKind::Tcp, "server::run refuses other kinds");
+        self.lifecycle.configure(&stream, peer);
+        let Ok(admitted) = self.lifecycle.admit(peer) else {
+            // Dropping the stream closes it without an echo; dropping the permit frees its slot.
+            return;
+        };
         let entry = self.connections.vacant_entry();
         // Registered once for both directions and never changed: edges cost no epoll_ctl.
         // Data that arrived before this registration is reported by it.
@@ -507,15 +466,13 @@ impl<'a> Worker<'a> {
             .register(&mut stream, Token(entry.key()), interest)
         {
             tracing::warn!(%peer, "cannot watch a new connection: {e}; closed it");
-            self.shared.release();
+            self.lifecycle.close(admitted, 0, &End::Failed(e));
             return;
         }
-        self.stats.connection_opened();
-        tracing::debug!(%peer, "connection accepted");
         entry.insert(Connection {
             stream,
-            peer,
-            started: now,
+            admitted,
+            permit,
             last_active: now,
             bytes: 0,
             pending: Vec::new(),
@@ -530,11 +487,11 @@ impl<'a> Worker<'a> {
         // never duplicated), so no deregister call is needed.
         let conn = self.connections.remove(key);
         drop(conn.stream);
-        if self.shared.release() && self.drain_deadline.is_none() {
+        if conn.permit.release() && self.drain_deadline.is_none() {
             // The server was full: this worker takes the next waiting client right away.
             self.accept_ready = true;
         }
-        record_close(self.stats, conn.peer, conn.bytes, conn.started, &end);
+        self.lifecycle.close(conn.admitted, conn.bytes, &end);
     }
 
     fn close_idle(&mut self, idle: Duration, now: Instant) {
@@ -565,10 +522,8 @@ impl<'a> Worker<'a> {
         self.accept_ready = false;
         self.accept_paused_until = None;
         self.drain_deadline = Some(now + self.config.shutdown_timeout);
-        if !self.shared.draining_logged.swap(true, Ordering::Relaxed) {
-            let live = self.shared.live.load(Ordering::Relaxed);
-            crate::shutdown::log_draining(live, self.config.shutdown_timeout);
-        }
+        self.lifecycle
+            .log_draining(self.limit.live(), self.config.shutdown_timeout);
         tracing::debug!(live = self.connections.len(), "epoll worker draining");
     }
 }
@@ -582,26 +537,6 @@ fn sweep_period(idle: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shared_limit_counts_slots() {
-        let shared = Shared {
-            live: AtomicUsize::new(0),
-            max: 2,
-            exhausted_warned: AtomicBool::new(false),
-            draining_logged: AtomicBool::new(false),
-        };
-        assert!(shared.reserve());
-        assert!(shared.reserve());
-        assert!(!shared.reserve(), "the limit holds");
-        assert!(!shared.has_room());
-        assert!(
-            shared.release(),
-            "releasing at the limit says the server was full"
-        );
-        assert!(shared.has_room());
-        assert!(!shared.release());
-    }
 
     #[test]
     fn sweep_period_is_a_fraction_of_the_idle_timeout() {

@@ -15,7 +15,11 @@ use crate::server::{echo, Server};
 pub fn serve(server: &Server) -> crate::Result<()> {
     let connections = Connections::new(1)
         .map_err(|e| crate::Error::io("cannot create the connection registry", e))?;
-    let watchdog = connections.close_at_deadline(&server.shutdown, server.config.shutdown_timeout);
+    let watchdog = connections.close_at_deadline(
+        &server.shutdown,
+        server.config.shutdown_timeout,
+        &server.conn,
+    );
     let result = serve_one_at_a_time(server, &connections);
     // On a fatal accept error the watchdog must still end.
     server.shutdown.trigger();
@@ -26,14 +30,17 @@ pub fn serve(server: &Server) -> crate::Result<()> {
 /// Accepts and serves connections one after the other until shutdown. Prefork workers run
 /// this same loop, each in its own process.
 pub fn serve_one_at_a_time(server: &Server, connections: &Connections) -> crate::Result<()> {
-    let mut acceptor = Acceptor::new(&server.listeners, &server.shutdown)
-        .map_err(|e| crate::Error::io("cannot prepare the listeners", e))?;
-    while let Some((stream, peer)) = acceptor
+    let mut acceptor =
+        Acceptor::new(server).map_err(|e| crate::Error::io("cannot prepare the listeners", e))?;
+    while let Some((incoming, permit)) = acceptor
         .accept_within(connections)
         .map_err(|e| crate::Error::io("accept failed", e))?
     {
-        let mut conn = connections.admit(stream);
-        echo::serve_connection(&mut conn, peer, &server.config, &server.stats);
+        let Some((stream, screened)) = incoming.screen(&server.conn) else {
+            continue;
+        };
+        let mut conn = connections.track(stream, permit);
+        echo::serve_connection(&mut conn, screened, &server.config, &server.conn);
     }
     Ok(())
 }

@@ -10,6 +10,7 @@
 
 pub mod accept;
 mod children;
+pub mod conn;
 pub mod echo;
 pub mod epoll;
 pub mod iterative;
@@ -21,12 +22,15 @@ pub mod tokio_rt;
 pub mod uring;
 
 use std::fmt;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::listen::{ListenSpec, ListenerKind};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
+use conn::admission::AdmissionConfig;
+use conn::Lifecycle;
 
 /// A way of serving many clients at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
@@ -118,6 +122,8 @@ pub struct ServerConfig {
     pub workers: usize,
     /// The stack size of connection threads (thread model).
     pub thread_stack: usize,
+    /// Who is served, and which peers may send PROXY headers.
+    pub admission: AdmissionConfig,
 }
 
 impl Default for ServerConfig {
@@ -129,6 +135,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(5),
             workers: default_workers(),
             thread_stack: 128 * 1024,
+            admission: AdmissionConfig::default(),
         }
     }
 }
@@ -143,30 +150,82 @@ pub fn default_workers() -> usize {
 pub struct Server {
     /// Bound, listening sockets (blocking mode; a model changes that if it wants).
     pub listeners: Vec<TcpListener>,
+    /// What each listener (same index) expects of its connections.
+    pub kinds: Vec<ListenerKind>,
     /// What the model obeys.
     pub config: ServerConfig,
     /// Triggered by SIGINT/SIGTERM (or a test).
     pub shutdown: Shutdown,
     /// Counters the model updates.
     pub stats: Arc<Stats>,
+    /// The connection lifecycle every model calls: admission, records, shared warnings.
+    pub conn: Arc<Lifecycle>,
 }
 
 impl Server {
-    /// A server on already-bound listeners.
-    pub fn new(listeners: Vec<TcpListener>, config: ServerConfig, shutdown: Shutdown) -> Self {
-        Server {
+    /// A server on already-bound plain TCP listeners.
+    pub fn new(
+        listeners: Vec<TcpListener>,
+        config: ServerConfig,
+        shutdown: Shutdown,
+    ) -> crate::Result<Self> {
+        let kinds = vec![ListenerKind::Tcp; listeners.len()];
+        Server::with_kinds(listeners, kinds, config, shutdown)
+    }
+
+    /// A server on already-bound listeners of the given kinds.
+    pub fn with_kinds(
+        listeners: Vec<TcpListener>,
+        kinds: Vec<ListenerKind>,
+        config: ServerConfig,
+        shutdown: Shutdown,
+    ) -> crate::Result<Self> {
+        assert_eq!(listeners.len(), kinds.len(), "a kind per listener");
+        let stats = Arc::new(Stats::default());
+        let conn = Lifecycle::new(&config.admission, Arc::clone(&stats))
+            .map_err(|e| crate::Error::io("cannot set up admission control", e))?;
+        Ok(Server {
             listeners,
+            kinds,
             config,
             shutdown,
-            stats: Arc::new(Stats::default()),
+            stats,
+            conn: Arc::new(conn),
+        })
+    }
+
+    /// The same server with its own listeners and shutdown (a prefork worker), sharing the
+    /// parent's lifecycle (its per-source state is in memory shared across the fork).
+    pub fn worker(&self, listeners: Vec<TcpListener>, shutdown: Shutdown) -> Server {
+        Server {
+            listeners,
+            kinds: self.kinds.clone(),
+            config: self.config.clone(),
+            shutdown,
+            stats: Arc::clone(&self.stats),
+            conn: Arc::clone(&self.conn),
         }
+    }
+
+    /// What connections on listener `index` start with.
+    pub fn kind(&self, index: usize) -> ListenerKind {
+        self.kinds[index]
     }
 }
 
 /// Binds `listen`, installs the SIGINT/SIGTERM handlers, logs where it listens and runs
 /// `model` until shutdown. Starts no thread before the model runs (fork-based models need a
 /// single-threaded parent).
-pub fn run(model: Model, listen: &[SocketAddr], config: ServerConfig) -> crate::Result<()> {
+pub fn run(model: Model, listen: &[ListenSpec], config: ServerConfig) -> crate::Result<()> {
+    if let Some(spec) = listen
+        .iter()
+        .find(|spec| !matches!(spec.kind, ListenerKind::Tcp | ListenerKind::TcpProxy))
+    {
+        return Err(crate::Error::Unsupported(format!(
+            "cannot listen on {spec}: {}:// listeners are not available yet (tcp:// and tcp+proxy:// are)",
+            spec.kind
+        )));
+    }
     // A model that cannot run on this machine says so before it claims to listen.
     if model == Model::Uring {
         uring::probe()?;
@@ -177,17 +236,24 @@ pub fn run(model: Model, listen: &[SocketAddr], config: ServerConfig) -> crate::
     }
     let listeners = listen
         .iter()
-        .map(|addr| crate::net::bind(*addr, config.backlog))
+        .map(|spec| crate::net::bind(spec.addr, config.backlog))
         .collect::<crate::Result<Vec<_>>>()?;
     let shutdown = Shutdown::on_signals()
         .map_err(|e| crate::Error::io("cannot install signal handlers", e))?;
-    for listener in &listeners {
+    shutdown
+        .stop_listening_on_trigger(&listeners)
+        .map_err(|e| crate::Error::io("cannot prepare the listeners for shutdown", e))?;
+    for (listener, spec) in listeners.iter().zip(listen) {
         let addr = listener
             .local_addr()
             .map_err(|e| crate::Error::io("cannot read the bound address", e))?;
-        tracing::info!("listening on {addr} with the {model} model");
+        match spec.kind {
+            ListenerKind::Tcp => tracing::info!("listening on {addr} with the {model} model"),
+            kind => tracing::info!("listening on {addr} ({kind}://) with the {model} model"),
+        }
     }
-    let server = Server::new(listeners, config, shutdown);
+    let kinds = listen.iter().map(|spec| spec.kind).collect();
+    let server = Server::with_kinds(listeners, kinds, config, shutdown)?;
     model.serve(&server)?;
     tracing::info!(
         connections = server.stats.accepted(),

@@ -8,13 +8,12 @@
 //! accepting, let queued and live connections finish up to the shutdown timeout, then close
 //! them; the workers then see the queue end and exit.
 
-use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
 use crate::limits::{Connections, Tracked};
-use crate::server::accept::Acceptor;
+use crate::server::accept::{Acceptor, Screened};
 use crate::server::{echo, Server};
 
 /// Runs the thread-pool model.
@@ -24,33 +23,38 @@ pub fn serve(server: &Server) -> crate::Result<()> {
     let queue = workers;
     let connections = Connections::new(config.max_conns.min(workers + queue))
         .map_err(|e| crate::Error::io("cannot create the connection registry", e))?;
-    let (sender, receiver) = mpsc::sync_channel::<(Tracked, SocketAddr)>(queue);
+    let (sender, receiver) = mpsc::sync_channel::<(Tracked, Screened)>(queue);
     let receiver = Arc::new(Mutex::new(receiver));
     let mut handles = Vec::with_capacity(workers);
     for id in 0..workers {
         let receiver = Arc::clone(&receiver);
         let config = config.clone();
-        let stats = server.stats.clone();
+        let lifecycle = Arc::clone(&server.conn);
         let handle = thread::Builder::new()
             .name(format!("pool-{id}"))
             .spawn(move || loop {
                 // Hold the lock only while taking the next connection.
                 let next = receiver.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                let Ok((mut conn, peer)) = next else { break };
-                echo::serve_connection(&mut conn, peer, &config, &stats);
+                let Ok((mut conn, screened)) = next else {
+                    break;
+                };
+                echo::serve_connection(&mut conn, screened, &config, &lifecycle);
             })
             .map_err(|e| crate::Error::io("cannot start a pool thread", e))?;
         handles.push(handle);
     }
     tracing::debug!(workers, queue, "pool started");
 
-    let mut acceptor = Acceptor::new(&server.listeners, &server.shutdown)
-        .map_err(|e| crate::Error::io("cannot prepare the listeners", e))?;
+    let mut acceptor =
+        Acceptor::new(server).map_err(|e| crate::Error::io("cannot prepare the listeners", e))?;
     let accepted = loop {
         match acceptor.accept_within(&connections) {
-            Ok(Some((stream, peer))) => {
-                let conn = connections.admit(stream);
-                if sender.send((conn, peer)).is_err() {
+            Ok(Some((incoming, permit))) => {
+                let Some((stream, screened)) = incoming.screen(&server.conn) else {
+                    continue;
+                };
+                let conn = connections.track(stream, permit);
+                if sender.send((conn, screened)).is_err() {
                     break Ok(());
                 }
             }
@@ -59,7 +63,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
         }
     };
     drop(sender);
-    connections.drain(config.shutdown_timeout);
+    connections.drain(config.shutdown_timeout, &server.conn);
     for handle in handles {
         let _ = handle.join();
     }

@@ -172,10 +172,14 @@ fn worker(parent: &Server) -> crate::Result<()> {
         .map(|listener| listener.try_clone())
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| crate::Error::io("cannot share the listeners", e))?;
-    let server = Server::new(listeners, parent.config.clone(), shutdown);
+    let server = parent.worker(listeners, shutdown);
     let connections = Connections::new(1)
         .map_err(|e| crate::Error::io("cannot create the connection registry", e))?;
-    let watchdog = connections.close_at_deadline(&server.shutdown, server.config.shutdown_timeout);
+    let watchdog = connections.close_at_deadline(
+        &server.shutdown,
+        server.config.shutdown_timeout,
+        &server.conn,
+    );
     let result = serve_one_at_a_time(&server, &connections);
     // On a fatal accept error the watchdog must still end.
     server.shutdown.trigger();

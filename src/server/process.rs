@@ -23,7 +23,8 @@
 //! reaps them, SIGKILLs any still running a second after the deadline, and exits 0. A child
 //! whose parent dies gets SIGTERM (`PR_SET_PDEATHSIG`) and so ends within its own deadline.
 
-use std::net::{SocketAddr, TcpStream};
+use std::collections::HashMap;
+use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -31,8 +32,12 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
-use crate::server::accept::{Accepted, Acceptor};
+use nix::unistd::Pid;
+
+use crate::server::accept::{Accepted, Acceptor, Screened};
 use crate::server::children::{log_exit, Children};
+use crate::server::conn::limit::{Limit, Permit};
+use crate::server::conn::sources::Slot;
 use crate::server::{echo, Server};
 
 /// Runs the process-per-connection model.
@@ -40,29 +45,52 @@ pub fn serve(server: &Server) -> crate::Result<()> {
     let config = &server.config;
     let mut children =
         Children::new().map_err(|e| crate::Error::io("cannot watch for exiting children", e))?;
-    let mut acceptor = Acceptor::new(&server.listeners, &server.shutdown)
-        .map_err(|e| crate::Error::io("cannot prepare the listeners", e))?;
+    let mut acceptor =
+        Acceptor::new(server).map_err(|e| crate::Error::io("cannot prepare the listeners", e))?;
+    let limit = Limit::new(config.max_conns)
+        .map_err(|e| crate::Error::io("cannot create the connection limit", e))?;
+    // What each live child holds: its slot under --max-conns and its per-source slot, given
+    // back when it is reaped, however it ended.
+    let mut held: HashMap<Pid, (Permit, Option<Slot>)> = HashMap::new();
     tracing::info!(
         max_conns = config.max_conns,
         "process model: forking a child process per connection"
     );
     let result = loop {
-        let accepting = children.len() < config.max_conns;
-        match acceptor.next(accepting, Some(children.exit_fd())) {
-            Ok(Accepted::Connection(stream, peer)) => {
-                server.stats.connection_opened();
-                fork_connection(server, &mut children, stream, peer);
+        let permit = limit.try_acquire();
+        match acceptor.next(permit.is_some(), Some(children.exit_fd())) {
+            Ok(Accepted::Connection(incoming)) => {
+                let Some((stream, mut screened)) = incoming.screen(&server.conn) else {
+                    continue;
+                };
+                let slot = screened.admitted.as_mut().and_then(|a| a.take_slot());
+                let permit = permit.expect("accepting only with a slot");
+                match fork_connection(server, &mut children, stream, screened) {
+                    Some(pid) => {
+                        held.insert(pid, (permit, slot));
+                    }
+                    None => {
+                        if let Some(slot) = slot {
+                            server.conn.release_slot(slot);
+                        }
+                    }
+                }
             }
             Ok(Accepted::Woken) => {
                 for exit in children.reap() {
                     log_exit(&exit, "connection process");
+                    if let Some((_permit, Some(slot))) = held.remove(&exit.pid) {
+                        server.conn.release_slot(slot);
+                    }
                 }
             }
             Ok(Accepted::Shutdown) => break Ok(()),
             Err(e) => break Err(crate::Error::io("accept failed", e)),
         }
     };
-    crate::shutdown::log_draining(children.len(), config.shutdown_timeout);
+    server
+        .conn
+        .log_draining(children.len(), config.shutdown_timeout);
     let killed = children.stop(config.shutdown_timeout);
     if killed > 0 {
         tracing::warn!(
@@ -75,28 +103,39 @@ pub fn serve(server: &Server) -> crate::Result<()> {
 
 /// Forks a child to serve `stream`. On failure the connection is closed and the parent backs
 /// off, so a process table that is full does not turn into a busy loop.
-fn fork_connection(server: &Server, children: &mut Children, stream: TcpStream, peer: SocketAddr) {
+fn fork_connection(
+    server: &Server,
+    children: &mut Children,
+    stream: TcpStream,
+    screened: Screened,
+) -> Option<Pid> {
+    let peer = screened.peer;
     let inherited: Vec<BorrowedFd<'_>> = server
         .listeners
         .iter()
         .map(|listener| listener.as_fd())
+        .chain(server.shutdown.listener_fds())
         .chain([server.shutdown.as_fd()])
         .collect();
     // In the parent the closure is dropped, and the parent's copy of the socket with it.
-    let spawned = children.spawn(&inherited, move || serve_in_child(stream, peer, server));
-    if let Err(e) = spawned {
-        tracing::warn!(%peer, "cannot fork: {e}; closed the connection");
-        server.shutdown.wait_timeout(crate::net::ACCEPT_BACKOFF);
+    let spawned = children.spawn(&inherited, move || serve_in_child(stream, screened, server));
+    match spawned {
+        Ok(pid) => Some(pid),
+        Err(e) => {
+            tracing::warn!(%peer, "cannot fork: {e}; closed the connection");
+            server.shutdown.wait_timeout(crate::net::ACCEPT_BACKOFF);
+            None
+        }
     }
 }
 
 /// The child: serve the one connection, then exit.
-fn serve_in_child(mut stream: TcpStream, peer: SocketAddr, server: &Server) -> i32 {
+fn serve_in_child(mut stream: TcpStream, screened: Screened, server: &Server) -> i32 {
     if let Err(e) = close_after_deadline_on_sigterm(&stream, server.config.shutdown_timeout) {
         // The parent's SIGKILL after the deadline still bounds the shutdown.
-        tracing::warn!(%peer, "cannot install the shutdown handlers: {e}");
+        tracing::warn!(peer = %screened.peer, "cannot install the shutdown handlers: {e}");
     }
-    echo::serve_connection(&mut stream, peer, &server.config, &server.stats);
+    echo::serve_connection(&mut stream, screened, &server.config, &server.conn);
     0
 }
 

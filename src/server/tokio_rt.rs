@@ -14,7 +14,7 @@
 //! socket costs about 1 KiB). A round trip costs a read and a write, plus a share of an
 //! `epoll_wait` and of tokio's scheduling: about the CPU time of a hand-written epoll loop.
 //!
-//! Limits: `--max-conns` is a [`Semaphore`]; an accept task takes a permit *before* accepting,
+//! Limits: `--max-conns` is the lifecycle's `Limit`; an accept task takes a permit *before* accepting,
 //! so clients beyond the limit wait in the listen backlog (connected, not reset) until a
 //! connection closes. `--idle-timeout` is one `tokio::time` timer per connection, pushed back
 //! by every read and every partial write. Running out of descriptors on accept (EMFILE,
@@ -29,27 +29,25 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::net::{classify_accept_error, AcceptError, ACCEPT_BACKOFF};
-use crate::server::echo::End;
-use crate::server::{echo, Server, ServerConfig};
+use crate::net::{AcceptError, ACCEPT_BACKOFF};
+use crate::server::conn::limit::{Limit, Permit};
+use crate::server::conn::{Admitted, End, Lifecycle};
+use crate::server::{Server, ServerConfig};
 use crate::shutdown::Shutdown;
-use crate::stats::Stats;
 
 /// The read buffer each worker thread lends to the connection it is running.
 const READ_BUFFER_SIZE: usize = 64 * 1024;
@@ -83,7 +81,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
         .map_err(|e| crate::Error::io("cannot prepare the listeners", e))?;
     let shared = Arc::new(Shared {
         config: server.config.clone(),
-        stats: Arc::clone(&server.stats),
+        lifecycle: Arc::clone(&server.conn),
         close_connections: CancellationToken::new(),
     });
     let result = runtime.block_on(run(listeners, server.shutdown.clone(), shared));
@@ -96,7 +94,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
 /// What every connection task needs.
 struct Shared {
     config: ServerConfig,
-    stats: Arc<Stats>,
+    lifecycle: Arc<Lifecycle>,
     /// Cancelled at the shutdown deadline: connection tasks then close their sockets.
     close_connections: CancellationToken,
 }
@@ -107,8 +105,8 @@ async fn run(
     shutdown: Shutdown,
     shared: Arc<Shared>,
 ) -> crate::Result<()> {
-    let max_conns = shared.config.max_conns.clamp(1, Semaphore::MAX_PERMITS);
-    let room = Arc::new(Semaphore::new(max_conns));
+    let limit = Limit::new(shared.config.max_conns)
+        .map_err(|e| crate::Error::io("cannot create the connection limit", e))?;
     let stop_accepting = CancellationToken::new();
     let connections = TaskTracker::new();
 
@@ -116,9 +114,12 @@ async fn run(
     for listener in listeners {
         let listener = TcpListener::from_std(listener)
             .map_err(|e| crate::Error::io("cannot register a listener", e))?;
+        let room = watch_readable(limit.room_fd())
+            .map_err(|e| crate::Error::io("cannot watch the connection limit", e))?;
         acceptors.spawn(accept_loop(
             listener,
-            Arc::clone(&room),
+            Arc::clone(&limit),
+            room,
             stop_accepting.clone(),
             connections.clone(),
             Arc::clone(&shared),
@@ -139,15 +140,14 @@ async fn run(
     while acceptors.join_next().await.is_some() {}
 
     connections.close();
-    crate::shutdown::log_draining(connections.len(), shared.config.shutdown_timeout);
+    shared
+        .lifecycle
+        .log_draining(connections.len(), shared.config.shutdown_timeout);
     if tokio::time::timeout(shared.config.shutdown_timeout, connections.wait())
         .await
         .is_err()
     {
-        tracing::info!(
-            live = connections.len(),
-            "shutdown timeout reached; closing the remaining connections"
-        );
+        shared.lifecycle.log_deadline(connections.len());
         shared.close_connections.cancel();
         if tokio::time::timeout(CLOSE_GRACE, connections.wait())
             .await
@@ -165,11 +165,7 @@ async fn run(
 /// Resolves once shutdown has been triggered. The shutdown descriptor stays readable from then
 /// on, so watching a duplicate of it needs no draining and sees a trigger that came earlier.
 async fn shutdown_requested(shutdown: &Shutdown) -> io::Result<()> {
-    let watched: OwnedFd = shutdown.as_fd().try_clone_to_owned()?;
-    // SAFETY: `watched` is an `OwnedFd` moved into the `AsyncFd`: it is open, nothing else can
-    // close or replace it, and `as_raw_fd` returns the same descriptor until the `AsyncFd` drops.
-    let watched = unsafe { AsyncFd::register_with_interest(watched, Interest::READABLE) }
-        .map_err(io::Error::from)?;
+    let watched = watch_readable(shutdown.as_fd())?;
     while !shutdown.is_triggered() {
         let _ready = watched.readable().await?;
         if !shutdown.is_triggered() {
@@ -181,23 +177,42 @@ async fn shutdown_requested(shutdown: &Shutdown) -> io::Result<()> {
     Ok(())
 }
 
+/// A duplicate of `fd`, registered with the runtime for readability. Must be called within
+/// the runtime.
+fn watch_readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<AsyncFd<OwnedFd>> {
+    let watched: OwnedFd = fd.try_clone_to_owned()?;
+    // SAFETY: `watched` is an `OwnedFd` moved into the `AsyncFd`: it is open, nothing else can
+    // close or replace it, and `as_raw_fd` returns the same descriptor until the `AsyncFd` drops.
+    unsafe { AsyncFd::register_with_interest(watched, Interest::READABLE) }.map_err(io::Error::from)
+}
+
+/// A slot under the limit, waiting (on the limit's room descriptor) while the server is full.
+async fn acquire(limit: &Arc<Limit>, room: &AsyncFd<OwnedFd>) -> io::Result<Permit> {
+    loop {
+        if let Some(permit) = limit.try_acquire() {
+            return Ok(permit);
+        }
+        let mut ready = room.readable().await?;
+        limit.clear_room_signal();
+        ready.clear_ready();
+    }
+}
+
 /// Accepts connections on one listener until `stop` is cancelled; a task per connection.
 async fn accept_loop(
     listener: TcpListener,
-    room: Arc<Semaphore>,
+    limit: Arc<Limit>,
+    room: AsyncFd<OwnedFd>,
     stop: CancellationToken,
     connections: TaskTracker,
     shared: Arc<Shared>,
 ) -> io::Result<()> {
-    let mut warned_exhausted = false;
     loop {
         // Take a permit before accepting: beyond the limit, clients wait in the backlog.
         let permit = tokio::select! {
             biased;
             () = stop.cancelled() => return Ok(()),
-            permit = Arc::clone(&room).acquire_owned() => {
-                permit.expect("the connection semaphore is never closed")
-            }
+            permit = acquire(&limit, &room) => permit?,
         };
         let (stream, peer) = loop {
             let accepted = tokio::select! {
@@ -209,15 +224,13 @@ async fn accept_loop(
                 Ok(connection) => break connection,
                 Err(e) => e,
             };
-            match classify_accept_error(&err) {
+            match shared.lifecycle.accept_error(&err) {
                 AcceptError::WouldBlock | AcceptError::Retry => {
                     tracing::debug!("accept: {err}; retrying");
                 }
+                // Shutdown stopped the listener.
+                AcceptError::Closed => return Ok(()),
                 AcceptError::Exhausted => {
-                    if !warned_exhausted {
-                        tracing::warn!("accept: {err}; backing off until resources free up");
-                        warned_exhausted = true;
-                    }
                     tokio::select! {
                         biased;
                         () = stop.cancelled() => return Ok(()),
@@ -227,24 +240,27 @@ async fn accept_loop(
                 AcceptError::Fatal => return Err(err),
             }
         };
-        warned_exhausted = false;
-        connections.spawn(serve_connection(stream, peer, permit, Arc::clone(&shared)));
+        shared.lifecycle.configure(&stream, peer);
+        let Ok(admitted) = shared.lifecycle.admit(peer) else {
+            // Refused: dropping the stream closes it without an echo; the permit frees its slot.
+            continue;
+        };
+        connections.spawn(serve_connection(
+            stream,
+            admitted,
+            permit,
+            Arc::clone(&shared),
+        ));
     }
 }
 
 /// Serves one connection to its end, logs one line about it, then frees its permit.
 async fn serve_connection(
     mut stream: TcpStream,
-    peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    admitted: Admitted,
+    _permit: Permit,
     shared: Arc<Shared>,
 ) {
-    let started = Instant::now();
-    shared.stats.connection_opened();
-    tracing::debug!(%peer, "connection accepted");
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(%peer, "cannot set TCP_NODELAY: {e}");
-    }
     let mut bytes = 0u64;
     let end = tokio::select! {
         biased;
@@ -257,7 +273,7 @@ async fn serve_connection(
         }
     };
     drop(stream);
-    echo::record_close(&shared.stats, peer, bytes, started, &end);
+    shared.lifecycle.close(admitted, bytes, &end);
 }
 
 /// Echoes until the client half-closes (then closes our side too), an error, or the idle

@@ -75,19 +75,20 @@
 use std::alloc::{self, Layout};
 use std::collections::VecDeque;
 use std::io;
-use std::net::{Shutdown as Direction, SocketAddr, TcpStream};
+use std::net::{Shutdown as Direction, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use io_uring::types::{BufRingEntry, Fd, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 
-use crate::net::{classify_accept_error, AcceptError, ACCEPT_BACKOFF};
+use crate::net::{AcceptError, ACCEPT_BACKOFF};
+use crate::server::conn::Admitted;
 use crate::server::echo::End;
-use crate::server::{echo, Server};
+use crate::server::Server;
 use crate::wake::Wake;
 
 /// The size of one receive buffer.
@@ -130,7 +131,6 @@ pub fn serve(server: &Server) -> crate::Result<()> {
     let workers = server.config.workers.max(1);
     let shared = Shared {
         live: AtomicUsize::new(0),
-        draining: AtomicBool::new(false),
         max: server.config.max_conns.max(1),
         workers: (0..workers)
             .map(|_| {
@@ -272,8 +272,6 @@ struct Shared {
     live: AtomicUsize,
     max: usize,
     workers: Vec<Mailbox>,
-    /// Whether a worker has logged the start of the shutdown (once for the server).
-    draining: AtomicBool,
 }
 
 /// How other workers reach one worker: connections handed over to it, its load, and a
@@ -509,8 +507,7 @@ struct Sending {
 
 struct Connection {
     stream: TcpStream,
-    peer: SocketAddr,
-    started: Instant,
+    admitted: Admitted,
     last_active: Instant,
     bytes: u64,
     /// Its multishot recv is armed: the completion without "more" has not arrived yet.
@@ -568,8 +565,6 @@ struct Worker<'a> {
     parked: VecDeque<TcpStream>,
     listeners: Vec<Listener>,
     backing_off: bool,
-    /// When this worker last warned that accept ran out of descriptors or memory.
-    warned_exhausted: Option<Instant>,
     stopping: bool,
     /// Buffers the kernel gave us (received data) that we have not given back yet.
     buffers_held: usize,
@@ -638,7 +633,6 @@ impl<'a> Worker<'a> {
                 })
                 .collect(),
             backing_off: false,
-            warned_exhausted: None,
             stopping: false,
             buffers_held: 0,
             multishot,
@@ -821,16 +815,8 @@ impl<'a> Worker<'a> {
             return Ok(());
         }
         let err = io::Error::from_raw_os_error(-result);
-        match classify_accept_error(&err) {
+        match self.server.conn.accept_error(&err) {
             AcceptError::Exhausted => {
-                // Warn once, not at every back-off (again only after a quiet minute).
-                let quiet = self
-                    .warned_exhausted
-                    .map_or(true, |at| at.elapsed() >= Duration::from_secs(60));
-                if quiet {
-                    self.warned_exhausted = Some(Instant::now());
-                    tracing::warn!("accept failed: {err}; pausing accepts for {ACCEPT_BACKOFF:?}");
-                }
                 if !self.backing_off {
                     self.backing_off = true;
                     let timespec: *const Timespec = &*self.backoff;
@@ -844,6 +830,8 @@ impl<'a> Worker<'a> {
             AcceptError::Retry | AcceptError::WouldBlock => {
                 tracing::debug!("accept failed: {err}; retrying");
             }
+            // Shutdown stopped the listener.
+            AcceptError::Closed => {}
             AcceptError::Fatal if self.stopping => {}
             AcceptError::Fatal => return Err(crate::Error::io("accept failed", err)),
         }
@@ -903,17 +891,18 @@ impl<'a> Worker<'a> {
                 return;
             }
         };
-        if let Err(e) = crate::net::configure_connection(&stream) {
-            tracing::debug!(%peer, "cannot set TCP_NODELAY: {e}");
-        }
-        self.server.stats.connection_opened();
+        self.server.conn.configure(&stream, peer);
+        let Ok(admitted) = self.server.conn.admit(peer) else {
+            // Refused: closed without an echo.
+            drop(stream);
+            self.shared.release(self.id);
+            return;
+        };
         self.served += 1;
-        tracing::debug!(%peer, "connection accepted");
         let now = Instant::now();
         let connection = Connection {
             stream,
-            peer,
-            started: now,
+            admitted,
             last_active: now,
             bytes: 0,
             receiving: false,
@@ -1218,15 +1207,10 @@ impl<'a> Worker<'a> {
                 End::ClientClosed
             }
         };
-        let stats = &self.server.stats;
-        echo::record_close(
-            stats,
-            connection.peer,
-            connection.bytes,
-            connection.started,
-            &end,
-        );
         drop(connection.stream);
+        self.server
+            .conn
+            .close(connection.admitted, connection.bytes, &end);
         self.shared.release(self.id);
     }
 
@@ -1282,12 +1266,10 @@ impl<'a> Worker<'a> {
         self.stopping = true;
         // Accepted while full, never admitted nor served: close them.
         self.parked.clear();
-        if !self.shared.draining.swap(true, Ordering::AcqRel) {
-            crate::shutdown::log_draining(
-                self.shared.live.load(Ordering::Acquire),
-                self.server.config.shutdown_timeout,
-            );
-        }
+        self.server.conn.log_draining(
+            self.shared.live.load(Ordering::Acquire),
+            self.server.config.shutdown_timeout,
+        );
         if self.active > 0 {
             let timespec: *const Timespec = &*self.deadline;
             self.push(opcode::Timeout::new(timespec).build().user_data(token(
@@ -1302,10 +1284,7 @@ impl<'a> Worker<'a> {
         if self.active == 0 {
             return;
         }
-        tracing::info!(
-            closed = self.active,
-            "shutdown timeout reached; closing remaining connections"
-        );
+        self.server.conn.log_deadline(self.active);
         for index in 0..self.slots.len() as u32 {
             self.end_connection(index, ServerEnd::Shutdown);
         }

@@ -1,0 +1,258 @@
+//! The one connection lifecycle every model calls, so that a model file holds only what makes
+//! the model different.
+//!
+//! For every stream a model accepts, in this order:
+//! 1. a [`limit::Permit`] under `--max-conns`, taken *before* `accept()` (beyond the limit,
+//!    clients wait in the backlog);
+//! 2. [`Lifecycle::configure`]: the socket options every accepted stream gets;
+//! 3. on a `+proxy` listener, [`Lifecycle::check_proxy_peer`] and then the PROXY header
+//!    ([`proxy`]), whose address becomes the connection's peer;
+//! 4. [`Lifecycle::admit`]: allow/deny, per-source and rate rules on the peer, decided before
+//!    the model spends anything more on it; a refusal is counted and logged (at most once per
+//!    source per [`REFUSAL_LOG_INTERVAL`]) and the model just drops the stream;
+//! 5. echo; then [`Lifecycle::close`] with the bytes and the [`End`]: the per-connection log line,
+//!    the counters, the per-source slot given back.
+//!
+//! Around them: [`Lifecycle::accept_error`] (one classification and one rate-limited warning for
+//! running out of descriptors), [`Lifecycle::log_draining`] and [`Lifecycle::log_deadline`] (the
+//! shutdown lines, once per server). Per-source state lives in memory mapped shared before any
+//! fork, so the fork models obey the same rules (`sources`).
+
+pub mod admission;
+pub mod limit;
+mod shared_mem;
+pub mod sources;
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::SockRef;
+
+use crate::net::{classify_accept_error, AcceptError};
+use crate::stats::Stats;
+use admission::{Admission, AdmissionConfig, Refusal};
+use sources::Slot;
+
+/// A refused source is logged at most once per this interval, so a scanner cannot flood the log.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// After a warning that accept ran out of descriptors or memory, the next one waits this long.
+pub const ACCEPT_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Why a connection ended: the `end` field of every model's close line.
+#[derive(Debug)]
+pub enum End {
+    /// The client closed (or half-closed) and got every byte back.
+    ClientClosed,
+    /// Nothing moved for the idle timeout.
+    IdleTimeout,
+    /// Still open when the server closed it (the shutdown deadline, or a server error).
+    Shutdown,
+    /// The connection failed (for example reset by the client).
+    Failed(io::Error),
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            End::ClientClosed => f.write_str("client closed"),
+            End::IdleTimeout => f.write_str("idle timeout"),
+            End::Shutdown => f.write_str("closed at shutdown"),
+            End::Failed(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
+impl From<io::Error> for End {
+    fn from(e: io::Error) -> Self {
+        End::Failed(e)
+    }
+}
+
+/// A connection that was admitted: who it is for, since when, and its per-source slot.
+#[derive(Debug)]
+pub struct Admitted {
+    pub peer: SocketAddr,
+    pub started: Instant,
+    slot: Option<Slot>,
+}
+
+impl Admitted {
+    /// Splits off the per-source slot, for a model whose connection is served by another
+    /// process (process): the accepting parent keeps the slot and gives it back when the
+    /// child is reaped, however the child ended.
+    pub fn take_slot(&mut self) -> Option<Slot> {
+        self.slot.take()
+    }
+}
+
+/// The lifecycle policy of one server, shared by all its workers (and, through memory mapped
+/// before the fork, by its processes).
+#[derive(Debug)]
+pub struct Lifecycle {
+    admission: Admission,
+    stats: Arc<Stats>,
+    proxy_timeout: Duration,
+    epoch: Instant,
+    /// When accept last warned about exhaustion, in ms since `epoch` plus one (0: never).
+    accept_warned_at: AtomicU64,
+    draining_logged: AtomicBool,
+}
+
+impl Lifecycle {
+    /// The policy for `config`, counting into `stats`.
+    pub fn new(config: &AdmissionConfig, stats: Arc<Stats>) -> io::Result<Self> {
+        Ok(Lifecycle {
+            admission: Admission::new(config)?,
+            stats,
+            proxy_timeout: config.proxy_timeout,
+            epoch: Instant::now(),
+            accept_warned_at: AtomicU64::new(0),
+            draining_logged: AtomicBool::new(false),
+        })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// How long a PROXY listener waits for a connection's header.
+    pub fn proxy_timeout(&self) -> Duration {
+        self.proxy_timeout
+    }
+
+    /// The options every accepted stream gets: no Nagle delay, so small echoes go out at once.
+    pub fn configure(&self, stream: &impl AsFd, peer: SocketAddr) {
+        if let Err(e) = SockRef::from(stream).set_nodelay(true) {
+            tracing::debug!(%peer, "cannot set TCP_NODELAY: {e}");
+        }
+    }
+
+    /// Serve or refuse a new connection from `peer` (for a PROXY listener: the header's
+    /// client). On success the connection is counted as open; on refusal it is counted and
+    /// logged, and the caller closes it without an echo.
+    pub fn admit(&self, peer: SocketAddr) -> Result<Admitted, Refusal> {
+        match self.admission.admit(canonical_ip(peer)) {
+            Ok(slot) => {
+                self.stats.connection_opened();
+                tracing::debug!(%peer, "connection accepted");
+                Ok(Admitted {
+                    peer,
+                    started: Instant::now(),
+                    slot,
+                })
+            }
+            Err(reason) => {
+                self.refuse(peer, reason);
+                Err(reason)
+            }
+        }
+    }
+
+    /// Counts and (rate-limited) logs a refusal decided outside [`Lifecycle::admit`] (a bad
+    /// PROXY header, an untrusted proxy).
+    pub fn refuse(&self, peer: SocketAddr, reason: Refusal) {
+        self.stats.connection_refused(reason);
+        if self
+            .admission
+            .should_log(canonical_ip(peer), REFUSAL_LOG_INTERVAL)
+        {
+            tracing::info!(%peer, reason = reason.as_str(), "connection refused");
+        }
+    }
+
+    /// On a `+proxy` listener: whether the TCP peer may send a PROXY header; an untrusted one is
+    /// refused (counted, logged) and must be closed.
+    pub fn check_proxy_peer(&self, peer: SocketAddr) -> Result<(), Refusal> {
+        if self.admission.is_trusted_proxy(canonical_ip(peer)) {
+            Ok(())
+        } else {
+            self.refuse(peer, Refusal::UntrustedProxy);
+            Err(Refusal::UntrustedProxy)
+        }
+    }
+
+    /// The end of an admitted connection: its one info line, the counters, its slot back.
+    pub fn close(&self, admitted: Admitted, bytes: u64, end: &End) {
+        if let Some(slot) = admitted.slot {
+            self.admission.release(slot);
+        }
+        self.stats.connection_closed(bytes);
+        tracing::info!(
+            peer = %admitted.peer,
+            bytes,
+            duration = ?admitted.started.elapsed(),
+            end = %end,
+            "connection closed"
+        );
+    }
+
+    /// Gives back a slot split off with [`Admitted::take_slot`].
+    pub fn release_slot(&self, slot: Slot) {
+        self.admission.release(slot);
+    }
+
+    /// Open connections counted for `ip` by the per-source rules.
+    pub fn active_from(&self, ip: IpAddr) -> u32 {
+        self.admission.active(ip)
+    }
+
+    /// Classifies an `accept()` error by the rules every model follows, and warns when accept
+    /// runs out of descriptors or memory: once, and again only after
+    /// [`ACCEPT_WARNING_INTERVAL`], however many workers see it.
+    pub fn accept_error(&self, err: &io::Error) -> AcceptError {
+        let kind = classify_accept_error(err);
+        if kind == AcceptError::Exhausted {
+            let now = self.epoch.elapsed().as_millis() as u64 + 1;
+            let last = self.accept_warned_at.load(Ordering::Relaxed);
+            let quiet = ACCEPT_WARNING_INTERVAL.as_millis() as u64;
+            if (last == 0 || now.saturating_sub(last) >= quiet)
+                && self
+                    .accept_warned_at
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(
+                    "accept failed: {err}; backing off for {:?} and retrying",
+                    crate::net::ACCEPT_BACKOFF
+                );
+            }
+        }
+        kind
+    }
+
+    /// The line a server logs when it notices shutdown: once per server, whichever worker
+    /// notices first.
+    pub fn log_draining(&self, live: usize, timeout: Duration) {
+        if !self.draining_logged.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                live,
+                timeout = ?timeout,
+                "shutting down: stopped accepting, letting live connections finish"
+            );
+        }
+    }
+
+    /// The line for connections still open at the shutdown deadline.
+    pub fn log_deadline(&self, closed: usize) {
+        if closed > 0 {
+            tracing::info!(
+                closed,
+                "shutdown timeout reached; closed remaining connections"
+            );
+        }
+    }
+}
+
+/// The address rules see: an IPv4-mapped IPv6 peer is its IPv4 address.
+fn canonical_ip(peer: SocketAddr) -> IpAddr {
+    match peer.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
