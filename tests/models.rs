@@ -1,6 +1,7 @@
 //! The behaviour every model shares, tested for each model by name: exact echo, many clients
-//! at once, half-close, resets, SIGTERM drain and deadline, `--max-conns`, `--idle-timeout`
-//! and recovery from running out of descriptors. Servers run as the built binary in a
+//! at once, half-close, resets, SIGTERM drain and deadline, listeners closed at shutdown,
+//! `--max-conns`, `--idle-timeout`, recovery from running out of descriptors, and admission
+//! control (`--allow`/`--deny`, `--max-per-source`, `--max-conn-rate`) by source address. Servers run as the built binary in a
 //! subprocess (fork-based models must never fork the test harness).
 
 mod common;
@@ -11,8 +12,8 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_same, connect, expect_echo, receives_within, round_trip, start_limited_or_skip,
-    start_or_skip,
+    assert_same, connect, connect_from, expect_echo, receives_within, refused_without_echo,
+    round_trip, start_limited_or_skip, start_or_skip,
 };
 use multiecho::payload;
 
@@ -266,6 +267,178 @@ fn recovers_from_running_out_of_descriptors(model: &str) {
     assert!(server.stop().success());
 }
 
+fn loopback(last: u8) -> std::net::IpAddr {
+    std::net::IpAddr::from([127, 0, 0, last])
+}
+
+/// A client from `source` that sends `msg` and must get it back.
+fn served_from(source: u8, addr: std::net::SocketAddr, msg: &[u8], what: &str) -> TcpStream {
+    let mut stream = connect_from(loopback(source), addr);
+    stream.write_all(msg).unwrap();
+    expect_echo(&mut stream, msg, what);
+    stream
+}
+
+fn shutdown_refuses_new_clients_at_once(model: &str) {
+    let Some(mut server) = start_or_skip(model, &["--shutdown-timeout", "20s"]) else {
+        return;
+    };
+    let mut live = connect(server.addr);
+    live.write_all(b"before").unwrap();
+    expect_echo(&mut live, b"before", "before SIGTERM");
+    let signalled = Instant::now();
+    server.terminate();
+    let refused_after = loop {
+        match TcpStream::connect(server.addr) {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => break signalled.elapsed(),
+            // A handshake that raced the listener's close is reset with the backlog.
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("{model}: connect after SIGTERM: {e}"),
+            Ok(_) => {
+                assert!(
+                    signalled.elapsed() < Duration::from_secs(5),
+                    "{model}: still accepting connections 5 s after SIGTERM"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    };
+    assert!(
+        refused_after <= Duration::from_millis(100),
+        "{model}: new clients refused only {refused_after:?} after SIGTERM"
+    );
+    for round in 0..3 {
+        let msg = format!("draining {round}");
+        live.write_all(msg.as_bytes()).unwrap();
+        expect_echo(
+            &mut live,
+            msg.as_bytes(),
+            "the live connection while draining",
+        );
+    }
+    drop(live);
+    let status = server.wait_timeout(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{model}: no clean exit after the last client left: {status:?}"
+    );
+}
+
+fn allow_and_deny_by_source(model: &str) {
+    let rules = [
+        "--allow",
+        "127.0.0.0/8",
+        "--deny",
+        "127.0.0.2",
+        "--deny",
+        "127.0.3.0/24",
+    ];
+    let Some(server) = start_or_skip(model, &rules) else {
+        return;
+    };
+    drop(served_from(1, server.addr, b"allowed", "an allowed source"));
+    for denied in [loopback(2), std::net::IpAddr::from([127, 0, 3, 9])] {
+        let mut stream = connect_from(denied, server.addr);
+        assert!(
+            refused_without_echo(&mut stream),
+            "{model}: a denied source {denied} was served"
+        );
+    }
+    drop(served_from(
+        3,
+        server.addr,
+        b"still allowed",
+        "an allowed source after refusals",
+    ));
+    server.wait_for_log("the refusal line", |log| {
+        log.contains("connection refused") && log.contains("denied")
+    });
+    // A source outside --allow.
+    let Some(server) = start_or_skip(model, &["--allow", "127.0.0.8/29"]) else {
+        return;
+    };
+    let mut stream = connect_from(loopback(1), server.addr);
+    assert!(
+        refused_without_echo(&mut stream),
+        "{model}: not-allowed source served"
+    );
+    drop(served_from(
+        9,
+        server.addr,
+        b"in 127.0.0.8/29",
+        "a source inside --allow",
+    ));
+    server.wait_for_log("the refusal line", |log| log.contains("not-allowed"));
+    assert!(server.stop().success());
+}
+
+fn max_per_source_refuses_the_next_one(model: &str) {
+    let Some(server) = start_or_skip(model, &["--max-per-source", "2", "--workers", "4"]) else {
+        return;
+    };
+    let first = served_from(5, server.addr, b"a", "first from .5");
+    let _second = served_from(5, server.addr, b"b", "second from .5");
+    let mut third = connect_from(loopback(5), server.addr);
+    assert!(
+        refused_without_echo(&mut third),
+        "{model}: a third connection from one source was served"
+    );
+    let _other = served_from(6, server.addr, b"c", "another source is unaffected");
+    drop(first);
+    // The slot frees when the server has seen the close; until then a retry is refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = connect_from(loopback(5), server.addr);
+        again.write_all(b"again").unwrap();
+        let mut got = [0u8; 5];
+        if again.read_exact(&mut got).is_ok() {
+            assert_eq!(&got, b"again");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{model}: the freed slot was never reusable"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.wait_for_log("the refusal line", |log| log.contains("per-source-limit"));
+}
+
+fn max_conn_rate_is_temporary(model: &str) {
+    let Some(server) = start_or_skip(model, &["--max-conn-rate", "5"]) else {
+        return;
+    };
+    let (mut served, mut refused) = (0, 0);
+    for _ in 0..15 {
+        let mut stream = connect_from(loopback(7), server.addr);
+        stream.write_all(b"r").unwrap();
+        let mut got = [0u8; 1];
+        match stream.read(&mut got) {
+            Ok(1) => served += 1,
+            _ => refused += 1,
+        }
+    }
+    assert!(
+        served >= 5,
+        "{model}: only {served} of the burst of 5 served"
+    );
+    assert!(refused >= 1, "{model}: 15 quick connections, none refused");
+    drop(served_from(
+        8,
+        server.addr,
+        b"other",
+        "another source is unaffected",
+    ));
+    std::thread::sleep(Duration::from_millis(1100));
+    drop(served_from(
+        7,
+        server.addr,
+        b"later",
+        "the source, once its rate dropped",
+    ));
+    server.wait_for_log("the refusal line", |log| log.contains("rate-limit"));
+}
+
 macro_rules! suite {
     ($($model:ident),* $(,)?) => {$(
         mod $model {
@@ -306,6 +479,19 @@ macro_rules! suite {
             fn recovers_from_running_out_of_descriptors() {
                 super::recovers_from_running_out_of_descriptors(name())
             }
+            #[test]
+            fn shutdown_refuses_new_clients_at_once() {
+                super::shutdown_refuses_new_clients_at_once(name())
+            }
+            #[test]
+            fn allow_and_deny_by_source() { super::allow_and_deny_by_source(name()) }
+            #[test]
+            fn max_per_source_refuses_the_next_one() {
+                // One client at a time: a second one from the source waits, it is not refused.
+                if name() != "iterative" { super::max_per_source_refuses_the_next_one(name()) }
+            }
+            #[test]
+            fn max_conn_rate_is_temporary() { super::max_conn_rate_is_temporary(name()) }
         }
     )*};
 }

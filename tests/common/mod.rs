@@ -186,6 +186,36 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     stream
 }
 
+/// Connects from `source` (a loopback address such as 127.0.0.7, bound before connecting), so
+/// one test can act as many clients; with the test patience as read/write timeout.
+pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::new(source, 0).into())
+        .unwrap_or_else(|e| panic!("bind {source}: {e}"));
+    socket
+        .connect(&addr.into())
+        .unwrap_or_else(|e| panic!("connect {addr} from {source}: {e}"));
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.set_write_timeout(Some(PATIENCE)).unwrap();
+    stream
+}
+
+/// Whether the server closed `stream` without echoing: a byte sent gets end of stream or a
+/// reset back, never data.
+pub fn refused_without_echo(stream: &mut TcpStream) -> bool {
+    let _ = stream.write_all(b"?");
+    let mut buf = [0u8; 16];
+    match stream.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
+        Err(e) => panic!("waiting for a refused connection to close: {e}"),
+    }
+}
+
 /// Writes to `stream` (switched to non-blocking) without ever reading, until the kernel takes
 /// nothing more for a while: the server has stopped reading it (its echo cannot be written),
 /// so every buffer on the way is full. Returns the bytes pushed; panics after 10 s.

@@ -162,7 +162,7 @@ impl Lifecycle {
             .admission
             .should_log(canonical_ip(peer), REFUSAL_LOG_INTERVAL)
         {
-            tracing::info!(%peer, reason = reason.as_str(), "connection refused");
+            tracing::info!(%peer, reason = %reason, "connection refused");
         }
     }
 
