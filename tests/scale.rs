@@ -220,3 +220,53 @@ macro_rules! scale_tests {
 }
 
 scale_tests!(epoll => "epoll", async_model => "async", uring => "uring");
+
+/// A flood from many sources against `--max-per-source 2`: 20,000 connections from 2,000
+/// distinct loopback sources, ten each. Two of each source's are served and held, the rest are
+/// refused; the per-source state stays within its documented fixed size
+/// (`multiecho::server::conn::sources::TABLE_BYTES`), and a well-behaved client is still
+/// served.
+#[test]
+fn flood_from_many_sources_stays_bounded() {
+    use multiecho::server::conn::sources::TABLE_BYTES;
+    use std::net::IpAddr;
+    let _heavy = heavy();
+    multiecho::net::raise_open_files_limit().expect("raise the open files limit");
+    let server = Server::start("epoll", &["--max-per-source", "2"]);
+    let before = rss_kib(server.pid());
+    let source = |n: u32| IpAddr::from([127, 1, (n >> 8) as u8, n as u8 + 1]);
+    let mut held = Vec::new();
+    let (mut served, mut refused) = (0usize, 0usize);
+    for n in 0..2_000u32 {
+        let mut wave: Vec<TcpStream> = (0..10)
+            .map(|_| common::connect_from(source(n), server.addr))
+            .collect();
+        for stream in &mut wave {
+            stream.write_all(b"f").unwrap();
+        }
+        for mut stream in wave {
+            let mut got = [0u8; 1];
+            match stream.read(&mut got) {
+                Ok(1) => {
+                    served += 1;
+                    held.push(stream);
+                }
+                _ => refused += 1,
+            }
+        }
+        if n % 500 == 0 {
+            let mut good = common::connect_from(IpAddr::from([127, 2, 0, 1]), server.addr);
+            good.write_all(b"still served").unwrap();
+            common::expect_echo(&mut good, b"still served", "a well-behaved client");
+        }
+    }
+    assert_eq!(served, 4_000, "two connections served per source");
+    assert_eq!(refused, 16_000, "the rest refused");
+    let grown = rss_kib(server.pid()).saturating_sub(before);
+    // The table, plus 4,000 live connections at well under a KiB each in user space.
+    let bound = (TABLE_BYTES as u64) / 1024 + 4_000 + 4 * 1024;
+    eprintln!("RSS grew by {grown} KiB in the flood (bound {bound} KiB)");
+    assert!(grown <= bound, "RSS grew by {grown} KiB, bound {bound} KiB");
+    drop(held);
+    stop_cleanly(server, "epoll");
+}
