@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The cost of admission control (issue: one connection lifecycle): epoll with 10,000 --allow
+# rules and per-source limits on, against epoll with every rule off, in one interleaved compare
+# run (the two servers take turns at each point). Both servers have one worker and are pinned
+# to CPU 0, the load generator to CPU 1; 50 and 1000 connections, 512-byte messages.
+# scripts/paired_ratios.py then divides the ruled server's figures by the plain one's of the
+# same round.
+#
+# usage: [REPEAT=5] [DURATION=3] [OUT=target/benchmarks] scripts/admission-cost.sh
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/wait_for_port.sh
+source "$root/scripts/wait_for_port.sh"
+repeat=${REPEAT:-5}
+duration=${DURATION:-3}
+out=${OUT:-$root/target/benchmarks}
+port=${PORT:-5199}
+mkdir -p "$out"
+
+(cd "$root" && cargo build --release --quiet)
+multiecho="$root/target/release/multiecho"
+
+# 10,000 allow rules (single addresses across 10.0.0.0/8), plus loopback so the bench is served.
+rules=(--allow 127.0.0.0/8)
+for n in $(seq 0 9999); do
+    rules+=(--allow "10.$((n / 65536)).$(((n / 256) % 256)).$((n % 256))")
+done
+
+taskset -c 0 "$multiecho" -q serve --workers 1 --listen "127.0.0.1:$port" &
+plain=$!
+taskset -c 0 "$multiecho" -q serve --workers 1 --listen "127.0.0.1:$((port + 1))" \
+    "${rules[@]}" --max-per-source 2000 --max-conn-rate 100000 &
+ruled=$!
+trap 'kill $plain $ruled 2>/dev/null; wait 2>/dev/null || true' EXIT
+wait_for_port "$port"
+wait_for_port $((port + 1))
+
+"$multiecho" compare --models "" --server-cpus 0 --client-cpus 1 --threads 1 \
+    --duration "$duration" --warmup 1 --repeat "$repeat" --conns 50,1000 --size 512 \
+    --external "rules-off=127.0.0.1:$port@$plain" \
+    --external "rules-on=127.0.0.1:$((port + 1))@$ruled" \
+    --out "$out/admission-cost"
+python3 "$root/scripts/paired_ratios.py" "$out/admission-cost/report.json" rules-off
