@@ -324,6 +324,49 @@ fn shutdown_refuses_new_clients_at_once(model: &str) {
     );
 }
 
+/// Clients that waited in the backlog, never accepted, when shutdown starts: the listener
+/// closes, so they are told at once (reset), while the client being served finishes.
+fn shutdown_resets_clients_waiting_in_the_backlog(model: &str) {
+    let Some(mut server) = start_or_skip(
+        model,
+        &[
+            "--shutdown-timeout",
+            "20s",
+            "--workers",
+            "1",
+            "--max-conns",
+            "1",
+        ],
+    ) else {
+        return;
+    };
+    let mut busy = connect(server.addr);
+    busy.write_all(b"busy").unwrap();
+    expect_echo(&mut busy, b"busy", "the client being served");
+    let mut queued: Vec<TcpStream> = (0..3).map(|_| connect(server.addr)).collect();
+    for client in &mut queued {
+        client.write_all(b"waiting").unwrap();
+        assert!(
+            !receives_within(client, Duration::from_millis(100)),
+            "{model}: served beyond the limit"
+        );
+    }
+    let signalled = Instant::now();
+    server.terminate();
+    for client in &mut queued {
+        assert!(
+            closed_by_server_within(client, Duration::from_secs(2)),
+            "{model}: a client waiting in the backlog was left hanging after SIGTERM"
+        );
+    }
+    assert!(signalled.elapsed() < Duration::from_secs(3));
+    busy.write_all(b"still").unwrap();
+    expect_echo(&mut busy, b"still", "the served client while draining");
+    drop(busy);
+    let status = server.wait_timeout(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{model}: {status:?}");
+}
+
 fn allow_and_deny_by_source(model: &str) {
     let rules = [
         "--allow",
@@ -482,6 +525,10 @@ macro_rules! suite {
             #[test]
             fn shutdown_refuses_new_clients_at_once() {
                 super::shutdown_refuses_new_clients_at_once(name())
+            }
+            #[test]
+            fn shutdown_resets_clients_waiting_in_the_backlog() {
+                super::shutdown_resets_clients_waiting_in_the_backlog(name())
             }
             #[test]
             fn allow_and_deny_by_source() { super::allow_and_deny_by_source(name()) }
