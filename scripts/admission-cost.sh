@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The cost of admission control (issue: one connection lifecycle): epoll with 10,000 --allow
-# rules and per-source limits on, against epoll with every rule off, in one interleaved compare
-# run (the two servers take turns at each point). Both servers have one worker and are pinned
+# rules and per-source limits on ("rules-on"), against the same server with every rule off
+# ("rules-off"), in one interleaved compare run (the servers take turns at each point). Both servers have one worker and are pinned
 # to CPU 0, the load generator to CPU 1; 50 and 1000 connections, 512-byte messages.
 # scripts/paired_ratios.py then divides the ruled server's figures by the plain one's of the
 # same round.
@@ -27,6 +27,9 @@ for n in $(seq 0 9999); do
     rules+=(--allow "10.$((n / 65536)).$(((n / 256) % 256)).$((n % 256))")
 done
 
+# Two servers started the same way, pinned to the same CPU, one with the rules; compare's own
+# epoll runs beside them as a third contender (compare needs one model), which also shows how
+# far two identical servers differ here.
 taskset -c 0 "$multiecho" -q serve --workers 1 --listen "127.0.0.1:$port" &
 plain=$!
 taskset -c 0 "$multiecho" -q serve --workers 1 --listen "127.0.0.1:$((port + 1))" \
@@ -36,7 +39,7 @@ trap 'kill $plain $ruled 2>/dev/null; wait 2>/dev/null || true' EXIT
 wait_for_port "$port"
 wait_for_port $((port + 1))
 
-"$multiecho" compare --models "" --server-cpus 0 --client-cpus 1 --threads 1 \
+"$multiecho" compare --models epoll --workers 1 --server-cpus 0 --client-cpus 1 --threads 1 \
     --duration "$duration" --warmup 1 --repeat "$repeat" --conns 50,1000 --size 512 \
     --external "rules-off=127.0.0.1:$port@$plain" \
     --external "rules-on=127.0.0.1:$((port + 1))@$ruled" \
