@@ -7,9 +7,11 @@
 //! that neither sends nor accepts its echo is closed after that long.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown as Direction, TcpStream};
+use std::net::{Shutdown as Direction, SocketAddr, TcpStream};
 
 use crate::server::accept::Screened;
+use crate::server::conn::admission::Refusal;
+use crate::server::conn::proxy;
 use crate::server::conn::{Admitted, Lifecycle};
 use crate::server::ServerConfig;
 
@@ -62,24 +64,40 @@ pub fn serve_connection(
             tracing::warn!(%peer, "cannot set the idle timeout: {e}");
         }
     }
-    let Some(admitted) = admitted.or_else(|| admit_after_header(stream, peer, lifecycle)) else {
-        return;
+    let (admitted, leftover) = match admitted {
+        Some(admitted) => (admitted, Vec::new()),
+        None => match read_proxy_header(stream, peer, lifecycle) {
+            Some(admitted) => admitted,
+            None => return,
+        },
     };
-    serve_admitted(stream, admitted, lifecycle);
-}
-
-/// Echoes an admitted connection to its end and records its close.
-pub fn serve_admitted(stream: &mut TcpStream, admitted: Admitted, lifecycle: &Lifecycle) {
+    // What arrived with the header is the start of the stream: echoed first.
+    if let Err(e) = stream.write_all(&leftover) {
+        lifecycle.close(admitted, 0, &classify(e));
+        return;
+    }
     let mut buf = vec![0u8; BUFFER_SIZE];
     let (bytes, end) = echo(stream, &mut buf);
-    lifecycle.close(admitted, bytes, &end);
+    lifecycle.close(admitted, leftover.len() as u64 + bytes, &end);
 }
 
-fn admit_after_header(
-    _stream: &mut TcpStream,
-    peer: std::net::SocketAddr,
+/// Reads a `+proxy` connection's PROXY header within `--proxy-timeout` (one deadline for the
+/// whole header, however slowly it trickles in), then admits the client it names. Returns the
+/// admission and the bytes that came after the header; `None` when the connection was refused
+/// (counted and logged with the reason): the caller drops it.
+fn read_proxy_header(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
     lifecycle: &Lifecycle,
-) -> Option<Admitted> {
-    lifecycle.refuse(peer, crate::server::conn::admission::Refusal::ProxyHeader);
-    None
+) -> Option<(Admitted, Vec<u8>)> {
+    match proxy::read_header(stream, lifecycle.proxy_timeout()) {
+        Ok((header, rest)) => lifecycle
+            .admit_proxied(peer, &header)
+            .ok()
+            .map(|admitted| (admitted, rest)),
+        Err(e) => {
+            lifecycle.refuse_because(peer, Refusal::ProxyHeader, Some(&e));
+            None
+        }
+    }
 }

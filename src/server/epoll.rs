@@ -50,7 +50,9 @@ use slab::Slab;
 
 use crate::listen::ListenerKind;
 use crate::net::{AcceptError, ACCEPT_BACKOFF};
+use crate::server::conn::admission::Refusal;
 use crate::server::conn::limit::{Limit, Permit};
+use crate::server::conn::proxy::HeaderReader;
 use crate::server::conn::{Admitted, End, Lifecycle};
 use crate::server::{Server, ServerConfig};
 use crate::shutdown::Shutdown;
@@ -113,7 +115,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
 /// One client, as small as it can be while idle.
 struct Connection {
     stream: TcpStream,
-    admitted: Admitted,
+    peer: Peer,
     /// Its slot under `--max-conns`.
     permit: Permit,
     last_active: Instant,
@@ -127,6 +129,20 @@ struct Connection {
     peer_closing: bool,
 }
 
+/// Who a connection is for.
+enum Peer {
+    /// Admitted: being echoed.
+    Admitted(Admitted),
+    /// On a `+proxy` listener, still reading the PROXY header that names the client.
+    AwaitingHeader(Box<AwaitingHeader>),
+}
+
+struct AwaitingHeader {
+    proxy: SocketAddr,
+    reader: HeaderReader,
+    deadline: Instant,
+}
+
 /// What a connection needs after it has been driven.
 enum Next {
     /// Waiting for its next edge.
@@ -135,12 +151,20 @@ enum Next {
     Defer,
     /// Finished; the reason goes to the log.
     Close(End),
+    /// Refused before it was admitted (already counted and logged): just drop it.
+    Drop,
 }
 
 impl Connection {
-    /// Does everything the socket allows now: flushes pending echo, then reads and echoes
-    /// until the socket is drained, full, or the budget is spent.
-    fn drive(&mut self, buffer: &mut [u8], now: Instant) -> Next {
+    /// Does everything the socket allows now: reads the PROXY header if one is due, flushes
+    /// pending echo, then reads and echoes until the socket is drained, full, or the budget is
+    /// spent.
+    fn drive(&mut self, buffer: &mut [u8], now: Instant, lifecycle: &Lifecycle) -> Next {
+        if let Peer::AwaitingHeader(_) = self.peer {
+            if let Some(next) = self.read_header(buffer, lifecycle) {
+                return next;
+            }
+        }
         if !self.pending.is_empty() {
             match self.flush(now) {
                 Ok(true) => {}
@@ -178,6 +202,41 @@ impl Connection {
             }
         }
         Next::Defer
+    }
+
+    /// Reads and parses the PROXY header; `None` once it is complete and the client admitted
+    /// (what came after it waits in `pending`, to be echoed first).
+    fn read_header(&mut self, buffer: &mut [u8], lifecycle: &Lifecycle) -> Option<Next> {
+        let Peer::AwaitingHeader(waiting) = &mut self.peer else {
+            return None;
+        };
+        let proxy = waiting.proxy;
+        let refuse = |detail: &dyn std::fmt::Display| {
+            lifecycle.refuse_because(proxy, Refusal::ProxyHeader, Some(detail));
+            Some(Next::Drop)
+        };
+        loop {
+            let read = match (&self.stream).read(buffer) {
+                Ok(0) => return refuse(&waiting.reader.end_of_stream()),
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Some(Next::Wait),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return refuse(&e),
+            };
+            match waiting.reader.feed(&buffer[..read]) {
+                Ok(None) => continue,
+                Ok(Some((header, rest))) => {
+                    self.pending.extend_from_slice(rest);
+                    self.pending_sent = 0;
+                    let Ok(admitted) = lifecycle.admit_proxied(proxy, &header) else {
+                        return Some(Next::Drop);
+                    };
+                    self.peer = Peer::Admitted(admitted);
+                    return None;
+                }
+                Err(e) => return refuse(&e),
+            }
+        }
     }
 
     /// Writes pending echo; returns whether all of it is out.
@@ -230,7 +289,10 @@ struct Worker<'a> {
     accept_paused_until: Option<Instant>,
     /// Connections that ran out of read budget, to drive again.
     deferred: Vec<usize>,
-    /// When the next idle sweep is due (only with `--idle-timeout`).
+    /// How often idle connections and late PROXY headers are looked for (only with
+    /// `--idle-timeout` or a `+proxy` listener).
+    sweep_every: Option<Duration>,
+    /// When the next sweep is due.
     next_sweep: Option<Instant>,
     /// Set once shutdown has begun: when the remaining connections get closed.
     drain_deadline: Option<Instant>,
@@ -272,10 +334,8 @@ impl<'a> Worker<'a> {
             accept_ready: true,
             accept_paused_until: None,
             deferred: Vec::new(),
-            next_sweep: server
-                .config
-                .idle_timeout
-                .map(|idle| Instant::now() + sweep_period(idle)),
+            sweep_every: sweep_every(server),
+            next_sweep: sweep_every(server).map(|period| Instant::now() + period),
             drain_deadline: None,
         })
     }
@@ -343,10 +403,10 @@ impl<'a> Worker<'a> {
             if self.accept_ready && self.drain_deadline.is_none() {
                 self.accept_batch(now)?;
             }
-            if let (Some(idle), Some(due)) = (self.config.idle_timeout, self.next_sweep) {
+            if let (Some(period), Some(due)) = (self.sweep_every, self.next_sweep) {
                 if now >= due {
-                    self.close_idle(idle, now);
-                    self.next_sweep = Some(now + sweep_period(idle));
+                    self.sweep(now);
+                    self.next_sweep = Some(now + period);
                 }
             }
             if let Some(deadline) = self.drain_deadline {
@@ -391,10 +451,11 @@ impl<'a> Worker<'a> {
         let Some(conn) = self.connections.get_mut(key) else {
             return;
         };
-        match conn.drive(&mut self.buffer, now) {
+        match conn.drive(&mut self.buffer, now, self.lifecycle) {
             Next::Wait => {}
             Next::Defer => self.deferred.push(key),
             Next::Close(end) => self.close(key, end),
+            Next::Drop => self.drop_refused(key),
         }
     }
 
@@ -450,11 +511,23 @@ impl<'a> Worker<'a> {
         permit: Permit,
         now: Instant,
     ) {
-        debug_assert_eq!(kind, ListenerKind::Tcp, "server::run refuses other kinds");
         self.lifecycle.configure(&stream, peer);
-        let Ok(admitted) = self.lifecycle.admit(peer) else {
-            // Dropping the stream closes it without an echo; dropping the permit frees its slot.
-            return;
+        // Dropping a refused stream closes it without an echo; dropping the permit frees its
+        // slot.
+        let peer_state = if kind.expects_proxy_header() {
+            if self.lifecycle.check_proxy_peer(peer).is_err() {
+                return;
+            }
+            Peer::AwaitingHeader(Box::new(AwaitingHeader {
+                proxy: peer,
+                reader: HeaderReader::new(),
+                deadline: now + self.lifecycle.proxy_timeout(),
+            }))
+        } else {
+            match self.lifecycle.admit(peer) {
+                Ok(admitted) => Peer::Admitted(admitted),
+                Err(_) => return,
+            }
         };
         let entry = self.connections.vacant_entry();
         // Registered once for both directions and never changed: edges cost no epoll_ctl.
@@ -466,12 +539,14 @@ impl<'a> Worker<'a> {
             .register(&mut stream, Token(entry.key()), interest)
         {
             tracing::warn!(%peer, "cannot watch a new connection: {e}; closed it");
-            self.lifecycle.close(admitted, 0, &End::Failed(e));
+            if let Peer::Admitted(admitted) = peer_state {
+                self.lifecycle.close(admitted, 0, &End::Failed(e));
+            }
             return;
         }
         entry.insert(Connection {
             stream,
-            admitted,
+            peer: peer_state,
             permit,
             last_active: now,
             bytes: 0,
@@ -483,26 +558,67 @@ impl<'a> Worker<'a> {
 
     /// Closes a connection, logs it and frees its slot.
     fn close(&mut self, key: usize, end: End) {
+        let (peer, bytes) = self.remove(key);
+        match peer {
+            Peer::Admitted(admitted) => self.lifecycle.close(admitted, bytes, &end),
+            Peer::AwaitingHeader(waiting) => self.lifecycle.refuse_because(
+                waiting.proxy,
+                Refusal::ProxyHeader,
+                Some(&format_args!("{end} before the PROXY header")),
+            ),
+        }
+    }
+
+    /// Drops a connection refused before it was admitted (already counted and logged).
+    fn drop_refused(&mut self, key: usize) {
+        self.remove(key);
+    }
+
+    /// Takes a connection out: its socket closes and its slot is free. Returns who it was for
+    /// and the bytes it echoed.
+    fn remove(&mut self, key: usize) -> (Peer, u64) {
+        let Connection {
+            stream,
+            peer,
+            permit,
+            bytes,
+            ..
+        } = self.connections.remove(key);
         // Dropping the stream closes the socket, which also removes it from epoll (it is
         // never duplicated), so no deregister call is needed.
-        let conn = self.connections.remove(key);
-        drop(conn.stream);
-        if conn.permit.release() && self.drain_deadline.is_none() {
+        drop(stream);
+        if permit.release() && self.drain_deadline.is_none() {
             // The server was full: this worker takes the next waiting client right away.
             self.accept_ready = true;
         }
-        self.lifecycle.close(conn.admitted, conn.bytes, &end);
+        (peer, bytes)
     }
 
-    fn close_idle(&mut self, idle: Duration, now: Instant) {
-        let idle_keys: Vec<usize> = self
+    /// Closes idle connections and those whose PROXY header is late.
+    fn sweep(&mut self, now: Instant) {
+        let idle = self.config.idle_timeout;
+        let expired: Vec<(usize, bool)> = self
             .connections
             .iter()
-            .filter(|(_, conn)| now.saturating_duration_since(conn.last_active) >= idle)
-            .map(|(key, _)| key)
+            .filter_map(|(key, conn)| match &conn.peer {
+                Peer::AwaitingHeader(waiting) => (now >= waiting.deadline).then_some((key, true)),
+                Peer::Admitted(_) => idle
+                    .is_some_and(|idle| now.saturating_duration_since(conn.last_active) >= idle)
+                    .then_some((key, false)),
+            })
             .collect();
-        for key in idle_keys {
-            self.close(key, End::IdleTimeout);
+        for (key, late_header) in expired {
+            if late_header {
+                if let (Peer::AwaitingHeader(waiting), _) = self.remove(key) {
+                    self.lifecycle.refuse_because(
+                        waiting.proxy,
+                        Refusal::ProxyHeader,
+                        Some(&waiting.reader.timed_out()),
+                    );
+                }
+            } else {
+                self.close(key, End::IdleTimeout);
+            }
         }
     }
 
@@ -532,6 +648,18 @@ impl<'a> Worker<'a> {
 /// quarter of the timeout after it expires.
 fn sweep_period(idle: Duration) -> Duration {
     (idle / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
+}
+
+/// The sweep period of a server: the idle timeout's, and the PROXY header timeout's when a
+/// listener expects headers; no sweep without either.
+fn sweep_every(server: &Server) -> Option<Duration> {
+    let idle = server.config.idle_timeout.map(sweep_period);
+    let header = server
+        .kinds
+        .iter()
+        .any(|kind| kind.expects_proxy_header())
+        .then(|| sweep_period(server.config.admission.proxy_timeout));
+    idle.into_iter().chain(header).min()
 }
 
 #[cfg(test)]

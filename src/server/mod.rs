@@ -226,6 +226,12 @@ pub fn run(model: Model, listen: &[ListenSpec], config: ServerConfig) -> crate::
             spec.kind
         )));
     }
+    if model == Model::Uring && listen.iter().any(|spec| spec.kind.expects_proxy_header()) {
+        return Err(crate::Error::Unsupported(
+            "the uring model does not serve tcp+proxy:// listeners yet; every other model does"
+                .into(),
+        ));
+    }
     // A model that cannot run on this machine says so before it claims to listen.
     if model == Model::Uring {
         uring::probe()?;

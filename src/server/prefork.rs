@@ -12,6 +12,11 @@
 //! per connection; but at most N clients are served at once, and the others wait in the
 //! backlog. The parent's counters do not see the workers' connections (each logs its own line).
 //!
+//! Admission: each worker decides for the connections it accepts, against per-source counts in
+//! memory the parent mapped shared before forking, so the workers count together. A refusal
+//! costs an `accept` and a `close` (on a `tcp+proxy://` listener, also the header read), and
+//! the worker is free for the next client at once.
+//!
 //! Shutdown: the parent forwards SIGTERM to every worker (workers ignore SIGINT: Ctrl-C reaches
 //! the whole process group, and the parent decides). A worker takes SIGTERM with `sigwait` on
 //! a thread of its own, which triggers the worker's shutdown: it stops accepting, lets its

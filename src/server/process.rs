@@ -12,6 +12,12 @@
 //! robust: a crash loses one connection. The parent's counters only see accepted connections;
 //! bytes are counted in the children (each logs its own line).
 //!
+//! Admission: the parent decides before it forks, so a refused plain connection costs an
+//! `accept` and a `close`, no process. On a `tcp+proxy://` listener the client's address is in
+//! the PROXY header, which the child reads (the parent never blocks on a client): there a
+//! refusal costs a fork. Per-source counts live in memory shared before the first fork; the
+//! parent gives a child's slot back when it reaps it, however the child ended.
+//!
 //! Limits: `--max-conns` caps live children; while full the parent does not accept, so
 //! clients wait in the backlog. If `fork()` fails the connection is closed, the parent backs
 //! off briefly and keeps serving.

@@ -29,6 +29,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,15 +37,18 @@ use std::task::{ready, Poll};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncWriteExt, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::listen::ListenerKind;
 use crate::net::{AcceptError, ACCEPT_BACKOFF};
+use crate::server::conn::admission::Refusal;
 use crate::server::conn::limit::{Limit, Permit};
+use crate::server::conn::proxy::{HeaderError, HeaderReader, ProxyHeader};
 use crate::server::conn::{Admitted, End, Lifecycle};
 use crate::server::{Server, ServerConfig};
 use crate::shutdown::Shutdown;
@@ -84,6 +88,10 @@ pub fn serve(server: &Server) -> crate::Result<()> {
         lifecycle: Arc::clone(&server.conn),
         close_connections: CancellationToken::new(),
     });
+    let listeners = listeners
+        .into_iter()
+        .zip(server.kinds.iter().copied())
+        .collect();
     let result = runtime.block_on(run(listeners, server.shutdown.clone(), shared));
     // Connection tasks have ended by now (or been given up on after the grace period); any
     // task left is dropped here.
@@ -101,7 +109,7 @@ struct Shared {
 
 /// Accepts until shutdown (or a fatal accept error), then drains the connections.
 async fn run(
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<(std::net::TcpListener, ListenerKind)>,
     shutdown: Shutdown,
     shared: Arc<Shared>,
 ) -> crate::Result<()> {
@@ -111,13 +119,14 @@ async fn run(
     let connections = TaskTracker::new();
 
     let mut acceptors = JoinSet::new();
-    for listener in listeners {
+    for (listener, kind) in listeners {
         let listener = TcpListener::from_std(listener)
             .map_err(|e| crate::Error::io("cannot register a listener", e))?;
         let room = watch_readable(limit.room_fd())
             .map_err(|e| crate::Error::io("cannot watch the connection limit", e))?;
         acceptors.spawn(accept_loop(
             listener,
+            kind,
             Arc::clone(&limit),
             room,
             stop_accepting.clone(),
@@ -201,6 +210,7 @@ async fn acquire(limit: &Arc<Limit>, room: &AsyncFd<OwnedFd>) -> io::Result<Perm
 /// Accepts connections on one listener until `stop` is cancelled; a task per connection.
 async fn accept_loop(
     listener: TcpListener,
+    kind: ListenerKind,
     limit: Arc<Limit>,
     room: AsyncFd<OwnedFd>,
     stop: CancellationToken,
@@ -241,13 +251,20 @@ async fn accept_loop(
             }
         };
         shared.lifecycle.configure(&stream, peer);
+        // Refused: dropping the stream closes it without an echo; the permit frees its slot.
+        if kind.expects_proxy_header() {
+            if shared.lifecycle.check_proxy_peer(peer).is_ok() {
+                connections.spawn(serve_proxied(stream, peer, permit, Arc::clone(&shared)));
+            }
+            continue;
+        }
         let Ok(admitted) = shared.lifecycle.admit(peer) else {
-            // Refused: dropping the stream closes it without an echo; the permit frees its slot.
             continue;
         };
         connections.spawn(serve_connection(
             stream,
             admitted,
+            Vec::new(),
             permit,
             Arc::clone(&shared),
         ));
@@ -258,6 +275,7 @@ async fn accept_loop(
 async fn serve_connection(
     mut stream: TcpStream,
     admitted: Admitted,
+    leftover: Vec<u8>,
     _permit: Permit,
     shared: Arc<Shared>,
 ) {
@@ -265,7 +283,12 @@ async fn serve_connection(
     let end = tokio::select! {
         biased;
         () = shared.close_connections.cancelled() => End::Shutdown,
-        ended = echo_until_end(&mut stream, &mut bytes, shared.config.idle_timeout) => {
+        ended = async {
+            // What came with the PROXY header is the start of the stream: echoed first.
+            stream.write_all(&leftover).await.map_err(End::Failed)?;
+            bytes += leftover.len() as u64;
+            echo_until_end(&mut stream, &mut bytes, shared.config.idle_timeout).await
+        } => {
             match ended {
                 Ok(()) => End::ClientClosed,
                 Err(end) => end,
@@ -274,6 +297,54 @@ async fn serve_connection(
     };
     drop(stream);
     shared.lifecycle.close(admitted, bytes, &end);
+}
+
+/// A `+proxy` connection: reads its PROXY header within `--proxy-timeout`, admits the client
+/// it names and serves it; a missing, bad or late header closes it (counted and logged).
+async fn serve_proxied(
+    mut stream: TcpStream,
+    proxy: SocketAddr,
+    permit: Permit,
+    shared: Arc<Shared>,
+) {
+    let mut reader = HeaderReader::new();
+    let read = tokio::select! {
+        biased;
+        () = shared.close_connections.cancelled() => Err(HeaderError::Truncated { received: reader.buffered() }),
+        read = tokio::time::timeout(shared.lifecycle.proxy_timeout(), read_header(&mut stream, &mut reader)) => {
+            read.unwrap_or_else(|_elapsed| Err(reader.timed_out()))
+        }
+    };
+    let (header, leftover) = match read {
+        Ok(read) => read,
+        Err(e) => {
+            shared
+                .lifecycle
+                .refuse_because(proxy, Refusal::ProxyHeader, Some(&e));
+            return;
+        }
+    };
+    let Ok(admitted) = shared.lifecycle.admit_proxied(proxy, &header) else {
+        return;
+    };
+    serve_connection(stream, admitted, leftover, permit, shared).await;
+}
+
+/// Reads until the PROXY header is complete; returns it and the bytes that followed it.
+async fn read_header(
+    stream: &mut TcpStream,
+    reader: &mut HeaderReader,
+) -> Result<(ProxyHeader, Vec<u8>), HeaderError> {
+    let mut buf = [0u8; 512];
+    loop {
+        let read = stream.read(&mut buf).await.map_err(HeaderError::Io)?;
+        if read == 0 {
+            return Err(reader.end_of_stream());
+        }
+        if let Some((header, rest)) = reader.feed(&buf[..read])? {
+            return Ok((header, rest.to_vec()));
+        }
+    }
 }
 
 /// Echoes until the client half-closes (then closes our side too), an error, or the idle

@@ -20,6 +20,7 @@
 
 pub mod admission;
 pub mod limit;
+pub mod proxy;
 mod shared_mem;
 pub mod sources;
 
@@ -157,13 +158,38 @@ impl Lifecycle {
     /// Counts and (rate-limited) logs a refusal decided outside [`Lifecycle::admit`] (a bad
     /// PROXY header, an untrusted proxy).
     pub fn refuse(&self, peer: SocketAddr, reason: Refusal) {
+        self.refuse_because(peer, reason, None);
+    }
+
+    /// [`Lifecycle::refuse`] with the detail that explains it (a PROXY header fault).
+    pub fn refuse_because(
+        &self,
+        peer: SocketAddr,
+        reason: Refusal,
+        detail: Option<&dyn fmt::Display>,
+    ) {
         self.stats.connection_refused(reason);
         if self
             .admission
             .should_log(canonical_ip(peer), REFUSAL_LOG_INTERVAL)
         {
-            tracing::info!(%peer, reason = %reason, "connection refused");
+            match detail {
+                Some(detail) => {
+                    tracing::info!(%peer, reason = %reason, %detail, "connection refused")
+                }
+                None => tracing::info!(%peer, reason = %reason, "connection refused"),
+            }
         }
+    }
+
+    /// A `+proxy` connection's header arrived: its client (or, for `LOCAL` and `UNKNOWN`
+    /// headers, the proxy itself) is admitted as the connection's peer.
+    pub fn admit_proxied(
+        &self,
+        proxy: SocketAddr,
+        header: &proxy::ProxyHeader,
+    ) -> Result<Admitted, Refusal> {
+        self.admit(header.source.unwrap_or(proxy))
     }
 
     /// On a `+proxy` listener: whether the TCP peer may send a PROXY header; an untrusted one is
