@@ -20,6 +20,7 @@
 
 pub mod admission;
 pub mod limit;
+pub mod proxy;
 mod shared_mem;
 pub mod sources;
 
