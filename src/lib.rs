@@ -24,6 +24,11 @@
 //! - [`payload`]: deterministic pseudo-random content for load generation and tests.
 //! - [`bench`]: the verifying load generator, and `compare` with its report and charts.
 
+// The models rely on Linux's epoll edge semantics, io_uring, accept4, SO_* options and
+// /proc, as tokio gates the same assumptions: say so at build time rather than fail oddly.
+#[cfg(not(target_os = "linux"))]
+compile_error!("multiecho runs on Linux only (epoll, io_uring, prctl and /proc are assumed)");
+
 pub mod bench;
 pub mod cli;
 pub mod client;

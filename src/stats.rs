@@ -42,11 +42,6 @@ impl Stats {
         self.accepted.load(Ordering::Relaxed)
     }
 
-    /// Connections finished so far.
-    pub fn closed(&self) -> u64 {
-        self.closed.load(Ordering::Relaxed)
-    }
-
     /// Bytes echoed by finished connections.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)

@@ -81,11 +81,6 @@ impl Model {
         }
     }
 
-    /// Whether the model forks processes (so it must start from a single-threaded parent).
-    pub fn forks(self) -> bool {
-        matches!(self, Model::Process | Model::Prefork)
-    }
-
     /// Serves on `server`'s listeners until its shutdown signal, then drains and returns.
     pub fn serve(self, server: &Server) -> crate::Result<()> {
         match self {

@@ -1025,7 +1025,7 @@ impl<'a> Worker<'a> {
             .as_ref()
             .expect("live slot");
         let Sending { bid, len, sent } = connection.sending.expect("a send to post");
-        // SAFETY (pointer arithmetic): `sent < len <= BUFFER_SIZE`, inside buffer `bid`.
+        // SAFETY: pointer arithmetic within buffer `bid`: `sent < len <= BUFFER_SIZE`.
         let data = unsafe { self.pool.buffer(bid).add(sent as usize) };
         let entry = opcode::Send::new(Fd(connection.stream.as_raw_fd()), data, len - sent)
             .flags(libc::MSG_NOSIGNAL)

@@ -178,6 +178,7 @@ mod tests {
         match unsafe { libc::fork() } {
             0 => {
                 *shared.lock() = 42;
+                // SAFETY: _exit ends the child at once, running no destructor of the parent's.
                 unsafe { libc::_exit(0) };
             }
             pid if pid > 0 => {
