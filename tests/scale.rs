@@ -234,7 +234,7 @@ fn flood_from_many_sources_stays_bounded() {
     multiecho::net::raise_open_files_limit().expect("raise the open files limit");
     let server = Server::start("epoll", &["--max-per-source", "2"]);
     let before = rss_kib(server.pid());
-    let source = |n: u32| IpAddr::from([127, 1, (n >> 8) as u8, n as u8 + 1]);
+    let source = |n: u32| IpAddr::from([127, 1 + (n >> 8) as u8, n as u8, 1]);
     let mut held = Vec::new();
     let (mut served, mut refused) = (0usize, 0usize);
     for n in 0..2_000u32 {
