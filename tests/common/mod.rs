@@ -2,6 +2,8 @@
 //! port, wait for it to say where it listens (no sleeping), and talk to it.
 #![allow(dead_code)]
 
+pub mod haproxy;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
