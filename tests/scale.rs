@@ -255,7 +255,7 @@ fn flood_from_many_sources_stays_bounded() {
             }
         }
         if n % 500 == 0 {
-            let mut good = common::connect_from(IpAddr::from([127, 2, 0, 1]), server.addr);
+            let mut good = common::connect_from(IpAddr::from([127, 200, 0, 1]), server.addr);
             good.write_all(b"still served").unwrap();
             common::expect_echo(&mut good, b"still served", "a well-behaved client");
         }
