@@ -37,7 +37,7 @@ fn start(model: &str, extra: &[&str]) -> Option<Server> {
     match Server::try_start(model, extra) {
         Ok(server) => Some(server),
         Err(log) if model == "uring" && log.contains("io_uring is not available") => {
-            eprintln!("skipping the {model} test: io_uring is not available here");
+            common::skip_unless_ci(&format!("the {model} test: io_uring is not available here"));
             None
         }
         Err(log) => panic!("{model} server did not start; its log:\n{log}"),

@@ -477,7 +477,9 @@ fn start_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Option<Server> {
     match Server::try_start_with("uring", extra, None, &envs) {
         Ok(server) => Some(server),
         Err(log) if common::uring_unavailable(&log) => {
-            eprintln!("skipped: io_uring is unavailable here; the server said:\n{log}");
+            common::skip_unless_ci(&format!(
+                "io_uring is unavailable here; the server said:\n{log}"
+            ));
             None
         }
         Err(log) => panic!("uring server did not start; its log:\n{log}"),

@@ -356,6 +356,15 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     field(11) + field(12)
 }
 
+/// A test that cannot run here says so loudly; on CI (`CI=true`), where everything it needs is
+/// installed, an expected skip is a failure instead.
+pub fn skip_unless_ci(why: &str) {
+    if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+        panic!("CI=true, so this skip is a failure: {why}");
+    }
+    eprintln!("SKIPPED (not run): {why}");
+}
+
 /// Whether io_uring is unavailable according to a server's start-up log.
 pub fn uring_unavailable(log: &str) -> bool {
     log.contains("io_uring is not available")
@@ -372,7 +381,7 @@ pub fn start_limited_or_skip(model: &str, extra: &[&str], nofile: Option<u64>) -
     match Server::try_start_limited(model, extra, nofile) {
         Ok(server) => Some(server),
         Err(log) if model == "uring" && uring_unavailable(&log) => {
-            eprintln!("skipped: io_uring is not available here: {log}");
+            skip_unless_ci(&format!("io_uring is not available here: {log}"));
             None
         }
         Err(log) => panic!("{model} server did not start; its log:\n{log}"),
