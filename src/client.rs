@@ -11,8 +11,9 @@
 //!   threads, so lines go out without waiting for their echo (which pays on slow links and is
 //!   the only way through a server that answers in batches).
 //!
-//! Both end the same way. At end of input (a last line without a newline is still sent), or
-//! on a line `q`/`Q` typed at a terminal in the split client, the client half-closes the
+//! Both end the same way. At end of input (a last line without a newline is still sent; at a
+//! terminal, one Ctrl-D, even after a partial line: [`TerminalInput`]), or on a line `q`/`Q`
+//! typed at a terminal in the split client, the client half-closes the
 //! connection (`shutdown(Write)`): the server sees end of stream, echoes what is left and
 //! closes. The client prints everything until then and exits 0; if fewer bytes came back than
 //! were sent, it says how many are missing and exits non-zero. A refused connection or a bad
@@ -29,7 +30,7 @@
 use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
 
@@ -38,6 +39,10 @@ use anyhow::{anyhow, Context};
 /// The most bytes of one line the line client sends before reading their echo back: well
 /// under what the two ends' socket buffers hold, so neither side blocks writing for good.
 pub const MAX_IN_FLIGHT: usize = 64 * 1024;
+
+/// How long the split client waits for its sender to reach end of input after the server
+/// closed first (see [`split_client`]): ample for a thread that is a read away from it.
+const SENDER_GRACE: Duration = Duration::from_secs(1);
 
 /// `multiecho client`.
 #[derive(Debug, clap::Args)]
@@ -69,12 +74,16 @@ pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
         };
         eprintln!("multiecho: connected to {}; {how_to_end}", args.addr);
     }
+    // The sender thread needs an owned reader (a stdin lock cannot move threads).
+    let input: Box<dyn BufRead + Send> = match TerminalInput::for_terminal(io::stdin(), io::stdin())
+    {
+        Some(terminal) => Box::new(io::BufReader::new(terminal)),
+        None => Box::new(io::BufReader::new(io::stdin())),
+    };
     if args.split {
-        // The sender thread needs an owned reader (a stdin lock cannot move threads).
-        let input = io::BufReader::new(io::stdin());
         split_client(stream, args.addr, input, io::stdout(), interactive)
     } else {
-        line_client(stream, args.addr, io::stdin().lock(), io::stdout().lock())
+        line_client(stream, args.addr, input, io::stdout().lock())
     }
 }
 
@@ -184,7 +193,7 @@ fn copy_until_closed(
 /// The split client: one thread sends stdin, this one prints what comes back, concurrently.
 /// End of input (or `q`/`Q` when `end_on_q`) half-closes; the client ends when the server
 /// closes, and checks that every byte sent came back. A server that closes while input is
-/// still coming is an error, and the client does not wait for the sender (which may be
+/// still coming is an error, and the client does not wait long for the sender (which may be
 /// blocked reading a terminal): returning ends the process.
 pub fn split_client(
     stream: TcpStream,
@@ -198,26 +207,41 @@ pub fn split_client(
         .map_err(|e| connection_error(addr, "cannot share the connection to", e))?;
     // Set by the sender just before it half-closes: from then on the server may close.
     let input_ended = Arc::new(AtomicBool::new(false));
-    let sender = {
+    // The sender's result: the bytes it sent, or why it stopped. Dropped unsent if it panics.
+    let (sender_done, sender_result) = mpsc::channel();
+    {
         let input_ended = Arc::clone(&input_ended);
         thread::Builder::new()
             .name("sender".into())
-            .spawn(move || send_lines(writer, addr, input, end_on_q, &input_ended))
-            .context("cannot start the sender thread")?
-    };
+            .spawn(move || {
+                let _ = sender_done.send(send_lines(writer, addr, input, end_on_q, &input_ended));
+            })
+            .context("cannot start the sender thread")?;
+    }
 
     let mut reader = stream;
     let mut buf = vec![0u8; MAX_IN_FLIGHT];
     let received = copy_until_closed(&mut reader, addr, &mut output, &mut buf)?;
 
-    if !input_ended.load(Ordering::Acquire) {
-        // The server closed while input was still coming: the sender may be blocked on a
-        // terminal forever, so do not wait for it (the process exits without it).
-        anyhow::bail!("{addr} closed the connection before the input ended");
-    }
-    let sent = sender
-        .join()
-        .map_err(|_| anyhow!("the sender thread panicked"))??;
+    // `None`: the sender panicked (its end of the channel was dropped without a result).
+    let outcome = if input_ended.load(Ordering::Acquire) {
+        sender_result.recv().ok()
+    } else {
+        // The server closed first. That may be a race, not an early close: a server that
+        // closes once it has echoed the last line can beat the sender to reading end of
+        // input. So give the sender a moment to finish. One still reading after it (at a
+        // terminal, or from a pipe with nothing written) really has more input to come; do
+        // not wait for it: returning ends the process.
+        match sender_result.recv_timeout(SENDER_GRACE) {
+            Ok(Ok(sent)) => Some(Ok(sent)),
+            // Err: it could not send the rest, the connection was gone before input ended.
+            Ok(Err(_)) | Err(mpsc::RecvTimeoutError::Timeout) => {
+                anyhow::bail!("{addr} closed the connection before the input ended")
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+        }
+    };
+    let sent = outcome.ok_or_else(|| anyhow!("the sender thread panicked"))??;
     if received < sent {
         anyhow::bail!(
             "{addr} closed the connection with {} of the {sent} bytes sent not echoed",
@@ -281,12 +305,77 @@ fn fill(input: &mut impl BufRead) -> anyhow::Result<&[u8]> {
         match input.fill_buf() {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e).context("cannot read standard input"),
+            // End of input: say so now. Asking `fill_buf` again would read again, and at a
+            // terminal that waits for a second Ctrl-D.
+            Ok([]) => return Ok(&[]),
             // Borrowing the buffer across loop turns is not allowed; asking again returns
             // what is already buffered, without another read.
             Ok(_) => break,
         }
     }
     input.fill_buf().context("cannot read standard input")
+}
+
+/// Standard input read from a terminal in canonical (line) mode, where one Ctrl-D ends the
+/// input even after a partial line.
+///
+/// The terminal hands a typed line over at its end of line; Ctrl-D hands over what is typed
+/// so far without one, and only a Ctrl-D at the start of a line reads as end of input. `cat`
+/// therefore needs Ctrl-D twice after a partial line; the clients promise once. So a read that
+/// returns bytes without a line end (and did not fill the caller's buffer, which is larger
+/// than a terminal line) is taken as the last: what it returned is sent, then input ends.
+pub struct TerminalInput<R> {
+    inner: R,
+    /// Besides `\n`, the terminal's extra end-of-line characters (VEOL, VEOL2) if set.
+    line_ends: Vec<u8>,
+    ended: bool,
+}
+
+impl<R: Read> TerminalInput<R> {
+    /// Wraps `inner` if `terminal` is a terminal in canonical mode; otherwise `None` (a pipe,
+    /// a file, or a raw-mode terminal, whose reads say nothing about Ctrl-D).
+    pub fn for_terminal(inner: R, terminal: impl std::os::fd::AsFd) -> Option<Self> {
+        use nix::sys::termios::{tcgetattr, LocalFlags, SpecialCharacterIndices};
+        let termios = tcgetattr(terminal).ok()?;
+        if !termios.local_flags.contains(LocalFlags::ICANON) {
+            return None;
+        }
+        let mut line_ends = vec![b'\n'];
+        for index in [
+            SpecialCharacterIndices::VEOL,
+            SpecialCharacterIndices::VEOL2,
+        ] {
+            // 0 (and 0xff, _POSIX_VDISABLE on some systems) mean the character is unset.
+            let c = termios.control_chars[index as usize];
+            if c != 0 && c != 0xff {
+                line_ends.push(c);
+            }
+        }
+        Some(Self::with_line_ends(inner, line_ends))
+    }
+
+    /// Wraps `inner`, treating `line_ends` as the bytes that end a line.
+    pub fn with_line_ends(inner: R, line_ends: Vec<u8>) -> Self {
+        TerminalInput {
+            inner,
+            line_ends,
+            ended: false,
+        }
+    }
+}
+
+impl<R: Read> Read for TerminalInput<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.ended || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        let ends_line = n > 0 && self.line_ends.contains(&buf[n - 1]);
+        if n == 0 || (n < buf.len() && !ends_line) {
+            self.ended = true;
+        }
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
@@ -301,5 +390,55 @@ mod tests {
         assert!(!is_quit(b"quit\n"));
         assert!(!is_quit(b" q\n"));
         assert!(!is_quit(b"\n"));
+    }
+
+    /// Hands out one scripted read result per call, as a terminal hands out one line.
+    struct Reads(std::collections::VecDeque<&'static [u8]>);
+
+    impl Read for Reads {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let next = self.0.pop_front().expect("read after the input ended");
+            buf[..next.len()].copy_from_slice(next);
+            Ok(next.len())
+        }
+    }
+
+    fn lines_until_end(reads: &[&'static [u8]]) -> Vec<Vec<u8>> {
+        let mut input = io::BufReader::new(TerminalInput::with_line_ends(
+            Reads(reads.iter().copied().collect()),
+            vec![b'\n'],
+        ));
+        let mut got = Vec::new();
+        loop {
+            let available = fill(&mut input).unwrap().to_vec();
+            if available.is_empty() {
+                return got;
+            }
+            input.consume(available.len());
+            got.push(available);
+        }
+    }
+
+    #[test]
+    fn ctrl_d_at_the_start_of_a_line_ends_input_without_another_read() {
+        // `Reads` panics if asked again after the empty read.
+        assert_eq!(lines_until_end(&[b"one\n", b""]), [b"one\n".to_vec()]);
+    }
+
+    #[test]
+    fn ctrl_d_after_a_partial_line_ends_input_after_sending_it() {
+        assert_eq!(
+            lines_until_end(&[b"one\n", b"two"]),
+            [b"one\n".to_vec(), b"two".to_vec()]
+        );
+    }
+
+    #[test]
+    fn fill_asks_a_plain_reader_once_at_end_of_input() {
+        // Without the terminal wrapper too: one empty read is the end.
+        let mut input = io::BufReader::new(Reads([&b"x\n"[..], b""].into_iter().collect()));
+        assert_eq!(fill(&mut input).unwrap(), b"x\n");
+        input.consume(2);
+        assert!(fill(&mut input).unwrap().is_empty());
     }
 }

@@ -203,6 +203,19 @@ fn echo_half_of_everything(mut stream: TcpStream) {
     let _ = stream.write_all(&all[..all.len() / 2]);
 }
 
+/// Echoes one line and closes, without waiting for the client to half-close.
+fn echo_one_line_and_close(mut stream: TcpStream) {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        match stream.read(&mut byte) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => line.push(byte[0]),
+        }
+    }
+    let _ = stream.write_all(&line);
+}
+
 /// About 1 MiB of random bytes (newlines, NULs, invalid UTF-8 included), with a 200 KiB line
 /// in the middle and a last line without a newline.
 fn binary_input() -> Vec<u8> {
@@ -304,6 +317,39 @@ fn split_client_reports_an_echo_cut_short() {
     assert!(stderr.contains("10 of the 20 bytes"), "{stderr}");
 }
 
+/// The server closes right after echoing the one line it got, and the input ends just after
+/// (stdin is closed once the echo is printed): the input did end, everything came back, so
+/// the split client must not report that the server closed "before the input ended".
+#[test]
+fn split_client_accepts_a_server_closing_as_the_input_ends() {
+    let addr = test_server(echo_one_line_and_close).to_string();
+    let mut child = spawn_client(&addr, &["--split"]);
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    stdin.write_all(b"hello\n").unwrap();
+    let mut echo = [0u8; 6];
+    stdout.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"hello\n");
+    drop(stdin);
+    let output = wait_with_deadline(child);
+    assert_clean_exit(&output, "split client");
+}
+
+/// The server closes after one line while the terminal's input goes on (nothing ends it):
+/// the split client says so, in one line, and exits non-zero without waiting for more input.
+#[test]
+fn split_client_reports_a_server_closing_before_the_input_ends() {
+    let addr = test_server(echo_one_line_and_close);
+    let output = run_client_at_terminal(addr, &["--split"], b"hello\n");
+    let stderr = stderr_of(&output);
+    assert!(!output.status.success(), "succeeded; stderr: {stderr}");
+    assert_eq!(output.stdout, b"hello\n");
+    assert!(
+        stderr.contains("closed the connection before the input ended"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn split_client_treats_q_as_data_when_stdin_is_not_a_terminal() {
     let server = Server::start("thread", &[]);
@@ -391,36 +437,41 @@ fn both_clients_end_quietly_when_stdout_closes() {
     }
 }
 
-/// At a terminal, a line `q` ends the split client's input: it half-closes, prints the rest
-/// of the echo and exits 0. The terminal is a pseudo-terminal made for the test.
-#[test]
-fn split_client_ends_on_q_at_a_terminal() {
+/// A new pseudo-terminal: the master (what a person types into, and sees the terminal's echo
+/// of) and the slave (the client's stdin).
+fn open_pty() -> (std::fs::File, std::os::fd::OwnedFd) {
     use std::os::fd::{FromRawFd, OwnedFd};
-    let server = Server::start("thread", &[]);
-    let (mut master, slave) = {
-        let (mut master, mut slave) = (-1, -1);
-        // SAFETY: openpty writes two descriptors into the integers passed; the name, termios
-        // and window size pointers may be null.
-        let rc = unsafe {
-            libc::openpty(
-                &mut master,
-                &mut slave,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-        // SAFETY: both descriptors were just opened by openpty and are owned by nobody else.
-        unsafe {
-            (
-                std::fs::File::from(OwnedFd::from_raw_fd(master)),
-                OwnedFd::from_raw_fd(slave),
-            )
-        }
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the integers passed; the name, termios
+    // and window size pointers may be null (the kernel's default termios: canonical mode,
+    // Ctrl-D as end of file).
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
     };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened by openpty and are owned by nobody else.
+    unsafe {
+        (
+            std::fs::File::from(OwnedFd::from_raw_fd(master)),
+            OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+/// Runs a client with a pseudo-terminal as stdin, "types" `typed` into it all at once, and
+/// returns the client's output (killing it and failing if it does not exit in time).
+fn run_client_at_terminal(addr: SocketAddr, extra: &[&str], typed: &[u8]) -> Output {
+    let (mut master, slave) = open_pty();
     let child = Command::new(BIN)
-        .args(["client", "--split", &server.addr.to_string()])
+        .arg("client")
+        .args(extra)
+        .arg(addr.to_string())
         .stdin(Stdio::from(slave))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -432,9 +483,57 @@ fn split_client_ends_on_q_at_a_terminal() {
         let mut sink = [0u8; 1024];
         while matches!(typed_echo.read(&mut sink), Ok(n) if n > 0) {}
     });
-    master.write_all(b"hello\nq\nnot sent\n").unwrap();
+    master.write_all(typed).unwrap();
     let output = wait_with_deadline(child);
     drop(master);
+    output
+}
+
+/// At a terminal, a line `q` ends the split client's input: it half-closes, prints the rest
+/// of the echo and exits 0. The terminal is a pseudo-terminal made for the test.
+#[test]
+fn split_client_ends_on_q_at_a_terminal() {
+    let server = Server::start("thread", &[]);
+    let output = run_client_at_terminal(server.addr, &["--split"], b"hello\nq\nnot sent\n");
     assert_clean_exit(&output, "split client at a terminal");
     assert_eq!(String::from_utf8_lossy(&output.stdout), "hello\n");
+}
+
+/// Ctrl-D pressed once at the start of a line ends either client at a terminal, as the
+/// prompt says. Nothing is typed after it, so a client that reads the terminal again after
+/// end of input waits until the deadline and fails the test.
+#[test]
+fn both_clients_end_on_one_ctrl_d_at_a_terminal() {
+    let server = Server::start("thread", &[]);
+    for (name, extra) in CLIENTS {
+        let output = run_client_at_terminal(server.addr, extra, b"hello\nworld\n\x04");
+        assert_clean_exit(&output, name);
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "hello\nworld\n",
+            "{name}"
+        );
+        assert!(
+            output.stderr.ends_with(b"to finish\n"),
+            "{name}: {}",
+            stderr_of(&output)
+        );
+    }
+}
+
+/// Ctrl-D pressed once after a partial line sends that partial line and ends either client
+/// (the terminal hands the partial line over without a newline; `cat` would wait for a
+/// second Ctrl-D).
+#[test]
+fn both_clients_end_on_one_ctrl_d_after_a_partial_line() {
+    let server = Server::start("thread", &[]);
+    for (name, extra) in CLIENTS {
+        let output = run_client_at_terminal(server.addr, extra, b"hello\npartial\x04");
+        assert_clean_exit(&output, name);
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "hello\npartial",
+            "{name}"
+        );
+    }
 }
