@@ -221,7 +221,7 @@ fn echo_one_line_and_close(mut stream: TcpStream) {
 fn binary_input() -> Vec<u8> {
     let mut input = multiecho::payload::bytes(7, 512 * 1024);
     input.push(b'\n');
-    input.extend(std::iter::repeat(b'x').take(200 * 1024));
+    input.extend(std::iter::repeat_n(b'x', 200 * 1024));
     input.push(b'\n');
     input.extend(multiecho::payload::bytes(8, 300 * 1024));
     if input.last() == Some(&b'\n') {

@@ -66,7 +66,7 @@ fn ten_thousand_connections(model: &str) {
     let message = |i: usize| payload::bytes(i as u64, 200 + i % 300);
     // Half of the clients half-close right after sending, so the server often finds the data
     // and the FIN together; the others half-close once their echo is back.
-    let closes_early = |i: usize| i % 2 == 0;
+    let closes_early = |i: usize| i.is_multiple_of(2);
     for (i, stream) in streams.iter_mut().enumerate() {
         stream.write_all(&message(i)).expect("send");
         if closes_early(i) {
