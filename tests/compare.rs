@@ -125,6 +125,30 @@ fn short_sweep_of_two_models() {
     assert!(env["command_line"].as_array().unwrap().len() > 5);
     assert_eq!(report["settings"]["conns"], serde_json::json!([1, 4]));
     assert_eq!(report["settings"]["workers"], 4);
+    // Traceable: the commit the binary was built from (the tests run in a git checkout) and
+    // whether its sources had uncommitted changes; where it ran and the machine's load.
+    let commit = env["commit"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no commit: {env}"));
+    assert!(
+        commit.len() == 40 && commit.chars().all(|c| c.is_ascii_hexdigit()),
+        "{env}"
+    );
+    assert!(env["tree_dirty"].is_boolean(), "{env}");
+    assert!(env["working_directory"].is_string(), "{env}");
+    assert!(env["load_average"].is_string(), "{env}");
+    assert!(md.contains(&format!("commit {commit}")), "{md}");
+    // Unpinned, one round: the report and stderr say so.
+    assert!(
+        md.contains("**Warning:** the servers and the load generator were not both pinned"),
+        "{md}"
+    );
+    assert!(md.contains("**Warning:** each point ran once"), "{md}");
+    assert!(
+        context.contains("compare: warning: each point ran once"),
+        "{context}"
+    );
+    assert!(report["noise"].is_null(), "one run per point: {report}");
 
     let servers = report["servers"].as_array().unwrap();
     let names: Vec<&str> = servers

@@ -91,6 +91,10 @@ pub struct CompareArgs {
     /// Directory to write report.json, report.md and the charts into.
     #[arg(long, value_name = "DIR", default_value = "compare-report")]
     pub out: PathBuf,
+    /// Measure nothing: rewrite report.md and the charts of an earlier comparison from the
+    /// report.json in DIR (after a change to how they are drawn).
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub redraw: Option<PathBuf>,
 }
 
 /// An echo server compare does not start: `NAME=ADDR[@PID]`.
@@ -145,6 +149,12 @@ fn takes_workers(model: Model) -> bool {
 
 /// Runs `multiecho compare`.
 pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.redraw {
+        for file in redraw(dir)? {
+            println!("{}", file.display());
+        }
+        return Ok(());
+    }
     let exe = std::env::current_exe().context("cannot find the multiecho executable")?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
@@ -171,6 +181,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         environment: environment(),
         settings,
         servers: Vec::new(),
+        noise: None,
     };
     let swept = sweep(&exe, args, &mut contenders, &mut report, &progress);
     // Stopped even when the sweep failed (a report it could not write, say).
@@ -183,6 +194,9 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let files = write_report(&report, &args.out)?;
     for file in files {
         println!("{}", file.display());
+    }
+    for warning in report::warnings(&report) {
+        eprintln!("compare: warning: {warning}");
     }
     let points = || report.servers.iter().flat_map(|s| &s.points);
     let failed_points = points().filter(|p| p.failed).count();
@@ -256,6 +270,10 @@ fn distinct<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
 
 /// Writes report.json, the charts and report.md into `dir`; returns their paths.
 fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let report = &Report {
+        noise: report::Noise::of(&report.servers),
+        ..report.clone()
+    };
     let json = serde_json::to_string_pretty(report)?;
     let json_path = dir.join("report.json");
     std::fs::write(&json_path, json + "\n")
@@ -266,6 +284,24 @@ fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::write(&md_path, report::markdown(report, &charts))
         .with_context(|| format!("cannot write {}", md_path.display()))?;
     let mut files = vec![json_path, md_path];
+    files.extend(charts.iter().map(|chart| dir.join(chart)));
+    Ok(files)
+}
+
+/// Rewrites the charts and report.md in `dir` from its report.json (left as it is); returns
+/// the paths written.
+pub fn redraw(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let json_path = dir.join("report.json");
+    let json = std::fs::read_to_string(&json_path)
+        .with_context(|| format!("cannot read {}", json_path.display()))?;
+    let report: Report = serde_json::from_str(&json)
+        .with_context(|| format!("{} is not a compare report", json_path.display()))?;
+    let charts = charts::write_all(&report, dir)
+        .with_context(|| format!("cannot write the charts into {}", dir.display()))?;
+    let md_path = dir.join("report.md");
+    std::fs::write(&md_path, report::markdown(&report, &charts))
+        .with_context(|| format!("cannot write {}", md_path.display()))?;
+    let mut files = vec![md_path];
     files.extend(charts.iter().map(|chart| dir.join(chart)));
     Ok(files)
 }
@@ -484,7 +520,7 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// The machine: kernel, CPU, cores; the date and the command line.
+/// The machine: kernel, CPU, cores, load; the date, the command line and the commit.
 fn environment() -> report::Environment {
     let read = |path: &str| {
         std::fs::read_to_string(path)
@@ -511,12 +547,42 @@ fn environment() -> report::Environment {
         date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         command_line: std::env::args().collect(),
         multiecho_version: env!("CARGO_PKG_VERSION").to_string(),
+        commit: option_env!("MULTIECHO_COMMIT").map(str::to_string),
+        tree_dirty: option_env!("MULTIECHO_TREE_DIRTY").map(|dirty| dirty == "true"),
+        working_directory: std::env::current_dir()
+            .ok()
+            .map(|dir| dir.display().to_string()),
+        load_average: Some(read("/proc/loadavg")).filter(|load| !load.is_empty()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--redraw` rewrites report.md and the charts from report.json alone, and leaves
+    /// report.json as it was.
+    #[test]
+    fn redraws_from_report_json() {
+        let dir = std::env::temp_dir().join(format!("multiecho-redraw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = serde_json::to_string_pretty(&report::tests::synthetic()).unwrap();
+        std::fs::write(dir.join("report.json"), &json).unwrap();
+        let files = redraw(&dir).unwrap();
+        assert_eq!(files.len(), 5, "{files:?}");
+        let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+        assert!(md.contains("| pool | 24,691 | 10 ✗ |"), "{md}");
+        assert!(
+            md.contains("![round_trips_64B.svg](round_trips_64B.svg)"),
+            "{md}"
+        );
+        assert!(dir.join("peak_rss_64B.svg").exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("report.json")).unwrap(),
+            json
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn distinct_keeps_first_order() {

@@ -12,6 +12,63 @@ pub struct Report {
     pub settings: Settings,
     /// One entry per model (in the order asked for), then per external server.
     pub servers: Vec<ServerResult>,
+    /// How much the repeated runs of a point disagreed (`None`: one run per point).
+    #[serde(default)]
+    pub noise: Option<Noise>,
+}
+
+/// The noise the sweep measured: how far apart the runs of one point are, in round trips
+/// per second, as (highest − lowest) ÷ median over the runs of each point that ran more than
+/// once without failing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Noise {
+    /// How many points the spreads come from.
+    pub points: usize,
+    /// The median of the points' spreads (0.1 = 10%).
+    pub median_spread: f64,
+    /// The widest spread, and where: "server at N conns, S".
+    pub widest_spread: f64,
+    pub widest_at: String,
+}
+
+impl Noise {
+    /// The noise of `servers`' points.
+    pub fn of(servers: &[ServerResult]) -> Option<Noise> {
+        let mut spreads: Vec<(f64, String)> = Vec::new();
+        for server in servers {
+            for point in server.points.iter().filter(|p| !p.failed) {
+                let rates: Vec<f64> = point
+                    .runs
+                    .iter()
+                    .filter_map(|run| run.figures.as_ref().map(|f| f.round_trips_per_sec))
+                    .collect();
+                let Some(middle) = median(rates.iter().copied()).filter(|m| *m > 0.0) else {
+                    continue;
+                };
+                if rates.len() < 2 {
+                    continue;
+                }
+                let high = rates.iter().copied().fold(f64::MIN, f64::max);
+                let low = rates.iter().copied().fold(f64::MAX, f64::min);
+                let at = format!(
+                    "{} at {}, {}",
+                    server.name,
+                    conns_label(point.conns),
+                    size_label(point.size)
+                );
+                spreads.push(((high - low) / middle, at));
+            }
+        }
+        let median_spread = median(spreads.iter().map(|(spread, _)| *spread))?;
+        let (widest_spread, widest_at) =
+            spreads.iter().max_by(|a, b| a.0.total_cmp(&b.0)).cloned()?;
+        Some(Noise {
+            points: spreads.len(),
+            median_spread,
+            widest_spread,
+            widest_at,
+        })
+    }
 }
 
 /// The machine and the moment.
@@ -26,6 +83,20 @@ pub struct Environment {
     pub date: String,
     pub command_line: Vec<String>,
     pub multiecho_version: String,
+    /// The git commit the binary was built from (`None`: not built from a git checkout, or
+    /// a report from before compare recorded it).
+    #[serde(default)]
+    pub commit: Option<String>,
+    /// Whether the built sources (src/, Cargo.toml, Cargo.lock, build.rs) had changes not
+    /// committed when the binary was built.
+    #[serde(default)]
+    pub tree_dirty: Option<bool>,
+    /// The working directory the command ran in (relative paths in it are from there).
+    #[serde(default)]
+    pub working_directory: Option<String>,
+    /// `/proc/loadavg` when the sweep started: other work on the machine.
+    #[serde(default)]
+    pub load_average: Option<String>,
 }
 
 /// What was asked for.
@@ -341,6 +412,69 @@ fn table(report: &Report, size: u64, metric: Metric) -> String {
     out
 }
 
+/// What a reader of the report must know before trusting its figures: an unpinned run, a
+/// single round, a binary built from uncommitted or unknown source.
+pub fn warnings(report: &Report) -> Vec<String> {
+    let settings = &report.settings;
+    let mut warnings = Vec::new();
+    if settings.server_cpus.is_none() || settings.client_cpus.is_none() {
+        warnings.push(
+            "the servers and the load generator were not both pinned (--server-cpus, \
+             --client-cpus), so they competed for the same CPUs: the figures mix their costs \
+             and vary more from run to run."
+                .to_string(),
+        );
+    }
+    if settings.repeat < 2 {
+        warnings.push(
+            "each point ran once (--repeat 1): nothing measures the noise, and on a busy \
+             machine runs seconds apart can differ by tens of percent. Compare with \
+             --repeat 3 or more."
+                .to_string(),
+        );
+    }
+    match report.environment.tree_dirty {
+        Some(true) => warnings.push(
+            "the binary was built from uncommitted changes: the commit below does not \
+             hold the code that was measured."
+                .to_string(),
+        ),
+        Some(false) => {}
+        None => warnings.push(
+            "the commit the binary was built from is not recorded: the code measured cannot \
+             be traced."
+                .to_string(),
+        ),
+    }
+    warnings
+}
+
+/// `commit 0123abcd…`, with whether the tree was dirty.
+fn describe_commit(env: &Environment) -> String {
+    match (&env.commit, env.tree_dirty) {
+        (Some(commit), Some(true)) => format!("commit {commit}, with uncommitted changes"),
+        (Some(commit), Some(false)) => format!("commit {commit}, clean tree"),
+        (Some(commit), None) => format!("commit {commit}"),
+        (None, _) => "commit not recorded".to_string(),
+    }
+}
+
+/// A command line as a shell would take it back: words with spaces or quotes are quoted.
+fn shell_words(words: &[String]) -> String {
+    let quote = |word: &String| {
+        let plain = !word.is_empty()
+            && word
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c));
+        if plain {
+            word.clone()
+        } else {
+            format!("'{}'", word.replace('\'', r"'\''"))
+        }
+    };
+    words.iter().map(quote).collect::<Vec<_>>().join(" ")
+}
+
 /// The whole `report.md`: the setting, a table per size and metric, the charts, and every
 /// skipped server, failed point and unclean stop with its reason.
 pub fn markdown(report: &Report, charts: &[String]) -> String {
@@ -348,9 +482,15 @@ pub fn markdown(report: &Report, charts: &[String]) -> String {
     let settings = &report.settings;
     let mut out = String::new();
     let _ = writeln!(out, "# multiecho compare\n");
+    for warning in warnings(report) {
+        let _ = writeln!(out, "> **Warning:** {warning}\n");
+    }
     let _ = writeln!(out, "- Date: {}", env.date);
     let _ = writeln!(out, "- Kernel: {}", env.kernel);
     let _ = writeln!(out, "- CPU: {} ({} cores usable)", env.cpu_model, env.cores);
+    if let Some(load) = &env.load_average {
+        let _ = writeln!(out, "- Load average at the start (/proc/loadavg): {load}");
+    }
     let pinning = |cpus: &Option<String>| cpus.clone().unwrap_or_else(|| "not pinned".into());
     let _ = writeln!(
         out,
@@ -371,8 +511,32 @@ pub fn markdown(report: &Report, charts: &[String]) -> String {
     if let Some(workers) = settings.workers {
         let _ = writeln!(out, "- Workers: {workers}");
     }
-    let _ = writeln!(out, "- Command: `{}`", env.command_line.join(" "));
-    let _ = writeln!(out, "- multiecho {}", env.multiecho_version);
+    match Noise::of(&report.servers) {
+        Some(noise) => {
+            let _ = writeln!(
+                out,
+                "- Noise: the runs of a point differ by a median of {:.0}% in round trips/s \
+                 (highest − lowest ÷ median, over {} points); the widest, {:.0}%, at {}",
+                noise.median_spread * 100.0,
+                noise.points,
+                noise.widest_spread * 100.0,
+                noise.widest_at
+            );
+        }
+        None => {
+            let _ = writeln!(out, "- Noise: not measured (no point ran more than once)");
+        }
+    }
+    let _ = writeln!(out, "- Command: `{}`", shell_words(&env.command_line));
+    if let Some(dir) = &env.working_directory {
+        let _ = writeln!(out, "- Run in: `{dir}`");
+    }
+    let _ = writeln!(
+        out,
+        "- multiecho {}, {}",
+        env.multiecho_version,
+        describe_commit(env)
+    );
     out.push_str(
         "\nServer CPU time is user+system time of the server and all its processes \
          (reaped children included) over the measured window, divided by the round trips. \
@@ -514,6 +678,10 @@ pub(crate) mod tests {
                 date: "2026-01-01T00:00:00Z".into(),
                 command_line: vec!["multiecho".into(), "compare".into()],
                 multiecho_version: "0.1.0".into(),
+                commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
+                tree_dirty: Some(false),
+                working_directory: Some("/src/multiecho".into()),
+                load_average: Some("0.50 0.40 0.30 1/100 1234".into()),
             },
             settings: Settings {
                 conns: vec![1, 50],
@@ -526,6 +694,7 @@ pub(crate) mod tests {
                 server_cpus: Some("0".into()),
                 client_cpus: None,
             },
+            noise: None,
             servers: vec![
                 ran("thread", 1.0),
                 failing,
@@ -594,6 +763,67 @@ pub(crate) mod tests {
             "{md}"
         );
         assert!(md.contains("server 0, load generator not pinned"), "{md}");
+        assert!(
+            md.contains("commit 0123456789abcdef0123456789abcdef01234567, clean tree"),
+            "{md}"
+        );
+        assert!(md.contains("- Noise: not measured"), "{md}");
+        assert!(md.contains("- Load average at the start"), "{md}");
+    }
+
+    #[test]
+    fn warns_of_an_unpinned_run_with_one_round() {
+        let mut report = synthetic();
+        let md = markdown(&report, &[]);
+        assert!(
+            md.contains("> **Warning:** the servers and the load generator were not both pinned"),
+            "{md}"
+        );
+        assert!(md.contains("> **Warning:** each point ran once"), "{md}");
+        report.settings.client_cpus = Some("1".into());
+        report.settings.repeat = 3;
+        report.environment.tree_dirty = Some(true);
+        let warnings = warnings(&report);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("uncommitted changes"), "{warnings:?}");
+        report.environment.tree_dirty = Some(false);
+        assert!(super::warnings(&report).is_empty());
+    }
+
+    #[test]
+    fn noise_is_the_spread_of_the_runs_of_a_point() {
+        let mut report = synthetic();
+        let run = |rps: f64| Run {
+            figures: Some(Figures {
+                round_trips_per_sec: rps,
+                ..Figures::default()
+            }),
+            failure: None,
+        };
+        report.servers[0].points[0] =
+            Point::from_runs(1, 64, vec![run(90.0), run(100.0), run(110.0)]);
+        report.servers[0].points[1] =
+            Point::from_runs(50, 64, vec![run(100.0), run(150.0), run(200.0)]);
+        let noise = Noise::of(&report.servers).unwrap();
+        assert_eq!(noise.points, 2);
+        // Spreads of 20% and 67%: their median is their mean.
+        assert!(
+            (noise.median_spread - (0.2 + 2.0 / 3.0) / 2.0).abs() < 1e-9,
+            "{noise:?}"
+        );
+        assert!((noise.widest_spread - 2.0 / 3.0).abs() < 1e-9, "{noise:?}");
+        assert_eq!(noise.widest_at, "thread at 50 conns, 64 B");
+        let md = markdown(&report, &[]);
+        assert!(md.contains("differ by a median of 43%"), "{md}");
+    }
+
+    #[test]
+    fn commands_are_quoted_as_a_shell_takes_them() {
+        let words = ["multiecho", "compare", "--out", "my report", "it's"].map(String::from);
+        assert_eq!(
+            shell_words(&words),
+            r"multiecho compare --out 'my report' 'it'\''s'"
+        );
     }
 
     #[test]
