@@ -48,8 +48,12 @@ const SENDER_GRACE: Duration = Duration::from_secs(1);
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
     /// Server address: HOST:PORT, [V6]:PORT or PORT (loopback).
-    #[arg(value_parser = crate::cli::parse_addr, default_value = crate::net::DEFAULT_LISTEN)]
-    pub addr: SocketAddr,
+    #[arg(value_name = "ADDR", default_value = crate::net::DEFAULT_LISTEN)]
+    pub addr: String,
+    /// A port given as a second argument, nc style (`client HOST PORT`): caught only to
+    /// point at HOST:PORT. (Parsing ADDR after clap lets the hint see both.)
+    #[arg(hide = true)]
+    pub nc_style_port: Option<String>,
     /// Send and receive at the same time (the seeds' echo_mpclient): lines go out without
     /// waiting for their echo. At a terminal, a line `q` or `Q` ends the input.
     #[arg(long)]
@@ -64,7 +68,8 @@ pub struct ClientArgs {
 /// Errors from stdout are returned as plain `io::Error` (so the caller can treat a broken
 /// pipe as a normal end); errors on the connection are described, never bare.
 pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
-    let stream = connect(args.addr, args.timeout)?;
+    let addr = args.address()?;
+    let stream = connect(addr, args.timeout)?;
     let interactive = io::stdin().is_terminal();
     if interactive {
         let how_to_end = if args.split {
@@ -72,7 +77,7 @@ pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
         } else {
             "press Ctrl-D to finish"
         };
-        eprintln!("multiecho: connected to {}; {how_to_end}", args.addr);
+        eprintln!("multiecho: connected to {addr}; {how_to_end}");
     }
     // The sender thread needs an owned reader (a stdin lock cannot move threads).
     let input: Box<dyn BufRead + Send> = match TerminalInput::for_terminal(io::stdin(), io::stdin())
@@ -81,9 +86,29 @@ pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
         None => Box::new(io::BufReader::new(io::stdin())),
     };
     if args.split {
-        split_client(stream, args.addr, input, io::stdout(), interactive)
+        split_client(stream, addr, input, io::stdout(), interactive)
     } else {
-        line_client(stream, args.addr, input, io::stdout().lock())
+        line_client(stream, addr, input, io::stdout().lock())
+    }
+}
+
+impl ClientArgs {
+    /// The server's address; `HOST PORT` as two arguments gets a pointer to `HOST:PORT`.
+    pub fn address(&self) -> anyhow::Result<SocketAddr> {
+        if let Some(port) = &self.nc_style_port {
+            let host = self.addr.trim();
+            // An IPv6 address needs brackets before its port.
+            let joined = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            anyhow::bail!(
+                "the address is one argument, HOST:PORT, not HOST PORT: try \
+                 `multiecho client {joined}`"
+            );
+        }
+        crate::cli::parse_addr(&self.addr).map_err(|e| anyhow!(e))
     }
 }
 

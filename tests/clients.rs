@@ -296,6 +296,28 @@ fn both_clients_report_a_refused_connection_in_one_line() {
     }
 }
 
+/// `client HOST PORT`, as nc takes it, gets one line pointing at `HOST:PORT`, for both clients.
+#[test]
+fn both_clients_point_nc_style_host_port_at_host_colon_port() {
+    for (name, extra) in CLIENTS {
+        let output = Command::new(BIN)
+            .arg("client")
+            .args(extra)
+            .args(["127.0.0.1", "4000"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run multiecho client");
+        let stderr = stderr_of(&output);
+        assert!(!output.status.success(), "{name}: {stderr}");
+        assert!(
+            stderr.contains("`multiecho client 127.0.0.1:4000`"),
+            "{name}: {stderr}"
+        );
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: {stderr}");
+        assert!(output.stdout.is_empty(), "{name}");
+    }
+}
+
 #[test]
 fn line_client_reports_an_echo_cut_short() {
     let addr = test_server(echo_half_a_line_and_close).to_string();
