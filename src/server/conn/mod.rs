@@ -213,7 +213,8 @@ impl Lifecycle {
             peer = %admitted.peer,
             bytes,
             duration = ?admitted.started.elapsed(),
-            end = %end,
+            // Debug of the text quotes it: `end="client closed"` stays one key=value.
+            end = ?end.to_string(),
             "connection closed"
         );
     }
