@@ -232,8 +232,13 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     if failed_points > 0 {
         // Errors without wrong bytes are often a model's designed limit (more clients than
         // it serves at once), so they are reported, not fatal.
+        let points = if failed_points == 1 {
+            "point"
+        } else {
+            "points"
+        };
         eprintln!(
-            "compare: {failed_points} point(s) saw errors; see Problems in {}",
+            "compare: {failed_points} {points} saw errors; see Problems in {}",
             args.out.join("report.md").display()
         );
     }

@@ -140,8 +140,11 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "multiecho bench {}: {} connections, {} B messages, {mode}, {} threads",
-            c.addr, c.conns, c.size, c.threads
+            "multiecho bench {}: {}, {} B messages, {mode}, {}",
+            c.addr,
+            counted(c.conns as u64, "connection"),
+            c.size,
+            counted(c.threads as u64, "thread")
         );
         let _ = writeln!(
             out,
@@ -188,5 +191,22 @@ impl Report {
             let _ = writeln!(out, "  ... and {} more failed connections", total - shown);
         }
         out
+    }
+}
+
+/// `1 connection`, `50 connections`.
+fn counted(n: u64, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::counted;
+
+    #[test]
+    fn counts_agree_with_their_noun() {
+        assert_eq!(counted(1, "connection"), "1 connection");
+        assert_eq!(counted(0, "thread"), "0 threads");
+        assert_eq!(counted(50, "connection"), "50 connections");
     }
 }
