@@ -52,8 +52,8 @@ pub struct ServeArgs {
     #[arg(short, long = "listen", value_name = "ADDR", value_parser = crate::listen::parse,
           default_value = crate::net::DEFAULT_LISTEN)]
     pub listen: Vec<ListenSpec>,
-    /// How to serve many clients at once. The default, epoll, measured as fast as any (on par
-    /// with uring) and needs no special kernel feature (BENCHMARKS.md).
+    /// How to serve many clients at once. The default, epoll, is on par with a C epoll server,
+    /// uses the least memory and needs no special kernel feature (BENCHMARKS.md).
     #[arg(short, long, value_enum, default_value_t = Model::Epoll)]
     pub model: Model,
     /// Listen backlog: finished handshakes waiting to be accepted.
