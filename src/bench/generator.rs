@@ -65,6 +65,13 @@ pub struct Plan {
     pub sources: Vec<IpAddr>,
     /// Write [`LOAD_STARTED`] to stderr the moment the load (warm-up first) starts.
     pub announce_start: bool,
+    /// Keep per-interval figures for intervals of this length.
+    pub interval: Option<Duration>,
+    /// Churn: after this many round trips close the connection and open a new one.
+    pub requests_per_conn: Option<u64>,
+    /// Connection ids of a slot's successive connections are this far apart (the number of
+    /// connections of the run), so every connection of a run has its own id.
+    pub id_stride: u64,
 }
 
 /// The line `--announce-start` writes, so that a caller measuring the server (`compare`)
@@ -137,6 +144,8 @@ impl Shared {
 struct Sent {
     /// When it was sent, or in the open loop when it was due.
     at: Instant,
+    /// When it was actually committed to the socket (the open loop's uncorrected start).
+    sent_at: Instant,
     /// Sent after the warm-up, so it counts.
     measured: bool,
 }
@@ -151,6 +160,9 @@ enum State {
 
 struct Conn {
     id: u64,
+    /// The id of this slot's first connection; churn opens new ones with new ids.
+    base_id: u64,
+    generation: u64,
     stream: Option<TcpStream>,
     state: State,
     /// The message being written and how much of it is written.
@@ -209,6 +221,10 @@ struct Worker<'a> {
     live: usize,
     last_progress: Instant,
     unpublished: u64,
+    /// Churn: new connections being opened during the load.
+    connecting: usize,
+    /// Set once the load started (connects after it count as churn).
+    loading: bool,
 }
 
 impl<'a> Worker<'a> {
@@ -216,6 +232,8 @@ impl<'a> Worker<'a> {
         let conns = (0..share.conns)
             .map(|i| Conn {
                 id: share.first_conn + i as u64,
+                base_id: share.first_conn + i as u64,
+                generation: 0,
                 stream: None,
                 state: State::Idle,
                 send_seq: 0,
@@ -250,6 +268,8 @@ impl<'a> Worker<'a> {
             live: 0,
             last_progress: now,
             unpublished: 0,
+            connecting: 0,
+            loading: false,
         })
     }
 
@@ -292,10 +312,7 @@ impl<'a> Worker<'a> {
                 match self.finish_connect(idx) {
                     Ok(true) => {
                         connecting -= 1;
-                        self.conns[idx].state = State::Open;
-                        self.live += 1;
-                        self.outcome.opened += 1;
-                        shared.opened.fetch_add(1, Ordering::Relaxed);
+                        self.opened(idx, shared);
                     }
                     Ok(false) => {}
                     Err(e) => {
@@ -358,6 +375,63 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// A connect finished: the connection is open, and its connect time recorded.
+    fn opened(&mut self, idx: usize, shared: &Shared) {
+        let now = Instant::now();
+        if let State::Connecting(since) = self.conns[idx].state {
+            let nanos = u64::try_from(now.duration_since(since).as_nanos()).unwrap_or(u64::MAX);
+            self.outcome.connect_ns.saturating_record(nanos.max(1));
+        }
+        self.conns[idx].state = State::Open;
+        self.live += 1;
+        self.outcome.opened += 1;
+        if self.loading && now >= self.measure_start && self.end.map_or(true, |end| now <= end) {
+            self.outcome.opened_measured += 1;
+        }
+        shared.opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether connection `idx` may take another message: with churn, a connection carries
+    /// only `requests_per_conn` of them.
+    fn has_room(&self, idx: usize) -> bool {
+        let conn = &self.conns[idx];
+        self.plan
+            .requests_per_conn
+            .map_or(true, |n| conn.recv_seq + (conn.in_flight.len() as u64) < n)
+    }
+
+    /// Churn: closes connection `idx` (its last echo is in) and opens the slot's next one.
+    fn recycle(&mut self, idx: usize) {
+        self.close(idx);
+        let conn = &mut self.conns[idx];
+        conn.generation += 1;
+        conn.id = conn.base_id + conn.generation * self.plan.id_stride;
+        conn.send_seq = 0;
+        conn.send_off = 0;
+        conn.recv_seq = 0;
+        conn.recv_off = 0;
+        conn.written = 0;
+        conn.read = 0;
+        match self.start_connect(idx) {
+            Ok(()) => self.connecting += 1,
+            Err(e) => self.connect_failed(idx, &e),
+        }
+    }
+
+    /// Puts a freshly opened connection to work: the closed loop fills its pipeline, the
+    /// open loop offers its slots to the schedule.
+    fn begin(&mut self, idx: usize) {
+        let now = Instant::now();
+        for _ in 0..self.plan.pipeline {
+            if self.share.rate.is_some() {
+                self.ready.push_back(idx);
+            } else if self.may_commit(now) && self.has_room(idx) {
+                self.commit(idx, now);
+            }
+        }
+        self.flush(idx);
+    }
+
     fn connect_failed(&mut self, idx: usize, err: &io::Error) {
         self.close(idx);
         self.outcome.connect_failures += 1;
@@ -415,6 +489,7 @@ impl<'a> Worker<'a> {
         self.measure_start = start + self.plan.warmup;
         self.end = self.plan.duration.map(|d| self.measure_start + d);
         self.last_progress = start;
+        self.loading = true;
         if self.share.quota == Some(0) {
             self.sending = false;
         }
@@ -429,7 +504,7 @@ impl<'a> Worker<'a> {
             let now = Instant::now();
             for &idx in &open {
                 for _ in 0..self.plan.pipeline {
-                    if self.may_commit(now) {
+                    if self.may_commit(now) && self.has_room(idx) {
                         self.commit(idx, now);
                     }
                 }
@@ -478,7 +553,7 @@ impl<'a> Worker<'a> {
             if !self.sending && stopped_at.is_none() {
                 stopped_at = Some(now);
             }
-            if self.live == 0 || (!self.sending && self.in_flight_total == 0) {
+            if self.live + self.connecting == 0 || (!self.sending && self.in_flight_total == 0) {
                 break;
             }
             if !self.sending {
@@ -523,6 +598,21 @@ impl<'a> Worker<'a> {
                     continue;
                 }
                 let idx = event.token().0;
+                if let State::Connecting(_) = self.conns[idx].state {
+                    match self.finish_connect(idx) {
+                        Ok(true) => {
+                            self.connecting -= 1;
+                            self.opened(idx, shared);
+                            self.begin(idx);
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            self.connecting -= 1;
+                            self.connect_failed(idx, &e);
+                        }
+                    }
+                    continue;
+                }
                 if self.conns[idx].state != State::Open {
                     continue;
                 }
@@ -563,7 +653,11 @@ impl<'a> Worker<'a> {
     /// Open loop: a connection with a free pipeline slot, if any.
     fn next_ready(&mut self) -> Option<usize> {
         while let Some(idx) = self.ready.pop_front() {
-            if self.conns[idx].state == State::Open {
+            let conn = &self.conns[idx];
+            if conn.state == State::Open
+                && conn.in_flight.len() < self.plan.pipeline
+                && self.has_room(idx)
+            {
                 return Some(idx);
             }
         }
@@ -581,7 +675,11 @@ impl<'a> Worker<'a> {
             }
         }
         let conn = &mut self.conns[idx];
-        conn.in_flight.push_back(Sent { at, measured });
+        conn.in_flight.push_back(Sent {
+            at,
+            sent_at: Instant::now(),
+            measured,
+        });
         conn.unsent += 1;
         self.in_flight_total += 1;
     }
@@ -744,9 +842,26 @@ impl<'a> Worker<'a> {
                 if let Some(sent) = sent {
                     self.completed(sent, now);
                 }
+                let conn = &self.conns[idx];
+                if self.plan.requests_per_conn == Some(conn.recv_seq) {
+                    if !rest.is_empty() {
+                        let extra = rest.len();
+                        self.fail(
+                            idx,
+                            FailureKind::Excess,
+                            format!("the server sent {extra} bytes more than it was sent"),
+                        );
+                    } else if self.sending {
+                        self.recycle(idx);
+                    } else {
+                        self.close(idx);
+                    }
+                    // This connection is done; its successor has a new socket.
+                    return false;
+                }
                 if self.share.rate.is_some() {
                     self.ready.push_back(idx);
-                } else if self.may_commit(now) {
+                } else if self.may_commit(now) && self.has_room(idx) {
                     self.commit(idx, now);
                 }
             }
@@ -758,11 +873,26 @@ impl<'a> Worker<'a> {
         if !sent.measured || self.end.is_some_and(|end| now > end) {
             return;
         }
-        let nanos = now.saturating_duration_since(sent.at).as_nanos();
-        let nanos = u64::try_from(nanos).unwrap_or(u64::MAX).max(1);
+        let nanos_since = |at: Instant| {
+            let nanos = now.saturating_duration_since(at).as_nanos();
+            u64::try_from(nanos).unwrap_or(u64::MAX).max(1)
+        };
+        let nanos = nanos_since(sent.at);
         self.outcome.latency_ns.saturating_record(nanos);
+        self.outcome
+            .uncorrected_ns
+            .saturating_record(nanos_since(sent.sent_at));
         self.outcome.requests += 1;
-        self.outcome.bytes += self.plan.messages.size() as u64;
+        let size = self.plan.messages.size() as u64;
+        self.outcome.bytes += size;
+        if let Some(len) = self.plan.interval {
+            let index = now.saturating_duration_since(self.measure_start).as_nanos()
+                / len.as_nanos().max(1);
+            let interval = self.outcome.interval(index as usize);
+            interval.requests += 1;
+            interval.bytes += size;
+            interval.latency_ns.saturating_record(nanos);
+        }
         self.outcome.last_completion = Some(now);
         self.unpublished += 1;
     }
@@ -841,6 +971,9 @@ mod tests {
             duration: Some(Duration::from_millis(10)),
             sources: vec![IpAddr::from([127, 0, 0, 2]), IpAddr::from([127, 0, 0, 3])],
             announce_start: false,
+            interval: None,
+            requests_per_conn: None,
+            id_stride: 2,
         };
         let share = Share {
             first_conn: 0,

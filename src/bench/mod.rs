@@ -11,6 +11,8 @@
 
 pub mod compare;
 pub mod generator;
+pub mod histogram;
+pub mod merge;
 pub mod outcome;
 pub mod report;
 mod timer;
@@ -69,6 +71,17 @@ pub struct BenchArgs {
     /// Event-loop threads (default: one per core).
     #[arg(short, long, value_name = "T", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub threads: Option<u64>,
+    /// Report throughput and latency percentiles for every interval of this length too,
+    /// e.g. 1s, so drift during a run shows.
+    #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
+    pub interval: Option<Duration>,
+    /// Connection churn: a new connection for every round trip (--requests-per-conn 1).
+    #[arg(long, conflicts_with = "requests_per_conn")]
+    pub churn: bool,
+    /// Connection churn: close each connection after N round trips and open a new one;
+    /// reports connections per second and connect latency.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests_per_conn: Option<u64>,
     /// Print one JSON object on stdout instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -82,6 +95,15 @@ fn parse_message_size(text: &str) -> Result<u64, String> {
         0 => Err("a message is at least 1 byte".into()),
         n if n > 1 << 30 => Err(format!("invalid size '{text}': at most 1GiB per message")),
         n => Ok(n),
+    }
+}
+
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    match crate::cli::parse_duration(text)? {
+        d if d < Duration::from_millis(10) => {
+            Err(format!("invalid interval '{text}': at least 10ms"))
+        }
+        d => Ok(d),
     }
 }
 
@@ -123,6 +145,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let threads = threads.max(1);
     let seed = seed();
+    let requests_per_conn = match (args.churn, args.requests_per_conn) {
+        (true, _) => Some(1),
+        (false, n) => n,
+    };
     let plan = Plan {
         addr: args.addr,
         messages: Messages::new(seed, size),
@@ -131,6 +157,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         duration,
         sources: sources.clone(),
         announce_start: args.announce_start,
+        interval: args.interval,
+        requests_per_conn,
+        id_stride: conns as u64,
     };
     let shares = split(conns, args.requests, args.rate, threads);
     let config = Config {
@@ -144,6 +173,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         requests: args.requests,
         rate: args.rate,
         source_addrs: sources.len().max(1),
+        requests_per_conn,
+        interval_secs: args.interval.map(|d| d.as_secs_f64()),
     };
 
     let shared = Shared::new(threads);
@@ -207,7 +238,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             t.saturating_duration_since(measure_start).as_secs_f64()
         }),
     };
-    let mut report = Report::new(&outcome, duration_secs, config);
+    // The measured window's start on the wall clock, so that `merge` can line reports up.
+    let window_start_unix = (std::time::SystemTime::now() - finished.elapsed())
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+        - finished
+            .saturating_duration_since(measure_start)
+            .as_secs_f64();
+    let mut report = Report::new(&outcome, duration_secs, window_start_unix, config);
     report.interrupted = shared.interrupted.load(Ordering::Relaxed);
     let text = if args.json {
         report.to_json() + "\n"

@@ -7,7 +7,7 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 
 /// Why a connection failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
     /// An echoed byte differs from what was sent.
@@ -25,7 +25,7 @@ pub enum FailureKind {
 }
 
 /// One failed connection, with where in its echo stream things went wrong.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Failure {
     pub kind: FailureKind,
     pub connection: u64,
@@ -48,9 +48,37 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// What one `--interval` of the measured window saw.
+pub struct IntervalOutcome {
+    pub requests: u64,
+    pub bytes: u64,
+    pub latency_ns: Histogram<u64>,
+}
+
+impl IntervalOutcome {
+    fn new() -> Self {
+        IntervalOutcome {
+            requests: 0,
+            bytes: 0,
+            // Auto-resizing: most intervals see a narrow range, and there may be many.
+            latency_ns: Histogram::new(3).expect("valid histogram precision"),
+        }
+    }
+}
+
 /// What one thread measured.
 pub struct Outcome {
+    /// Latency of each measured round trip; in the open loop from when it was due.
     pub latency_ns: Histogram<u64>,
+    /// Open loop: latency from when each request was actually sent (what coordinated
+    /// omission would report). In the closed loop the same as `latency_ns`.
+    pub uncorrected_ns: Histogram<u64>,
+    /// How long each successful connect took.
+    pub connect_ns: Histogram<u64>,
+    /// Connections opened during the measured window (churn).
+    pub opened_measured: u64,
+    /// Per `--interval` figures, by interval index.
+    pub intervals: Vec<IntervalOutcome>,
     pub requests: u64,
     pub bytes: u64,
     pub opened: u64,
@@ -69,9 +97,11 @@ pub struct Outcome {
 impl Outcome {
     pub(super) fn new() -> Self {
         Outcome {
-            // Up to an hour, 3 significant digits.
-            latency_ns: Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
-                .expect("valid histogram bounds"),
+            latency_ns: super::histogram::new_latency(),
+            uncorrected_ns: super::histogram::new_latency(),
+            connect_ns: super::histogram::new_latency(),
+            opened_measured: 0,
+            intervals: Vec::new(),
             requests: 0,
             bytes: 0,
             opened: 0,
@@ -89,6 +119,15 @@ impl Outcome {
     pub fn merge(&mut self, other: Outcome) {
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency_ns.add(&other.latency_ns);
+        let _ = self.uncorrected_ns.add(&other.uncorrected_ns);
+        let _ = self.connect_ns.add(&other.connect_ns);
+        self.opened_measured += other.opened_measured;
+        for (i, interval) in other.intervals.into_iter().enumerate() {
+            let mine = self.interval(i);
+            mine.requests += interval.requests;
+            mine.bytes += interval.bytes;
+            let _ = mine.latency_ns.add(&interval.latency_ns);
+        }
         self.requests += other.requests;
         self.bytes += other.bytes;
         self.opened += other.opened;
@@ -101,6 +140,14 @@ impl Outcome {
         self.failures.extend(other.failures);
         self.last_completion = self.last_completion.max(other.last_completion);
         self.backlog += other.backlog;
+    }
+
+    /// The figures of interval `index`, created (with those before it) if need be.
+    pub fn interval(&mut self, index: usize) -> &mut IntervalOutcome {
+        while self.intervals.len() <= index {
+            self.intervals.push(IntervalOutcome::new());
+        }
+        &mut self.intervals[index]
     }
 
     /// An empty outcome to merge threads into.

@@ -3,12 +3,14 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 
 use super::generator::{Failure, Outcome};
+use super::histogram;
 
 /// Latency percentiles in microseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     pub p50: f64,
     pub p90: f64,
@@ -18,8 +20,47 @@ pub struct Latency {
     pub mean: f64,
 }
 
+impl Latency {
+    /// The percentiles of a histogram of nanoseconds, in microseconds to 0.1.
+    pub fn of(hist: &Histogram<u64>) -> Latency {
+        let us = |ns: u64| (ns as f64 / 1000.0 * 10.0).round() / 10.0;
+        if hist.is_empty() {
+            return Latency {
+                p50: 0.0,
+                p90: 0.0,
+                p99: 0.0,
+                p999: 0.0,
+                max: 0.0,
+                mean: 0.0,
+            };
+        }
+        Latency {
+            p50: us(hist.value_at_quantile(0.50)),
+            p90: us(hist.value_at_quantile(0.90)),
+            p99: us(hist.value_at_quantile(0.99)),
+            p999: us(hist.value_at_quantile(0.999)),
+            max: us(hist.max()),
+            mean: (hist.mean() / 100.0).round() / 10.0,
+        }
+    }
+}
+
+/// One `--interval` of the measured window.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Interval {
+    /// Seconds from the start of the measured window.
+    pub start_secs: f64,
+    pub secs: f64,
+    pub requests: u64,
+    pub requests_per_sec: f64,
+    pub bytes_per_sec: f64,
+    pub latency_us: Latency,
+    /// The interval's latency histogram (see [`histogram`]), for `merge`.
+    pub latency_histogram: String,
+}
+
 /// How the run was set up.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     pub addr: String,
     pub conns: usize,
@@ -31,10 +72,28 @@ pub struct Config {
     pub requests: Option<u64>,
     pub rate: Option<f64>,
     pub source_addrs: usize,
+    /// Churn: round trips per connection before it is closed and a new one opened.
+    #[serde(default)]
+    pub requests_per_conn: Option<u64>,
+    /// Length of the per-interval figures, if asked for.
+    #[serde(default)]
+    pub interval_secs: Option<f64>,
+}
+
+impl Config {
+    /// The settings that must agree for reports to be merged: everything but what is local
+    /// to one load generator (its threads and source addresses).
+    pub fn merge_key(&self) -> Config {
+        Config {
+            threads: 0,
+            source_addrs: 0,
+            ..self.clone()
+        }
+    }
 }
 
 /// Everything a run measured. The first eight fields are the contract with `compare`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// Round trips completed in the measured window (warm-up excluded).
     pub requests: u64,
@@ -61,32 +120,42 @@ pub struct Report {
     /// The run was cut short by SIGINT/SIGTERM.
     pub interrupted: bool,
     pub config: Config,
+    /// Echoed payload bytes in the measured window.
+    pub bytes: u64,
+    /// The measured window, in seconds since the Unix epoch (for `merge`).
+    pub window_start_unix: f64,
+    pub window_end_unix: f64,
+    /// `latency_us`'s histogram: HdrHistogram V2, deflate-compressed, base64.
+    pub latency_histogram: String,
+    /// Open loop: latency from the actual send, not the schedule (what a closed-loop tool
+    /// that suffers coordinated omission would report).
+    pub uncorrected_latency_us: Option<Latency>,
+    pub uncorrected_latency_histogram: Option<String>,
+    /// How long connects took, and how many connections opened per second of the measured
+    /// window (the figure that matters with `--churn`).
+    pub connect_latency_us: Latency,
+    pub connect_latency_histogram: String,
+    pub connections_per_sec: f64,
+    /// Per-interval figures (`--interval`).
+    pub intervals: Vec<Interval>,
+    /// How many reports `merge` combined into this one (1 for a single run).
+    #[serde(default = "one")]
+    pub merged_reports: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Report {
-    /// The report of a run that measured `outcome` over `duration_secs`.
-    pub fn new(outcome: &Outcome, duration_secs: f64, config: Config) -> Self {
-        let hist = &outcome.latency_ns;
-        let us = |ns: u64| (ns as f64 / 1000.0 * 10.0).round() / 10.0;
-        let latency_us = if hist.is_empty() {
-            Latency {
-                p50: 0.0,
-                p90: 0.0,
-                p99: 0.0,
-                p999: 0.0,
-                max: 0.0,
-                mean: 0.0,
-            }
-        } else {
-            Latency {
-                p50: us(hist.value_at_quantile(0.50)),
-                p90: us(hist.value_at_quantile(0.90)),
-                p99: us(hist.value_at_quantile(0.99)),
-                p999: us(hist.value_at_quantile(0.999)),
-                max: us(hist.max()),
-                mean: (hist.mean() / 100.0).round() / 10.0,
-            }
-        };
+    /// The report of a run that measured `outcome` over `duration_secs` from
+    /// `window_start_unix`.
+    pub fn new(
+        outcome: &Outcome,
+        duration_secs: f64,
+        window_start_unix: f64,
+        config: Config,
+    ) -> Self {
         let per_sec = |n: u64| {
             if duration_secs > 0.0 {
                 n as f64 / duration_secs
@@ -101,12 +170,17 @@ impl Report {
             .first()
             .map(|f| f.to_string())
             .or_else(|| outcome.first_connect_error.clone());
+        let open_loop = config.rate.is_some();
+        let intervals = config
+            .interval_secs
+            .map(|len| intervals(outcome, len, duration_secs))
+            .unwrap_or_default();
         Report {
             requests: outcome.requests,
             duration_secs,
             requests_per_sec: per_sec(outcome.requests),
             bytes_per_sec: per_sec(outcome.bytes),
-            latency_us,
+            latency_us: Latency::of(&outcome.latency_ns),
             connections: outcome.opened,
             errors: outcome.errors,
             mismatches: outcome.mismatches,
@@ -117,6 +191,18 @@ impl Report {
             backlog: outcome.backlog,
             interrupted: false,
             config,
+            bytes: outcome.bytes,
+            window_start_unix,
+            window_end_unix: window_start_unix + duration_secs,
+            latency_histogram: histogram::encode(&outcome.latency_ns),
+            uncorrected_latency_us: open_loop.then(|| Latency::of(&outcome.uncorrected_ns)),
+            uncorrected_latency_histogram: open_loop
+                .then(|| histogram::encode(&outcome.uncorrected_ns)),
+            connect_latency_us: Latency::of(&outcome.connect_ns),
+            connect_latency_histogram: histogram::encode(&outcome.connect_ns),
+            connections_per_sec: per_sec(outcome.opened_measured),
+            intervals,
+            merged_reports: 1,
         }
     }
 
@@ -156,17 +242,68 @@ impl Report {
             "  throughput    {:.2} MB/s each way",
             self.bytes_per_sec / 1e6
         );
-        let l = &self.latency_us;
-        let _ = writeln!(
-            out,
-            "  latency (us)  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
-            l.p50, l.p90, l.p99, l.p999, l.max
-        );
+        let line = |l: &Latency| {
+            format!(
+                "p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
+                l.p50, l.p90, l.p99, l.p999, l.max
+            )
+        };
+        match &self.uncorrected_latency_us {
+            Some(uncorrected) => {
+                let _ = writeln!(
+                    out,
+                    "  latency (us)  {}   (corrected: from the scheduled send)",
+                    line(&self.latency_us)
+                );
+                let _ = writeln!(
+                    out,
+                    "  uncorrected   {}   (from the actual send: what coordinated omission shows)",
+                    line(uncorrected)
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  latency (us)  {}", line(&self.latency_us));
+            }
+        }
         let _ = writeln!(
             out,
             "  connections   {} opened, {} failed to connect",
             self.connections, self.connect_failures
         );
+        if c.requests_per_conn.is_some() {
+            let _ = writeln!(
+                out,
+                "  churn         {:.0} connections/s, {} round trips each",
+                self.connections_per_sec,
+                c.requests_per_conn.unwrap_or(1)
+            );
+        }
+        let _ = writeln!(out, "  connect (us)  {}", line(&self.connect_latency_us));
+        if self.merged_reports > 1 {
+            let _ = writeln!(
+                out,
+                "  merged        {} reports, rates over their common window",
+                self.merged_reports
+            );
+        }
+        if !self.intervals.is_empty() {
+            let _ = writeln!(
+                out,
+                "  intervals     start      req/s      MB/s    p50 us    p99 us    max us"
+            );
+            for i in &self.intervals {
+                let _ = writeln!(
+                    out,
+                    "                {:>5.1}s {:>10.0} {:>9.2} {:>9.1} {:>9.1} {:>9.1}",
+                    i.start_secs,
+                    i.requests_per_sec,
+                    i.bytes_per_sec / 1e6,
+                    i.latency_us.p50,
+                    i.latency_us.p99,
+                    i.latency_us.max
+                );
+            }
+        }
         if self.backlog > 0 {
             let _ = writeln!(
                 out,
@@ -192,6 +329,30 @@ impl Report {
         }
         out
     }
+}
+
+/// The per-interval figures of `outcome`, intervals of `len` seconds over `duration_secs`.
+fn intervals(outcome: &Outcome, len: f64, duration_secs: f64) -> Vec<Interval> {
+    outcome
+        .intervals
+        .iter()
+        .enumerate()
+        .map(|(i, interval)| {
+            let start_secs = i as f64 * len;
+            // The last interval may be cut short by the end of the window.
+            let secs = (duration_secs - start_secs).clamp(0.0, len);
+            let per_sec = |n: u64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+            Interval {
+                start_secs,
+                secs,
+                requests: interval.requests,
+                requests_per_sec: per_sec(interval.requests),
+                bytes_per_sec: per_sec(interval.bytes),
+                latency_us: Latency::of(&interval.latency_ns),
+                latency_histogram: histogram::encode(&interval.latency_ns),
+            }
+        })
+        .collect()
 }
 
 /// `1 connection`, `50 connections`.
