@@ -39,6 +39,10 @@ pub enum Command {
     /// Start the models, benchmark them taking turns, and write a side-by-side report with
     /// charts.
     Compare(crate::bench::compare::CompareArgs),
+    /// Check any echo server (or a proxy in front of one) for the classic echo bugs.
+    Check(crate::check::CheckArgs),
+    /// Merge `bench --json` reports from several load generators into one.
+    Merge(crate::bench::merge::MergeArgs),
 }
 
 /// `multiecho serve`.

@@ -23,6 +23,7 @@
 //! - [`client`]: the seeds' line client and split-I/O client.
 //! - [`payload`]: deterministic pseudo-random content for load generation and tests.
 //! - [`bench`]: the verifying load generator, and `compare` with its report and charts.
+//! - [`check`]: the conformance battery for any echo server or proxy.
 
 // The models rely on Linux's epoll edge semantics, io_uring, accept4, SO_* options and
 // /proc, as tokio gates the same assumptions: say so at build time rather than fail oddly.
@@ -30,6 +31,7 @@
 compile_error!("multiecho runs on Linux only (epoll, io_uring, prctl and /proc are assumed)");
 
 pub mod bench;
+pub mod check;
 pub mod cli;
 pub mod client;
 pub mod limits;

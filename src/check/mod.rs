@@ -1,0 +1,362 @@
+//! `multiecho check TARGET`: a conformance battery for any echo server, or a proxy in front
+//! of one.
+//!
+//! Every class of echo bug has shipped in a tool people use: data dropped on half-close,
+//! the unwritten rest of a short write thrown away, one read taken for one message, crossed
+//! connections, idle connections closed early. Each check here provokes one of them and
+//! gives a verdict with evidence: what was sent, what came back, and where it first
+//! differed. The checks live in groups: [`payload`] (sizes, byte values, pieces,
+//! pipelining), [`stream`] (half-close, a slow reader, an idle pause) and [`conns`] (many
+//! connections at once, a reset among them, connect/close storms). [`exchange`] is the one
+//! verified send-and-read every check is built on.
+//!
+//! Time and load are bounded: every socket operation has a timeout, each check a deadline,
+//! the battery a time limit (`--time-limit`, 60 s by default), and no check opens more than
+//! `--max-conns` connections at once.
+
+pub mod conns;
+pub mod exchange;
+pub mod payload;
+pub mod stream;
+
+use std::io::{IsTerminal, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use serde::Serialize;
+
+/// `multiecho check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// The server to check: HOST:PORT or tcp://HOST:PORT.
+    #[arg(value_name = "TARGET")]
+    pub target: String,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Run only this check (repeat for several). `--list` names them.
+    #[arg(long, value_name = "NAME")]
+    pub only: Vec<String>,
+    /// Do not run this check (repeat for several).
+    #[arg(long, value_name = "NAME")]
+    pub skip: Vec<String>,
+    /// List the checks and what each one does, then exit.
+    #[arg(long)]
+    pub list: bool,
+    /// Open at most N connections at once (the `concurrent` check opens this many).
+    #[arg(long, value_name = "N", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(2..=10_000))]
+    pub max_conns: u64,
+    /// The largest payload of the `sizes` check, e.g. 1MiB (at most 64MiB).
+    #[arg(long, value_name = "BYTES", default_value = "64MiB", value_parser = parse_max_size)]
+    pub max_size: u64,
+    /// How long the `idle` check leaves a connection silent before using it again.
+    #[arg(long, value_name = "DURATION", default_value = "2s",
+          value_parser = crate::cli::parse_duration)]
+    pub idle_pause: Duration,
+    /// Stop starting checks after this long; checks not run count as failed.
+    #[arg(long, value_name = "DURATION", default_value = "60s",
+          value_parser = crate::cli::parse_duration)]
+    pub time_limit: Duration,
+}
+
+fn parse_max_size(text: &str) -> Result<u64, String> {
+    match crate::cli::parse_size(text)? {
+        0 => Err("the largest payload is at least 1 byte".into()),
+        n if n > 64 << 20 => Err(format!("invalid size '{text}': at most 64MiB")),
+        n => Ok(n),
+    }
+}
+
+/// Where a check's sockets go and the bounds they keep to.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub addr: SocketAddr,
+    pub max_conns: usize,
+    pub max_size: usize,
+    pub idle_pause: Duration,
+}
+
+/// A check's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Pass,
+    Fail,
+    /// Not run: the battery's time limit ran out first.
+    NotRun,
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "FAIL",
+            Verdict::NotRun => "not run",
+        })
+    }
+}
+
+/// What a check sent, what came back, and where the two first differed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Evidence {
+    pub sent: String,
+    pub received: String,
+    /// Where the echo first differed from what was sent (absent when it did not).
+    pub first_difference: Option<String>,
+}
+
+/// The finding of one check.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    pub verdict: Verdict,
+    /// One line: what was found.
+    pub summary: String,
+    pub evidence: Evidence,
+}
+
+impl Finding {
+    pub fn pass(summary: impl Into<String>, evidence: Evidence) -> Self {
+        Finding {
+            verdict: Verdict::Pass,
+            summary: summary.into(),
+            evidence,
+        }
+    }
+
+    pub fn fail(summary: impl Into<String>, evidence: Evidence) -> Self {
+        Finding {
+            verdict: Verdict::Fail,
+            summary: summary.into(),
+            evidence,
+        }
+    }
+}
+
+/// A named check.
+pub struct Check {
+    pub name: &'static str,
+    /// What it does, for `--list` and the report.
+    pub about: &'static str,
+    pub run: fn(&Context) -> Finding,
+}
+
+/// Every check, in the order they run (cheap ones first).
+pub fn battery() -> Vec<Check> {
+    let mut checks = payload::checks();
+    checks.extend(stream::checks());
+    checks.extend(conns::checks());
+    checks
+}
+
+/// One check's result in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub verdict: Verdict,
+    pub summary: String,
+    pub secs: f64,
+    pub evidence: Evidence,
+}
+
+/// The battery's report.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub target: String,
+    pub passed: bool,
+    pub checks: Vec<CheckResult>,
+}
+
+/// Parses TARGET: `HOST:PORT` or `tcp://HOST:PORT`; other schemes are refused by name.
+pub fn parse_target(text: &str) -> anyhow::Result<SocketAddr> {
+    let rest = match text.split_once("://") {
+        None => text,
+        Some(("tcp", rest)) => rest,
+        Some((scheme, _)) => {
+            bail!("{scheme}:// targets are not supported yet: give HOST:PORT or tcp://HOST:PORT")
+        }
+    };
+    rest.to_socket_addrs()
+        .with_context(|| format!("invalid target '{text}': expected HOST:PORT or tcp://HOST:PORT"))?
+        .next()
+        .with_context(|| format!("'{text}' resolves to no address"))
+}
+
+/// Chooses the checks `--only` and `--skip` leave, refusing unknown names.
+fn select(args: &CheckArgs) -> anyhow::Result<Vec<Check>> {
+    let checks = battery();
+    for name in args.only.iter().chain(&args.skip) {
+        if !checks.iter().any(|c| c.name == name) {
+            let known: Vec<&str> = checks.iter().map(|c| c.name).collect();
+            bail!("no check named '{name}' (the checks: {})", known.join(", "));
+        }
+    }
+    Ok(checks
+        .into_iter()
+        .filter(|c| args.only.is_empty() || args.only.iter().any(|n| n == c.name))
+        .filter(|c| !args.skip.iter().any(|n| n == c.name))
+        .collect())
+}
+
+/// Runs the checks `args` select against its target.
+pub fn run_battery(args: &CheckArgs) -> anyhow::Result<CheckReport> {
+    let addr = parse_target(&args.target)?;
+    let checks = select(args)?;
+    let open_files = crate::net::raise_open_files_limit().context("cannot raise RLIMIT_NOFILE")?;
+    if args.max_conns + 64 > open_files {
+        bail!(
+            "--max-conns {} needs more open files than the limit allows ({open_files})",
+            args.max_conns
+        );
+    }
+    let context = Context {
+        addr,
+        max_conns: args.max_conns as usize,
+        max_size: args.max_size as usize,
+        idle_pause: args.idle_pause,
+    };
+    // One connect first, so an unreachable target is one clear error, not a table of failures.
+    exchange::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
+    let started = Instant::now();
+    let mut results = Vec::new();
+    for check in checks {
+        let (finding, secs) = if started.elapsed() >= args.time_limit {
+            let finding = Finding {
+                verdict: Verdict::NotRun,
+                summary: format!("the time limit ({:?}) ran out first", args.time_limit),
+                evidence: Evidence::default(),
+            };
+            (finding, 0.0)
+        } else {
+            let at = Instant::now();
+            let finding = (check.run)(&context);
+            (finding, at.elapsed().as_secs_f64())
+        };
+        results.push(CheckResult {
+            name: check.name,
+            about: check.about,
+            verdict: finding.verdict,
+            summary: finding.summary,
+            secs,
+            evidence: finding.evidence,
+        });
+    }
+    Ok(CheckReport {
+        target: addr.to_string(),
+        passed: results.iter().all(|r| r.verdict == Verdict::Pass),
+        checks: results,
+    })
+}
+
+impl CheckReport {
+    /// The table, then the evidence of every check that did not pass.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let width = self
+            .checks
+            .iter()
+            .map(|c| c.name.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        let _ = writeln!(out, "multiecho check {}", self.target);
+        let _ = writeln!(
+            out,
+            "  {:width$}  {:7}  {:>6}  finding",
+            "check", "verdict", "time"
+        );
+        for c in &self.checks {
+            let _ = writeln!(
+                out,
+                "  {:width$}  {:7}  {:>5.1}s  {}",
+                c.name,
+                c.verdict.to_string(),
+                c.secs,
+                c.summary
+            );
+        }
+        for c in self.checks.iter().filter(|c| c.verdict == Verdict::Fail) {
+            let _ = writeln!(out, "\n{} ({}):", c.name, c.about);
+            let _ = writeln!(out, "  sent:     {}", c.evidence.sent);
+            let _ = writeln!(out, "  received: {}", c.evidence.received);
+            if let Some(diff) = &c.evidence.first_difference {
+                let _ = writeln!(out, "  differed: {diff}");
+            }
+        }
+        let failed = self
+            .checks
+            .iter()
+            .filter(|c| c.verdict != Verdict::Pass)
+            .count();
+        let _ = writeln!(
+            out,
+            "\n{} of {} checks passed",
+            self.checks.len() - failed,
+            self.checks.len()
+        );
+        out
+    }
+}
+
+/// Runs `multiecho check`: prints the report; fails unless every check passed.
+pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    if args.list {
+        for check in battery() {
+            writeln!(stdout, "{:16} {}", check.name, check.about)?;
+        }
+        return Ok(());
+    }
+    let report = run_battery(args)?;
+    let text = if args.json {
+        serde_json::to_string_pretty(&report).expect("a report always serializes") + "\n"
+    } else {
+        report.to_text()
+    };
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()?;
+    if !report.passed {
+        let failed: Vec<&str> = report
+            .checks
+            .iter()
+            .filter(|c| c.verdict != Verdict::Pass)
+            .map(|c| c.name)
+            .collect();
+        if !args.json && std::io::stdout().is_terminal() {
+            // The table already said it; keep the error line short.
+            bail!("{} checks failed", failed.len());
+        }
+        bail!("checks failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(parse_target("127.0.0.1:7").unwrap().port(), 7);
+        assert_eq!(parse_target("tcp://127.0.0.1:7").unwrap().port(), 7);
+        let err = parse_target("udp://127.0.0.1:7").unwrap_err().to_string();
+        assert!(
+            err.contains("udp:// targets are not supported yet"),
+            "{err}"
+        );
+        assert!(parse_target("tls://127.0.0.1:7").is_err());
+        assert!(parse_target("127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn check_names_are_unique() {
+        let mut names: Vec<&str> = battery().iter().map(|c| c.name).collect();
+        let count = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), count);
+    }
+}
