@@ -506,3 +506,103 @@ fn seven_client_against_our_thread_model() {
 fn seven_client_against_our_process_model() {
     seven_client_against("process");
 }
+
+/// Runs `multiecho check` against a seed server; returns each check's verdict by name.
+/// Small bounds: 4 connections at once (the seeds' backlog is 5; more simultaneous connects
+/// would wait seconds for SYN retries), payloads up to 1 MiB, a 300 ms idle pause.
+fn check_seed(seed_server: &str, extra: &[&str]) -> Option<Vec<(String, String)>> {
+    let dir = seed_binaries()?;
+    let (_server, port) = start_seed_server(dir, seed_server);
+    let output = Command::new(BIN)
+        .args(["check", "--json", &format!("127.0.0.1:{port}")])
+        .args([
+            "--max-conns",
+            "4",
+            "--max-size",
+            "1MiB",
+            "--idle-pause",
+            "300ms",
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run multiecho check");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "check against {seed_server} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    let verdicts: Vec<(String, String)> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().into(),
+                c["verdict"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let all_passed = verdicts.iter().all(|(_, v)| v == "pass");
+    assert_eq!(output.status.success(), all_passed, "{report:#}");
+    eprintln!("{seed_server}: {report:#}");
+    Some(verdicts)
+}
+
+fn expect_verdicts(got: Vec<(String, String)>, failing: &[&str], what: &str) {
+    let failed: Vec<&str> = got
+        .iter()
+        .filter(|(_, v)| v != "pass")
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(failed, failing, "{what}: the checks that did not pass");
+    let _ = what;
+}
+
+#[test]
+fn check_passes_the_fork_per_connection_seeds() {
+    // echo_mpserv and 7_server ignore write()'s result, but a blocking write to a blocking
+    // socket completes unless a signal interrupts it, and a child has no children to send it
+    // SIGCHLD; a reset peer's SIGPIPE kills only that connection's child. echo_mpserv's
+    // 30-byte buffer only cuts the echo into pieces. So, within these bounds, both pass.
+    // `connect_storm` is skipped: it passes too, but their listen backlog of 5 overflows
+    // while each connection waits for a fork, and the SYN retries take 20 s or more.
+    for seed in ["echo_mpserv", "7_server"] {
+        if let Some(verdicts) = check_seed(seed, &["--skip", "connect_storm"]) {
+            assert_eq!(
+                verdicts.len(),
+                9,
+                "{seed}: every check but connect_storm ran"
+            );
+            expect_verdicts(verdicts, &[], seed);
+        }
+    }
+}
+
+#[test]
+fn check_fails_8_server_on_concurrency_and_resets() {
+    // One connection at a time it is a fine echo server. With 4 connections arriving
+    // together, the `&csock` race can hand two threads one socket and leave another socket
+    // unserved: `concurrent` then fails ("connection N was never served"). The race needs
+    // the next accept() to overwrite csock before the new thread reads it: observed in most
+    // runs, not all, so either verdict is accepted for it. Writing to the connection
+    // `reset_isolation` resets raises SIGPIPE, which kills the whole process: sometimes
+    // before that check is over (it fails: its other connections are reset too), sometimes
+    // just after (it passes), but always before `connect_storm`, which then finds nothing
+    // listening. Every other check passes.
+    let Some(verdicts) = check_seed("8_server", &[]) else {
+        return;
+    };
+    assert_eq!(verdicts.len(), 10, "8_server: every check ran");
+    let failed: Vec<&str> = verdicts
+        .iter()
+        .filter(|(_, v)| v != "pass")
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let allowed = ["concurrent", "reset_isolation", "connect_storm"];
+    assert!(
+        failed.iter().all(|name| allowed.contains(name)) && failed.last() == Some(&"connect_storm"),
+        "8_server: failed {failed:?}"
+    );
+}

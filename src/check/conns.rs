@@ -18,6 +18,9 @@ const CONCURRENT_BYTES: usize = 1024;
 /// How long a connection of `concurrent` may wait for its first echo: a server that serves
 /// one connection at a time (iterative) serves the last one only after all the others.
 const CONCURRENT_STALL: Duration = Duration::from_secs(15);
+/// Once every other connection is done, how long one that got nothing may wait before it
+/// counts as never served (a one-at-a-time server would serve it at once by then).
+const STARVED_AFTER: Duration = Duration::from_secs(5);
 /// Connections opened and closed at once, and opened, used and closed, in `connect_storm`.
 const STORM_BARE: usize = 200;
 const STORM_USED: usize = 200;
@@ -81,11 +84,19 @@ fn concurrent(ctx: &Context) -> Finding {
     let clones: Vec<TcpStream> = streams.iter().filter_map(|s| s.try_clone().ok()).collect();
     let aborted = AtomicBool::new(false);
     let first_failure: Mutex<Option<(usize, exchange::Outcome, Instant)>> = Mutex::new(None);
+    let done: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
+    let starved = AtomicBool::new(false);
+    let finished_before_starving = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
     std::thread::scope(|scope| {
+        let (done, starved, aborted, clones) = (&done, &starved, &aborted, &clones);
+        let finished = &finished_before_starving;
+        scope.spawn(move || {
+            let count = watch_for_starvation(done, starved, aborted, clones);
+            finished.store(count, Ordering::SeqCst);
+        });
         for (i, stream) in streams.into_iter().enumerate() {
-            let (payload, aborted, first_failure, clones) =
-                (&payloads[i], &aborted, &first_failure, &clones);
+            let (payload, first_failure) = (&payloads[i], &first_failure);
             let spawned = std::thread::Builder::new()
                 .stack_size(256 * 1024)
                 .spawn_scoped(scope, move || {
@@ -96,6 +107,7 @@ fn concurrent(ctx: &Context) -> Finding {
                         ..Plan::new(payload)
                     };
                     let outcome = exchange::run(stream, plan);
+                    done[i].store(true, Ordering::SeqCst);
                     if outcome.ok() || aborted.swap(true, Ordering::SeqCst) {
                         return; // passed, or failed only because another one failed first
                     }
@@ -138,6 +150,26 @@ fn concurrent(ctx: &Context) -> Finding {
         );
     };
     let expected = CONCURRENT_BYTES as u64;
+    if starved.load(Ordering::SeqCst) {
+        let waiting = n - finished_before_starving.load(Ordering::SeqCst);
+        return Finding::fail(
+            format!(
+                "connection {i} was never served: nothing came back {}s after every other \
+                 connection was done",
+                STARVED_AFTER.as_secs()
+            ),
+            Evidence {
+                sent,
+                received: format!(
+                    "connection {i}: {} of {}; {waiting} of {n} connections were still waiting \
+                     (the others got their own bytes back)",
+                    bytes(outcome.received),
+                    bytes(expected),
+                ),
+                first_difference: None,
+            },
+        );
+    }
     let origin = outcome.difference.as_ref().and_then(|d| {
         let at = d.offset as usize;
         (0..n).find(|&j| j != i && payloads[j][at..].starts_with(&d.got))
@@ -163,6 +195,34 @@ fn concurrent(ctx: &Context) -> Finding {
             }),
         },
     )
+}
+
+/// Ends the `concurrent` check when the only connections left have waited [`STARVED_AFTER`]
+/// since the last one finished: they are not being served at all. Returns how many had
+/// finished.
+fn watch_for_starvation(
+    done: &[AtomicBool],
+    starved: &AtomicBool,
+    aborted: &AtomicBool,
+    clones: &[TcpStream],
+) -> usize {
+    let (mut finished, mut since) = (0, Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now_finished = done.iter().filter(|d| d.load(Ordering::SeqCst)).count();
+        if now_finished == done.len() || aborted.load(Ordering::SeqCst) {
+            return now_finished;
+        }
+        if now_finished != finished {
+            (finished, since) = (now_finished, Instant::now());
+        } else if since.elapsed() >= STARVED_AFTER {
+            starved.store(true, Ordering::SeqCst);
+            for other in clones {
+                let _ = other.shutdown(Shutdown::Both);
+            }
+            return now_finished;
+        }
+    }
 }
 
 /// Sends `message` and expects exactly its echo back.

@@ -68,8 +68,10 @@ fn judge(plan: Plan<'_>, outcome: &exchange::Outcome, locate: impl Fn(u64) -> St
         Finding::pass(outcome.summary(expected), evidence)
     } else {
         let mut summary = outcome.summary(expected);
-        if outcome.difference.is_none() && outcome.received < expected {
-            summary += &locate(outcome.received);
+        match &outcome.difference {
+            Some(d) => summary += &locate(d.offset),
+            None if outcome.received < expected => summary += &locate(outcome.received),
+            None => {}
         }
         Finding::fail(summary, evidence)
     }
