@@ -891,7 +891,8 @@ impl<'a> Worker<'a> {
             let interval = self.outcome.interval(index as usize);
             interval.requests += 1;
             interval.bytes += size;
-            interval.latency_ns.saturating_record(nanos);
+            // record, not saturating_record: only record grows an auto-resizing histogram.
+            let _ = interval.latency_ns.record(nanos);
         }
         self.outcome.last_completion = Some(now);
         self.unpublished += 1;
