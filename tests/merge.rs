@@ -211,3 +211,50 @@ fn churn_opens_a_connection_per_request_and_loses_no_byte() {
     assert!((20..=22).contains(&connections), "{connections}");
     assert_eq!(report["config"]["requests_per_conn"], 10);
 }
+
+#[test]
+fn compare_sweeps_churn_and_reports_connections_per_second() {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("merge-compare-churn");
+    let _ = std::fs::remove_dir_all(&out);
+    let output = Command::new(common::BIN)
+        .args([
+            "compare",
+            "--models",
+            "thread,epoll",
+            "--conns",
+            "2",
+            "--size",
+            "64",
+        ])
+        .args(["--duration", "0.3", "--warmup", "0", "--churn", "--out"])
+        .arg(&out)
+        .output()
+        .expect("run multiecho compare");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["settings"]["requests_per_conn"], 1);
+    for server in report["servers"].as_array().unwrap() {
+        let figures = &server["points"][0]["median"];
+        let cps = figures["connections_per_sec"].as_f64().unwrap_or(0.0);
+        assert!(cps > 0.0, "{server:#}");
+        // One connection per round trip: the two rates are the same count over one window.
+        let rps = figures["round_trips_per_sec"].as_f64().unwrap();
+        assert!((cps - rps).abs() <= 0.05 * rps + 20.0, "{cps} vs {rps}");
+        assert!(
+            figures["connect_p99_us"].as_f64().unwrap() > 0.0,
+            "{figures:#}"
+        );
+        assert_eq!(figures["errors"], 0.0);
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("- Churn: a new connection every 1 round trip,"),
+        "{md}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

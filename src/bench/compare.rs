@@ -88,6 +88,13 @@ pub struct CompareArgs {
     /// measure its CPU time and memory too. Repeatable.
     #[arg(long, value_name = "NAME=ADDR[@PID]", value_parser = parse_external)]
     pub external: Vec<External>,
+    /// Connection churn: every bench run opens a new connection per round trip, so the
+    /// report shows what a connection costs each model (a fork, a thread, a task...).
+    #[arg(long, conflicts_with = "requests_per_conn")]
+    pub churn: bool,
+    /// Connection churn: a new connection every N round trips.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests_per_conn: Option<u64>,
     /// Directory to write report.json, report.md and the charts into.
     #[arg(long, value_name = "DIR", default_value = "compare-report")]
     pub out: PathBuf,
@@ -95,6 +102,17 @@ pub struct CompareArgs {
     /// report.json in DIR (after a change to how they are drawn).
     #[arg(long, value_name = "DIR", hide = true)]
     pub redraw: Option<PathBuf>,
+}
+
+impl CompareArgs {
+    /// Round trips per connection when churning (`--churn` is 1).
+    pub fn requests_per_conn(&self) -> Option<u64> {
+        if self.churn {
+            Some(1)
+        } else {
+            self.requests_per_conn
+        }
+    }
 }
 
 /// An echo server compare does not start: `NAME=ADDR[@PID]`.
@@ -169,6 +187,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         workers: args.workers,
         server_cpus: args.server_cpus.as_ref().map(ToString::to_string),
         client_cpus: args.client_cpus.as_ref().map(ToString::to_string),
+        requests_per_conn: args.requests_per_conn(),
     };
     let models = distinct(args.models.iter().copied());
 

@@ -113,6 +113,9 @@ pub struct Settings {
     pub server_cpus: Option<String>,
     /// CPUs the load generator was pinned to (`None`: not pinned).
     pub client_cpus: Option<String>,
+    /// Churn: bench opened a new connection every this many round trips.
+    #[serde(default)]
+    pub requests_per_conn: Option<u64>,
 }
 
 /// One server's part of the comparison.
@@ -210,6 +213,12 @@ pub struct Figures {
     /// The largest resident memory of the server and its descendants together while the run
     /// went on (sampled every 100 ms), in KiB.
     pub peak_rss_kib: Option<f64>,
+    /// Connections opened per second of the measured window (what churn measures).
+    #[serde(default)]
+    pub connections_per_sec: Option<f64>,
+    /// p99 of the time a connect took, in µs.
+    #[serde(default)]
+    pub connect_p99_us: Option<f64>,
 }
 
 /// Round-trip latency percentiles, in µs.
@@ -264,6 +273,8 @@ impl Figures {
             server_cpu_us_per_round_trip: of_some(|f| f.server_cpu_us_per_round_trip),
             server_cpu_cores: of_some(|f| f.server_cpu_cores),
             peak_rss_kib: of_some(|f| f.peak_rss_kib),
+            connections_per_sec: of_some(|f| f.connections_per_sec),
+            connect_p99_us: of_some(|f| f.connect_p99_us),
         })
     }
 }
@@ -511,6 +522,15 @@ pub fn markdown(report: &Report, charts: &[String]) -> String {
     if let Some(workers) = settings.workers {
         let _ = writeln!(out, "- Workers: {workers}");
     }
+    if let Some(n) = settings.requests_per_conn {
+        let _ = writeln!(
+            out,
+            "- Churn: a new connection every {n} round trip{}, so each figure includes what \
+             opening and closing a connection costs the server (connections per second and \
+             connect p99 are in report.json)",
+            if n == 1 { "" } else { "s" }
+        );
+    }
     match Noise::of(&report.servers) {
         Some(noise) => {
             let _ = writeln!(
@@ -636,6 +656,8 @@ pub(crate) mod tests {
             server_cpu_us_per_round_trip: Some(cpu),
             server_cpu_cores: Some(0.5),
             peak_rss_kib: Some(4096.0),
+            connections_per_sec: None,
+            connect_p99_us: None,
         };
         let ran = |name: &str, scale: f64| ServerResult {
             name: name.into(),

@@ -40,6 +40,10 @@ struct BenchOutput {
     /// The first failure in words (not every load generator says).
     #[serde(default)]
     first_error: Option<String>,
+    #[serde(default)]
+    connections_per_sec: Option<f64>,
+    #[serde(default)]
+    connect_latency_us: Option<Latency>,
 }
 
 /// Finds bench's JSON object in its stdout.
@@ -83,6 +87,9 @@ pub(super) fn run_bench(
         .stderr(Stdio::piped());
     if let Some(threads) = args.threads {
         command.args(["--threads", &threads.to_string()]);
+    }
+    if let Some(n) = args.requests_per_conn() {
+        command.args(["--requests-per-conn", &n.to_string()]);
     }
     if let Some(cpus) = &args.client_cpus {
         cpus.pin(&mut command);
@@ -192,6 +199,8 @@ pub(super) fn run_bench(
         connections: output.connections,
         errors: output.errors,
         mismatches: output.mismatches,
+        connections_per_sec: output.connections_per_sec,
+        connect_p99_us: output.connect_latency_us.map(|l| l.p99),
     };
     let mut problems = Vec::new();
     if !status.success() {
