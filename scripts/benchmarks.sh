@@ -10,7 +10,9 @@
 #    (scripts/paired_ratios.py).
 # 2. Every model, same pinning, the default sweep of `multiecho compare` (1, 50, 500
 #    connections; 64, 512, 16384 bytes).
-# 3. Server memory with 10,000 idle connections (scripts/idle_rss.py).
+# 3. Connection churn: every model, one connection at a time, a new connection for every
+#    1-byte round trip (`compare --churn`): what a connection costs each model.
+# 4. Server memory with 10,000 idle connections (scripts/idle_rss.py).
 # Every point is measured REPEAT times (HEAD_REPEAT, default 5, for the head to head; REPEAT,
 # default 3, for the rest), the servers taking turns, and the reports quote medians.
 #
@@ -67,6 +69,9 @@ for report in head-to-head head-to-head-1000; do
     python3 "$root/scripts/paired_ratios.py" "$out/$report/report.json" | tee "$out/$report/paired-ratios.md"
 done
 python3 "$root/scripts/paired_ratios.py" "$out/all-models/report.json" epoll > "$out/all-models/paired-ratios.md"
+
+echo "== connection churn"
+"$multiecho" compare "${common[@]}" --repeat "$repeat" --churn --conns 1 --size 1 --out "$out/churn"
 
 echo "== memory with 10,000 idle connections"
 python3 "$root/scripts/idle_rss.py" --conns 10000 epoll async uring thread | tee "$out/idle-rss.txt"

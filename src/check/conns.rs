@@ -102,7 +102,7 @@ fn concurrent(ctx: &Context) -> Finding {
                 .spawn_scoped(scope, move || {
                     let plan = Plan {
                         stall: CONCURRENT_STALL,
-                        deadline: CONCURRENT_STALL * 2,
+                        deadline: ctx.bound(CONCURRENT_STALL * 2),
                         excess_wait: Duration::ZERO,
                         ..Plan::new(payload)
                     };

@@ -55,7 +55,8 @@ pub struct CheckArgs {
     #[arg(long, value_name = "DURATION", default_value = "2s",
           value_parser = crate::cli::parse_duration)]
     pub idle_pause: Duration,
-    /// Stop starting checks after this long; checks not run count as failed.
+    /// Bound the whole battery: no check starts, and no exchange waits, past this long;
+    /// checks not run count as failed.
     #[arg(long, value_name = "DURATION", default_value = "60s",
           value_parser = crate::cli::parse_duration)]
     pub time_limit: Duration,
@@ -76,6 +77,15 @@ pub struct Context {
     pub max_conns: usize,
     pub max_size: usize,
     pub idle_pause: Duration,
+    /// When the battery's time limit runs out: no exchange waits past it.
+    pub deadline: Instant,
+}
+
+impl Context {
+    /// `wanted`, or less if the time limit is nearer.
+    pub fn bound(&self, wanted: Duration) -> Duration {
+        wanted.min(self.deadline.saturating_duration_since(Instant::now()))
+    }
 }
 
 /// A check's verdict.
@@ -216,6 +226,7 @@ pub fn run_battery(args: &CheckArgs) -> anyhow::Result<CheckReport> {
         max_conns: args.max_conns as usize,
         max_size: args.max_size as usize,
         idle_pause: args.idle_pause,
+        deadline: Instant::now() + args.time_limit,
     };
     // One connect first, so an unreachable target is one clear error, not a table of failures.
     exchange::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;

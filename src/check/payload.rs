@@ -50,6 +50,10 @@ pub fn exchange_once(ctx: &Context, plan: Plan<'_>) -> Result<exchange::Outcome,
             },
         )
     })?;
+    let plan = Plan {
+        deadline: ctx.bound(plan.deadline),
+        ..plan
+    };
     Ok(exchange::run(stream, plan))
 }
 

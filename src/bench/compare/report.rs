@@ -715,6 +715,7 @@ pub(crate) mod tests {
                 workers: None,
                 server_cpus: Some("0".into()),
                 client_cpus: None,
+                requests_per_conn: None,
             },
             noise: None,
             servers: vec![
