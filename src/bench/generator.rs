@@ -385,7 +385,7 @@ impl<'a> Worker<'a> {
         self.conns[idx].state = State::Open;
         self.live += 1;
         self.outcome.opened += 1;
-        if self.loading && now >= self.measure_start && self.end.map_or(true, |end| now <= end) {
+        if self.loading && now >= self.measure_start && self.end.is_none_or(|end| now <= end) {
             self.outcome.opened_measured += 1;
         }
         shared.opened.fetch_add(1, Ordering::Relaxed);
@@ -397,7 +397,7 @@ impl<'a> Worker<'a> {
         let conn = &self.conns[idx];
         self.plan
             .requests_per_conn
-            .map_or(true, |n| conn.recv_seq + (conn.in_flight.len() as u64) < n)
+            .is_none_or(|n| conn.recv_seq + (conn.in_flight.len() as u64) < n)
     }
 
     /// Churn: closes connection `idx` (its last echo is in) and opens the slot's next one.
