@@ -10,6 +10,7 @@ use ipnet::IpNet;
 
 use crate::listen::ListenSpec;
 use crate::server::conn::admission::{default_trusted_proxies, parse_prefix, AdmissionConfig};
+use crate::server::conn::datagram::UdpPolicy;
 use crate::server::{Model, ServerConfig};
 
 /// A TCP echo server with every classic concurrency model, its clients, and a verifying
@@ -51,8 +52,9 @@ pub struct ServeArgs {
     /// Where to listen: HOST:PORT, [V6]:PORT or PORT (loopback) for plain TCP, or a URL:
     /// tcp://HOST:PORT, or tcp+proxy://HOST:PORT, where every connection must begin with a
     /// PROXY protocol v1 or v2 header (from HAProxy or another load balancer) naming the real
-    /// client. Repeat to listen on several; use 0.0.0.0:4000 or [::]:4000 to accept connections
-    /// from other machines.
+    /// client, or udp://HOST:PORT for UDP echo (models iterative, prefork, pool, epoll, async).
+    /// Repeat to listen on several, TCP and UDP together; use 0.0.0.0:4000 or [::]:4000 to
+    /// accept connections from other machines.
     #[arg(short, long = "listen", value_name = "ADDR", value_parser = crate::listen::parse,
           default_value = crate::net::DEFAULT_LISTEN)]
     pub listen: Vec<ListenSpec>,
@@ -64,9 +66,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub backlog: u32,
     /// Serve at most N connections at once; more wait in the backlog (they are not reset).
+    /// Does not apply to UDP: a datagram is not a connection.
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_conns: u64,
     /// Close a connection that sends nothing (or accepts no echo) for this long, e.g. 30s.
+    /// Does not apply to UDP.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
     /// On SIGINT/SIGTERM, let live connections finish for up to this long, then close them.
@@ -80,6 +84,37 @@ pub struct ServeArgs {
     pub thread_stack: u64,
     #[command(flatten)]
     pub admission: AdmissionArgs,
+    #[command(flatten)]
+    pub udp: UdpArgs,
+}
+
+/// How udp:// listeners answer: `serve`'s UDP flags.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "UDP")]
+pub struct UdpArgs {
+    /// Answer datagrams from any source port. By default datagrams from port 0 and from the
+    /// ports of services that answer unsolicited datagrams (7 echo, 13, 17, 19 chargen, 37,
+    /// 53 DNS, 69, 111, 123 NTP, 137, 161, 389, 1900, 5353, 11211) get no reply, so a spoofed
+    /// datagram cannot start a loop between this server and such a service.
+    #[arg(long)]
+    pub udp_any_port: bool,
+    /// Echo at most N datagrams per second to one source address (a token bucket with a burst
+    /// of N); beyond it datagrams are dropped and counted. 0: no limit. The default, 10000,
+    /// is more than latency and loss probes or a lab's bench runs at modest rates need, and
+    /// keeps one spoofed source's reflected traffic to about 118 Mbit/s at 1,472 B per
+    /// datagram, well below a lab link. Throughput benchmarks from one address pass 0.
+    #[arg(long, value_name = "N", default_value_t = crate::server::conn::datagram::DEFAULT_UDP_RATE)]
+    pub udp_rate: u32,
+}
+
+impl UdpArgs {
+    /// The datagram rules these flags describe.
+    pub fn policy(&self) -> UdpPolicy {
+        UdpPolicy {
+            rate: (self.udp_rate > 0).then_some(self.udp_rate),
+            any_port: self.udp_any_port,
+        }
+    }
 }
 
 /// Who is served: `serve`'s admission-control flags.
@@ -94,7 +129,7 @@ pub struct AdmissionArgs {
     #[arg(long, value_name = "CIDR", value_parser = parse_prefix)]
     pub deny: Vec<IpNet>,
     /// At most N connections open at once from one source address; the next one is closed at
-    /// once, without an echo.
+    /// once, without an echo. Does not apply to UDP (see --udp-rate).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_per_source: Option<u32>,
     /// At most N new connections per second from one source (a token bucket with a burst of
@@ -125,6 +160,7 @@ impl AdmissionArgs {
                 self.trusted_proxy.clone()
             },
             proxy_timeout: self.proxy_timeout,
+            udp: None,
         }
     }
 }
@@ -141,7 +177,10 @@ impl ServeArgs {
             workers: self.workers.map_or(defaults.workers, |w| w as usize),
             // Below 16 KiB a thread cannot even format a log line.
             thread_stack: (self.thread_stack as usize).max(16 * 1024),
-            admission: self.admission.config(),
+            admission: AdmissionConfig {
+                udp: Some(self.udp.policy()),
+                ..self.admission.config()
+            },
         }
     }
 }

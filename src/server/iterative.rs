@@ -6,6 +6,12 @@
 //! limit is one client. Shutdown: stop accepting, let the current client finish for up to the
 //! shutdown timeout, then close it (a watchdog thread enforces the deadline, since the main
 //! thread is inside the blocking echo loop).
+//!
+//! UDP (like inetd's `wait` UDP services): one blocking loop answers every `udp://` socket,
+//! one datagram at a time (`poll`, then `recvmsg`, the policy check, `sendto`); it runs on a
+//! thread of its own beside the TCP loop, so a TCP client being served does not stop
+//! datagrams. Cost: two system calls per datagram plus a `poll` per burst, one 64 KiB buffer;
+//! one core at most. At shutdown the UDP loop stops at once.
 
 use crate::limits::Connections;
 use crate::server::accept::Acceptor;
@@ -20,8 +26,13 @@ pub fn serve(server: &Server) -> crate::Result<()> {
         server.config.shutdown_timeout,
         &server.conn,
     );
-    let result = serve_one_at_a_time(server, &connections);
-    // On a fatal accept error the watchdog must still end.
+    let result = std::thread::scope(|scope| {
+        crate::server::udp::spawn_blocking(scope, 1, &server.udp, &server.conn, &server.shutdown)?;
+        let result = serve_one_at_a_time(server, &connections);
+        // On a fatal accept error the watchdog and the UDP loop must still end.
+        server.shutdown.trigger();
+        result
+    });
     server.shutdown.trigger();
     let _ = watchdog.join();
     result

@@ -19,10 +19,11 @@ pub mod prefork;
 pub mod process;
 pub mod thread;
 pub mod tokio_rt;
+pub mod udp;
 pub mod uring;
 
 use std::fmt;
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,6 +80,24 @@ impl Model {
             Model::Async => "async",
             Model::Uring => "uring",
         }
+    }
+
+    /// Whether the model serves `udp://` listeners.
+    pub fn serves_udp(self) -> bool {
+        matches!(
+            self,
+            Model::Iterative | Model::Prefork | Model::Pool | Model::Epoll | Model::Async
+        )
+    }
+
+    /// The models that serve `udp://` listeners, for error messages.
+    pub fn udp_models() -> String {
+        let names: Vec<&str> = Model::ALL
+            .iter()
+            .filter(|m| m.serves_udp())
+            .map(|m| m.name())
+            .collect();
+        names.join(", ")
     }
 
     /// Serves on `server`'s listeners until its shutdown signal, then drains and returns.
@@ -147,6 +166,8 @@ pub struct Server {
     pub listeners: Vec<TcpListener>,
     /// What each listener (same index) expects of its connections.
     pub kinds: Vec<ListenerKind>,
+    /// Bound `udp://` sockets (blocking mode), served beside the TCP listeners.
+    pub udp: Vec<UdpSocket>,
     /// What the model obeys.
     pub config: ServerConfig,
     /// Triggered by SIGINT/SIGTERM (or a test).
@@ -182,11 +203,17 @@ impl Server {
         Ok(Server {
             listeners,
             kinds,
+            udp: Vec::new(),
             config,
             shutdown,
             stats,
             conn: Arc::new(conn),
         })
+    }
+
+    /// The same server with these UDP sockets to serve too.
+    pub fn with_udp(self, udp: Vec<UdpSocket>) -> Server {
+        Server { udp, ..self }
     }
 
     /// The same server with its own listeners and shutdown (a prefork worker), sharing the
@@ -195,6 +222,7 @@ impl Server {
         Server {
             listeners,
             kinds: self.kinds.clone(),
+            udp: Vec::new(),
             config: self.config.clone(),
             shutdown,
             stats: Arc::clone(&self.stats),
@@ -211,16 +239,34 @@ impl Server {
 /// Binds `listen`, installs the SIGINT/SIGTERM handlers, logs where it listens and runs
 /// `model` until shutdown. Starts no thread before the model runs (fork-based models need a
 /// single-threaded parent).
-pub fn run(model: Model, listen: &[ListenSpec], config: ServerConfig) -> crate::Result<()> {
-    if let Some(spec) = listen
-        .iter()
-        .find(|spec| !matches!(spec.kind, ListenerKind::Tcp | ListenerKind::TcpProxy))
-    {
+pub fn run(model: Model, listen: &[ListenSpec], mut config: ServerConfig) -> crate::Result<()> {
+    if let Some(spec) = listen.iter().find(|spec| {
+        !matches!(
+            spec.kind,
+            ListenerKind::Tcp | ListenerKind::TcpProxy | ListenerKind::Udp
+        )
+    }) {
         return Err(crate::Error::Unsupported(format!(
-            "cannot listen on {spec}: {}:// listeners are not available yet (tcp:// and tcp+proxy:// are)",
+            "cannot listen on {spec}: {}:// listeners are not available yet (tcp://, tcp+proxy:// and udp:// are)",
             spec.kind
         )));
     }
+    let (udp_specs, tcp_specs): (Vec<ListenSpec>, Vec<ListenSpec>) = listen
+        .iter()
+        .partition(|spec| spec.kind == ListenerKind::Udp);
+    if !udp_specs.is_empty() && !model.serves_udp() {
+        // uring: another rewrite is under way; it refuses UDP until then.
+        return Err(crate::Error::Unsupported(format!(
+            "the {model} model does not serve udp:// listeners ({}); these models do: {}",
+            udp_specs[0],
+            Model::udp_models()
+        )));
+    }
+    if udp_specs.is_empty() {
+        // No UDP listener: no datagram rules (and no per-source table kept for them).
+        config.admission.udp = None;
+    }
+    let listen = &tcp_specs[..];
     if model == Model::Uring && listen.iter().any(|spec| spec.kind.expects_proxy_header()) {
         return Err(crate::Error::Unsupported(
             "the uring model does not serve tcp+proxy:// listeners yet; every other model does"
@@ -253,13 +299,33 @@ pub fn run(model: Model, listen: &[ListenSpec], config: ServerConfig) -> crate::
             kind => tracing::info!("listening on {addr} ({kind}://) with the {model} model"),
         }
     }
+    let udp = udp_specs
+        .iter()
+        .map(|spec| udp::bind(spec.addr))
+        .collect::<crate::Result<Vec<_>>>()?;
+    for socket in &udp {
+        let addr = socket
+            .local_addr()
+            .map_err(|e| crate::Error::io("cannot read the bound address", e))?;
+        tracing::info!("listening on {addr} (udp://) with the {model} model");
+    }
     let kinds = listen.iter().map(|spec| spec.kind).collect();
-    let server = Server::with_kinds(listeners, kinds, config, shutdown)?;
+    let server = Server::with_kinds(listeners, kinds, config, shutdown)?.with_udp(udp);
     model.serve(&server)?;
-    tracing::info!(
-        connections = server.stats.accepted(),
-        bytes = server.stats.bytes(),
-        "server stopped"
-    );
+    if server.udp.is_empty() {
+        tracing::info!(
+            connections = server.stats.accepted(),
+            bytes = server.stats.bytes(),
+            "server stopped"
+        );
+    } else {
+        tracing::info!(
+            connections = server.stats.accepted(),
+            bytes = server.stats.bytes(),
+            datagrams = server.conn.datagrams_echoed(),
+            datagram_bytes = server.conn.datagram_bytes(),
+            "server stopped"
+        );
+    }
     Ok(())
 }

@@ -7,6 +7,12 @@
 //! frees up: the pool bounds threads and memory, at the price of waiting. Shutdown: stop
 //! accepting, let queued and live connections finish up to the shutdown timeout, then close
 //! them; the workers then see the queue end and exit.
+//!
+//! UDP: `--workers` more threads run the blocking UDP loop on the shared `udp://` sockets
+//! (the kernel hands each datagram to one of them); no queue, since a datagram is served in
+//! one step. Cost: a thread and a 64 KiB buffer each, two system calls per datagram plus a
+//! `poll` per burst; the threads all wake on each burst and those that find the queue empty
+//! go back to sleep. At shutdown they stop at once.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -18,6 +24,23 @@ use crate::server::{echo, Server};
 
 /// Runs the thread-pool model.
 pub fn serve(server: &Server) -> crate::Result<()> {
+    thread::scope(|scope| {
+        let udp = crate::server::udp::spawn_blocking(
+            scope,
+            server.config.workers,
+            &server.udp,
+            &server.conn,
+            &server.shutdown,
+        );
+        let result = udp.and_then(|()| serve_tcp(server));
+        // The UDP threads end with the shutdown (or with a TCP failure).
+        server.shutdown.trigger();
+        result
+    })
+}
+
+/// The TCP side: the acceptor, the queue and the worker threads.
+fn serve_tcp(server: &Server) -> crate::Result<()> {
     let config = &server.config;
     let workers = config.workers.max(1);
     let queue = workers;

@@ -24,6 +24,13 @@
 //! The parent reaps them all, SIGKILLs any still running a second after the deadline, and
 //! exits 0. A worker whose parent dies gets SIGTERM (`PR_SET_PDEATHSIG`) and shuts down the
 //! same way.
+//!
+//! UDP: each worker also runs the blocking UDP loop on its inherited `udp://` sockets, on a
+//! thread of its own, so N processes share each socket (the kernel hands each datagram to one
+//! of them). Cost: that thread and its 64 KiB buffer per worker, two system calls per datagram
+//! plus a `poll` per burst, and every worker wakes on a burst. The policy's per-source
+//! `--udp-rate` buckets are in the shared table, so the workers count together. At shutdown
+//! each worker's UDP loop stops when it gets its SIGTERM.
 
 use std::os::fd::AsFd;
 use std::thread;
@@ -177,7 +184,13 @@ fn worker(parent: &Server) -> crate::Result<()> {
         .map(|listener| listener.try_clone())
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| crate::Error::io("cannot share the listeners", e))?;
-    let server = parent.worker(listeners, shutdown);
+    let udp = parent
+        .udp
+        .iter()
+        .map(|socket| socket.try_clone())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| crate::Error::io("cannot share the UDP sockets", e))?;
+    let server = parent.worker(listeners, shutdown).with_udp(udp);
     let connections = Connections::new(1)
         .map_err(|e| crate::Error::io("cannot create the connection registry", e))?;
     let watchdog = connections.close_at_deadline(
@@ -185,8 +198,13 @@ fn worker(parent: &Server) -> crate::Result<()> {
         server.config.shutdown_timeout,
         &server.conn,
     );
-    let result = serve_one_at_a_time(&server, &connections);
-    // On a fatal accept error the watchdog must still end.
+    let result = thread::scope(|scope| {
+        crate::server::udp::spawn_blocking(scope, 1, &server.udp, &server.conn, &server.shutdown)?;
+        let result = serve_one_at_a_time(&server, &connections);
+        // On a fatal accept error the watchdog and the UDP loop must still end.
+        server.shutdown.trigger();
+        result
+    });
     server.shutdown.trigger();
     let _ = watchdog.join();
     result

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::sources::{source_key, Slot, SourceLimits, Sources, Verdict};
+use super::datagram::UdpPolicy;
+use super::sources::{source_key, DatagramVerdict, Slot, SourceLimits, Sources, Verdict};
 
 /// A set of address prefixes with a logarithmic lookup.
 #[derive(Debug, Clone, Default)]
@@ -89,6 +90,8 @@ pub struct AdmissionConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// How long a PROXY listener waits for the header.
     pub proxy_timeout: Duration,
+    /// The datagram rules, when the server has UDP listeners (`None`: it has none).
+    pub udp: Option<UdpPolicy>,
 }
 
 impl Default for AdmissionConfig {
@@ -100,6 +103,7 @@ impl Default for AdmissionConfig {
             max_conn_rate: None,
             trusted_proxies: default_trusted_proxies(),
             proxy_timeout: Duration::from_secs(5),
+            udp: None,
         }
     }
 }
@@ -129,11 +133,20 @@ pub enum Refusal {
     UntrustedProxy,
     /// A PROXY listener's connection sent no valid header in time.
     ProxyHeader,
+    /// A datagram from source port 0, which no real sender uses (the loop guard).
+    DatagramPortZero,
+    /// A datagram from the port of a service that answers unsolicited datagrams (echo,
+    /// chargen, DNS...): answering could start a loop between two services (the loop guard).
+    DatagramReflectionPort,
+    /// The source sent more than `--udp-rate` datagrams per second.
+    DatagramRate,
+    /// A datagram longer than the receive buffer (never echoed cut short).
+    DatagramTruncated,
 }
 
 impl Refusal {
     /// Every reason, for counters.
-    pub const ALL: [Refusal; 7] = [
+    pub const ALL: [Refusal; 11] = [
         Refusal::Denied,
         Refusal::NotAllowed,
         Refusal::PerSource,
@@ -141,6 +154,10 @@ impl Refusal {
         Refusal::SourceTableFull,
         Refusal::UntrustedProxy,
         Refusal::ProxyHeader,
+        Refusal::DatagramPortZero,
+        Refusal::DatagramReflectionPort,
+        Refusal::DatagramRate,
+        Refusal::DatagramTruncated,
     ];
 
     /// The reason's name in logs and counters.
@@ -153,6 +170,10 @@ impl Refusal {
             Refusal::SourceTableFull => "source-table-full",
             Refusal::UntrustedProxy => "untrusted-proxy",
             Refusal::ProxyHeader => "proxy-header",
+            Refusal::DatagramPortZero => "udp-source-port-zero",
+            Refusal::DatagramReflectionPort => "udp-reflection-port",
+            Refusal::DatagramRate => "udp-rate",
+            Refusal::DatagramTruncated => "udp-truncated",
         }
     }
 
@@ -189,9 +210,14 @@ impl Admission {
         let limits = SourceLimits {
             max_per_source: config.max_per_source,
             max_rate: config.max_conn_rate,
+            udp_rate: config.udp.and_then(|udp| udp.rate),
         };
         let counts_sources = limits.max_per_source.is_some() || limits.max_rate.is_some();
-        let any_rule = counts_sources || !config.allow.is_empty() || !config.deny.is_empty();
+        // A UDP listener needs the table even without a rate: it limits the refusal log.
+        let any_rule = counts_sources
+            || config.udp.is_some()
+            || !config.allow.is_empty()
+            || !config.deny.is_empty();
         Ok(Admission {
             allow: PrefixSet::new(&config.allow),
             deny: PrefixSet::new(&config.deny),
@@ -225,6 +251,26 @@ impl Admission {
             Verdict::PerSourceLimit => Err(Refusal::PerSource),
             Verdict::RateLimit => Err(Refusal::Rate),
             Verdict::TableFull => Err(Refusal::SourceTableFull),
+        }
+    }
+
+    /// Decides about one datagram from `source`: the same allow/deny rules as a connection,
+    /// then the source's `--udp-rate` bucket (in the same per-source table). Nothing is held
+    /// afterwards: a datagram has no end to count.
+    pub fn admit_datagram(&self, source: IpAddr) -> Result<(), Refusal> {
+        let Some(sources) = &self.sources else {
+            return Ok(());
+        };
+        if self.deny.contains(source) {
+            return Err(Refusal::Denied);
+        }
+        if !self.allow.is_empty() && !self.allow.contains(source) {
+            return Err(Refusal::NotAllowed);
+        }
+        match sources.admit_datagram(source) {
+            DatagramVerdict::Admitted => Ok(()),
+            DatagramVerdict::RateLimit => Err(Refusal::DatagramRate),
+            DatagramVerdict::TableFull => Err(Refusal::SourceTableFull),
         }
     }
 
@@ -310,6 +356,41 @@ mod tests {
         assert_eq!(admission.admit(ip("127.0.0.1")), Ok(None));
         assert_eq!(admission.admit(ip("127.0.0.2")), Err(Refusal::Denied));
         assert_eq!(admission.admit(ip("::1")), Err(Refusal::NotAllowed));
+        assert_eq!(admission.admit_datagram(ip("127.0.0.1")), Ok(()));
+        assert_eq!(
+            admission.admit_datagram(ip("127.0.0.2")),
+            Err(Refusal::Denied),
+            "the rules apply to every datagram"
+        );
+        assert_eq!(
+            admission.admit_datagram(ip("::1")),
+            Err(Refusal::NotAllowed)
+        );
+    }
+
+    #[test]
+    fn datagram_rate_is_per_source() {
+        let admission = Admission::new(&AdmissionConfig {
+            udp: Some(UdpPolicy {
+                rate: Some(3),
+                any_port: false,
+            }),
+            ..AdmissionConfig::default()
+        })
+        .unwrap();
+        for _ in 0..3 {
+            assert_eq!(admission.admit_datagram(ip("127.0.0.1")), Ok(()));
+        }
+        assert_eq!(
+            admission.admit_datagram(ip("127.0.0.1")),
+            Err(Refusal::DatagramRate)
+        );
+        assert_eq!(admission.admit_datagram(ip("127.0.0.3")), Ok(()));
+        assert_eq!(
+            admission.admit(ip("127.0.0.1")),
+            Ok(None),
+            "the datagram budget does not limit connections"
+        );
     }
 
     #[test]

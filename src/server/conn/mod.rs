@@ -13,12 +13,17 @@
 //! 5. echo; then [`Lifecycle::close`] with the bytes and the [`End`]: the per-connection log line,
 //!    the counters, the per-source slot given back.
 //!
+//! For every datagram on a UDP listener: [`Lifecycle::admit_datagram`] (the loop guard, the same
+//! allow/deny rules, the per-source `--udp-rate`; see `datagram`), then
+//! [`Lifecycle::datagram_echoed`].
+//!
 //! Around them: [`Lifecycle::accept_error`] (one classification and one rate-limited warning for
 //! running out of descriptors), [`Lifecycle::log_draining`] and [`Lifecycle::log_deadline`] (the
 //! shutdown lines, once per server). Per-source state lives in memory mapped shared before any
 //! fork, so the fork models obey the same rules (`sources`).
 
 pub mod admission;
+pub mod datagram;
 pub mod limit;
 pub mod proxy;
 mod shared_mem;
@@ -102,6 +107,9 @@ pub struct Lifecycle {
     /// When accept last warned about exhaustion, in ms since `epoch` plus one (0: never).
     accept_warned_at: AtomicU64,
     draining_logged: AtomicBool,
+    /// The datagram rules (`None`: no UDP listener) and what the UDP side did.
+    udp: Option<datagram::UdpPolicy>,
+    datagrams: datagram::DatagramCounters,
 }
 
 impl Lifecycle {
@@ -114,6 +122,8 @@ impl Lifecycle {
             epoch: Instant::now(),
             accept_warned_at: AtomicU64::new(0),
             draining_logged: AtomicBool::new(false),
+            udp: config.udp,
+            datagrams: datagram::DatagramCounters::default(),
         })
     }
 

@@ -1,5 +1,6 @@
-//! Per-source state: how many connections each source address has open, its token bucket for
-//! `--max-conn-rate`, and when a refusal of it was last logged.
+//! Per-source state: how many connections each source address has open, its token buckets for
+//! `--max-conn-rate` (new connections) and `--udp-rate` (datagrams echoed), and when a refusal
+//! of it was last logged.
 //!
 //! The state has a fixed size, whatever the number of sources: a set-associative table of
 //! [`SETS`] × [`WAYS`] entries ([`CAPACITY`] sources, [`TABLE_BYTES`] bytes), in memory mapped
@@ -45,6 +46,9 @@ struct Entry {
     tokens: f64,
     active: u32,
     used: u32,
+    /// The `--udp-rate` bucket: when it was last refilled, and its tokens.
+    datagrams_refilled_at: u64,
+    datagram_tokens: f64,
 }
 
 #[derive(Clone, Copy)]
@@ -70,6 +74,17 @@ pub enum Verdict {
     TableFull,
 }
 
+/// What the table decided about one datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramVerdict {
+    /// Within the source's `--udp-rate`: echo it.
+    Admitted,
+    /// The source used up its `--udp-rate` burst.
+    RateLimit,
+    /// Every entry of the source's set holds open connections.
+    TableFull,
+}
+
 /// Where an admitted source's count lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {
@@ -83,6 +98,8 @@ pub struct SourceLimits {
     pub max_per_source: Option<u32>,
     /// New connections per second, with a burst of the same size.
     pub max_rate: Option<u32>,
+    /// Datagrams echoed per second, with a burst of the same size.
+    pub udp_rate: Option<u32>,
 }
 
 /// The shared per-source table.
@@ -159,6 +176,31 @@ impl Sources {
         })
     }
 
+    /// Takes one of `ip`'s `--udp-rate` tokens, if it has one left (always, without a rate).
+    pub fn admit_datagram(&self, ip: IpAddr) -> DatagramVerdict {
+        let Some(rate) = self.limits.udp_rate else {
+            return DatagramVerdict::Admitted;
+        };
+        let key = source_key(ip);
+        let set = self.set_of(key);
+        let now = self.now();
+        let mut table = self.table.lock();
+        let ways = &mut table.sets[set];
+        let Some(way) = find_or_claim(ways, key, now, self.limits) else {
+            return DatagramVerdict::TableFull;
+        };
+        let entry = &mut ways[way];
+        let burst = f64::from(rate);
+        let elapsed = now.saturating_sub(entry.datagrams_refilled_at) as f64 / 1e9;
+        entry.datagram_tokens = (entry.datagram_tokens + elapsed * burst).min(burst);
+        entry.datagrams_refilled_at = now;
+        if entry.datagram_tokens < 1.0 {
+            return DatagramVerdict::RateLimit;
+        }
+        entry.datagram_tokens -= 1.0;
+        DatagramVerdict::Admitted
+    }
+
     /// Counts the end of a connection admitted with `slot`.
     pub fn release(&self, slot: Slot) {
         let (set, way) = (slot.index as usize / WAYS, slot.index as usize % WAYS);
@@ -216,7 +258,7 @@ fn find_or_claim(
         ways.iter()
             .enumerate()
             .filter(|(_, e)| e.active == 0 && bucket_full(e, now, limits))
-            .min_by_key(|(_, e)| e.refilled_at.max(e.logged_at))
+            .min_by_key(|(_, e)| e.refilled_at.max(e.logged_at).max(e.datagrams_refilled_at))
             .map(|(way, _)| way)
     })?;
     ways[way] = Entry {
@@ -226,6 +268,8 @@ fn find_or_claim(
         tokens: f64::from(limits.max_rate.unwrap_or(0)),
         active: 0,
         used: 1,
+        datagrams_refilled_at: now,
+        datagram_tokens: f64::from(limits.udp_rate.unwrap_or(0)),
     };
     Some(way)
 }
@@ -238,13 +282,20 @@ fn refill(entry: &mut Entry, now: u64, rate: u32) {
     entry.refilled_at = now;
 }
 
-/// Whether forgetting this entry loses nothing: its bucket would be full by now.
+/// Whether forgetting this entry loses nothing: its buckets would be full by now.
 fn bucket_full(entry: &Entry, now: u64, limits: SourceLimits) -> bool {
-    let Some(rate) = limits.max_rate else {
-        return true;
+    let full = |rate: Option<u32>, tokens: f64, refilled_at: u64| {
+        rate.map_or(true, |rate| {
+            let elapsed = now.saturating_sub(refilled_at) as f64 / 1e9;
+            tokens + elapsed * f64::from(rate) >= f64::from(rate)
+        })
     };
-    let elapsed = now.saturating_sub(entry.refilled_at) as f64 / 1e9;
-    entry.tokens + elapsed * f64::from(rate) >= f64::from(rate)
+    full(limits.max_rate, entry.tokens, entry.refilled_at)
+        && full(
+            limits.udp_rate,
+            entry.datagram_tokens,
+            entry.datagrams_refilled_at,
+        )
 }
 
 #[cfg(test)]
@@ -261,6 +312,7 @@ mod tests {
         let sources = Sources::new(SourceLimits {
             max_per_source: Some(2),
             max_rate: None,
+            udp_rate: None,
         })
         .unwrap();
         let Verdict::Admitted(a) = sources.admit(ip(1)) else {
@@ -285,6 +337,7 @@ mod tests {
         let sources = Sources::new(SourceLimits {
             max_per_source: Some(1),
             max_rate: None,
+            udp_rate: None,
         })
         .unwrap();
         assert!(matches!(sources.admit(ip(7)), Verdict::Admitted(_)));
@@ -297,6 +350,7 @@ mod tests {
         let sources = Sources::new(SourceLimits {
             max_per_source: None,
             max_rate: Some(5),
+            udp_rate: None,
         })
         .unwrap();
         for _ in 0..5 {
@@ -316,6 +370,7 @@ mod tests {
         let sources = Sources::new(SourceLimits {
             max_per_source: Some(1),
             max_rate: None,
+            udp_rate: None,
         })
         .unwrap();
         // Sources that close again are forgotten as needed: far more than the capacity fit.
@@ -326,6 +381,26 @@ mod tests {
             sources.release(slot);
         }
         const _: () = assert!(TABLE_BYTES <= 4 << 20, "the documented bound");
+    }
+
+    #[test]
+    fn datagram_budget_is_a_token_bucket() {
+        let sources = Sources::new(SourceLimits {
+            udp_rate: Some(100),
+            ..SourceLimits::default()
+        })
+        .unwrap();
+        for _ in 0..100 {
+            assert_eq!(sources.admit_datagram(ip(5)), DatagramVerdict::Admitted);
+        }
+        assert_eq!(sources.admit_datagram(ip(5)), DatagramVerdict::RateLimit);
+        assert_eq!(sources.admit_datagram(ip(6)), DatagramVerdict::Admitted);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            sources.admit_datagram(ip(5)),
+            DatagramVerdict::Admitted,
+            "the bucket refills at the rate"
+        );
     }
 
     #[test]
