@@ -35,6 +35,13 @@
 //! deregisters its listeners and keeps serving its live connections until none are left or
 //! `--shutdown-timeout` passes, then closes the rest and exits; `serve` joins the workers.
 //! A worker that fails fatally triggers the shutdown so that the others stop too.
+//!
+//! UDP (`udp.rs`): `--workers` more event loops, each with its own `Poll` and a duplicate of
+//! every `udp://` socket, receive until `WouldBlock` and echo each admitted datagram at once
+//! (a full send buffer holds the echo and pauses reading that socket). Cost: a `recvmsg` and a
+//! `sendto` per datagram plus a share of `epoll_wait`, one 64 KiB buffer per loop, no
+//! allocation unless the send buffer is full; every loop wakes on a burst. At shutdown the UDP
+//! loops stop at once while the TCP workers drain.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown as Direction, SocketAddr};
@@ -56,6 +63,8 @@ use crate::server::conn::proxy::HeaderReader;
 use crate::server::conn::{Admitted, End, Lifecycle};
 use crate::server::{Server, ServerConfig};
 use crate::shutdown::Shutdown;
+
+mod udp;
 
 /// The read buffer each worker shares among its connections.
 const READ_BUFFER: usize = 64 * 1024;
@@ -84,6 +93,10 @@ pub fn serve(server: &Server) -> crate::Result<()> {
     tracing::debug!(workers = workers.len(), "epoll workers started");
 
     let results = thread::scope(|scope| {
+        if let Err(e) = udp::spawn(scope, server) {
+            server.shutdown.trigger();
+            return vec![Err(e)];
+        }
         let mut workers = workers.into_iter().enumerate();
         let (_, first) = workers.next().expect("at least one worker");
         let mut handles = Vec::new();

@@ -326,6 +326,7 @@ pub fn run(model: Model, listen: &[ListenSpec], mut config: ServerConfig) -> cra
             datagram_bytes = server.conn.datagram_bytes(),
             "server stopped"
         );
+        server.conn.log_datagram_refusals();
     }
     Ok(())
 }

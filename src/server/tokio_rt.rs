@@ -25,6 +25,12 @@
 //! tasks stop, the [`TaskTracker`] is closed and connections may finish for
 //! `--shutdown-timeout`; those still open are told to close through a [`CancellationToken`],
 //! and the runtime is shut down.
+//!
+//! UDP (`udp.rs`): `--workers` tasks per `udp://` socket share one tokio `UdpSocket`; each
+//! waits for readability, receives with `try_io` until `WouldBlock`, and awaits `send_to` for
+//! each admitted datagram's echo. Cost: a `recvmsg` and a `sendto` per datagram plus tokio's
+//! readiness bookkeeping and a share of `epoll_wait`; one 64 KiB buffer per task. At shutdown
+//! the UDP tasks end at once while the TCP connections drain.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -52,6 +58,8 @@ use crate::server::conn::proxy::{HeaderError, HeaderReader, ProxyHeader};
 use crate::server::conn::{Admitted, End, Lifecycle};
 use crate::server::{Server, ServerConfig};
 use crate::shutdown::Shutdown;
+
+mod udp;
 
 /// The read buffer each worker thread lends to the connection it is running.
 const READ_BUFFER_SIZE: usize = 64 * 1024;
@@ -92,7 +100,16 @@ pub fn serve(server: &Server) -> crate::Result<()> {
         .into_iter()
         .zip(server.kinds.iter().copied())
         .collect();
-    let result = runtime.block_on(run(listeners, server.shutdown.clone(), shared));
+    let udp_tasks = udp::spawn(&runtime, server)?;
+    let result = runtime.block_on(async {
+        let result = run(listeners, server.shutdown.clone(), shared).await;
+        // They end at the shutdown signal; a TCP failure triggered it too.
+        server.shutdown.trigger();
+        for task in udp_tasks {
+            let _ = task.await;
+        }
+        result
+    });
     // Connection tasks have ended by now (or been given up on after the grace period); any
     // task left is dropped here.
     runtime.shutdown_timeout(CLOSE_GRACE);

@@ -94,10 +94,9 @@ pub fn recv(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
 fn socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = addr.as_sockaddr_in() {
         Some(SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
-    } else if let Some(v6) = addr.as_sockaddr_in6() {
-        Some(SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
     } else {
-        None
+        addr.as_sockaddr_in6()
+            .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
     }
 }
 

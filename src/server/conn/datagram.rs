@@ -113,6 +113,26 @@ impl Lifecycle {
         tracing::debug!(%dest, "cannot send an echo: {err}");
     }
 
+    /// One line per reason datagrams were refused for (at stop), and the echoes not sent.
+    pub fn log_datagram_refusals(&self) {
+        let datagram_reasons = [
+            Refusal::DatagramPortZero,
+            Refusal::DatagramReflectionPort,
+            Refusal::DatagramRate,
+            Refusal::DatagramTruncated,
+        ];
+        for reason in datagram_reasons {
+            let count = self.stats.refused(reason);
+            if count > 0 {
+                tracing::info!("{count} datagrams refused: {reason}");
+            }
+        }
+        let failed = self.datagram_send_failures();
+        if failed > 0 {
+            tracing::info!("{failed} echoes could not be sent");
+        }
+    }
+
     /// Datagrams echoed so far.
     pub fn datagrams_echoed(&self) -> u64 {
         self.datagrams.echoed.load(Ordering::Relaxed)

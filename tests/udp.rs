@@ -1,0 +1,418 @@
+//! UDP echo (`--listen udp://`), for every model that serves it: exact echoes at every size,
+//! zero-length datagrams, real peers (socat, nc -u), the loop guard, the per-source rate,
+//! shutdown, and the models and inputs that must be refused.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Server, BIN};
+use multiecho::payload::Rng;
+
+const UDP_MODELS: [&str; 5] = ["iterative", "prefork", "pool", "epoll", "async"];
+/// The largest UDP payload over IPv4.
+const MAX_V4: usize = 65_507;
+
+/// A server with a TCP listener (the harness's) and one `udp://` listener; returns it and the
+/// UDP address it logged.
+fn start(model: &str, extra: &[&str]) -> (Server, SocketAddr) {
+    let mut args = vec!["--listen", "udp://127.0.0.1:0", "--workers", "2"];
+    args.extend_from_slice(extra);
+    let server = Server::start(model, &args);
+    server.wait_for_log("the UDP listening line", |log| udp_addr(log).is_some());
+    let addr = udp_addr(&server.log()).unwrap();
+    (server, addr)
+}
+
+/// The address of the first `udp://` listener a server logged.
+fn udp_addr(log: &str) -> Option<SocketAddr> {
+    log.lines().find_map(|line| {
+        let rest = line.split("listening on ").nth(1)?;
+        let (addr, kind) = rest.split_once(' ')?;
+        kind.starts_with("(udp://)").then(|| addr.parse().ok())?
+    })
+}
+
+fn client_socket() -> UdpSocket {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    socket
+}
+
+/// Receives one datagram, or `None` within `wait`.
+fn recv_within(socket: &UdpSocket, wait: Duration, buf: &mut [u8]) -> Option<usize> {
+    socket.set_read_timeout(Some(wait)).unwrap();
+    match socket.recv_from(buf) {
+        Ok((n, _)) => Some(n),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            None
+        }
+        Err(e) => panic!("recv failed: {e}"),
+    }
+}
+
+/// 2,000 datagrams of random sizes (1 to 65,507 bytes) from 8 sources, one in flight per
+/// source: each comes back byte-exact and once; then zero-length datagrams come back empty.
+fn exact_echoes(model: &'static str) {
+    let (server, addr) = start(model, &["--udp-rate", "0"]);
+    let senders: Vec<_> = (0..8u64)
+        .map(|source| {
+            thread::spawn(move || {
+                let socket = client_socket();
+                socket.connect(addr).unwrap();
+                let mut rng = Rng::new(0x5eed + source);
+                let mut buf = vec![0u8; 70_000];
+                for seq in 0..250u64 {
+                    let len = rng.range(1, MAX_V4 as u64) as usize;
+                    let mut datagram = vec![0u8; len];
+                    rng.fill(&mut datagram);
+                    // The first bytes name the datagram, so a stray one is recognised.
+                    let tag = (source << 32 | seq).to_le_bytes();
+                    let n = tag.len().min(len);
+                    datagram[..n].copy_from_slice(&tag[..n]);
+                    socket.send(&datagram).unwrap();
+                    let got = socket
+                        .recv(&mut buf)
+                        .unwrap_or_else(|e| panic!("{model}: source {source} seq {seq}: {e}"));
+                    assert!(
+                        buf[..got] == datagram[..],
+                        "{model}: source {source} seq {seq}: {got} bytes back for {len}, or different bytes"
+                    );
+                }
+                // Anything more is a duplicate.
+                assert_eq!(
+                    recv_within(&socket, Duration::from_millis(200), &mut buf),
+                    None,
+                    "{model}: source {source} got a duplicate"
+                );
+                for _ in 0..3 {
+                    socket.send(&[]).unwrap();
+                    assert_eq!(socket.recv(&mut buf).unwrap(), 0, "{model}: zero-length echo");
+                }
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.join().unwrap();
+    }
+    assert!(server.stop().success());
+}
+
+#[test]
+fn iterative_echoes_every_datagram_exactly() {
+    exact_echoes("iterative");
+}
+
+#[test]
+fn prefork_echoes_every_datagram_exactly() {
+    exact_echoes("prefork");
+}
+
+#[test]
+fn pool_echoes_every_datagram_exactly() {
+    exact_echoes("pool");
+}
+
+#[test]
+fn epoll_echoes_every_datagram_exactly() {
+    exact_echoes("epoll");
+}
+
+#[test]
+fn async_echoes_every_datagram_exactly() {
+    exact_echoes("async");
+}
+
+#[test]
+fn ipv6_datagrams_up_to_the_maximum() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must have IPv6 loopback for this test"
+        );
+        eprintln!("SKIPPED: no IPv6 loopback here");
+        return;
+    }
+    let server = Server::start("epoll", &["--listen", "udp://[::1]:0"]);
+    server.wait_for_log("the UDP listening line", |log| udp_addr(log).is_some());
+    let addr = udp_addr(&server.log());
+    let socket = UdpSocket::bind("[::1]:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut buf = vec![0u8; 70_000];
+    for len in [0, 1, 1452, 65_507, 65_527] {
+        let datagram = multiecho::payload::bytes(len as u64, len);
+        socket.send_to(&datagram, addr.unwrap()).unwrap();
+        let (n, _) = socket.recv_from(&mut buf).unwrap();
+        assert!(buf[..n] == datagram[..], "{len} bytes over IPv6");
+    }
+    assert!(server.stop().success());
+}
+
+/// Runs a shell pipeline and returns its stdout.
+fn shell(script: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must install {tool} (.ci/run)"
+        );
+        eprintln!("SKIPPED: {tool} is not installed");
+    }
+    found
+}
+
+#[test]
+fn socat_and_nc_get_their_lines_back() {
+    if !have("socat") || !have("nc") {
+        return;
+    }
+    for model in UDP_MODELS {
+        let (server, addr) = start(model, &[]);
+        let port = addr.port();
+        // socat sends what each read of stdin returns as one datagram; one line at a time here.
+        let got = shell(&format!(
+            "(echo one; sleep 0.2; echo two) | socat -t 0.5 - UDP:127.0.0.1:{port}"
+        ));
+        assert_eq!(got, "one\ntwo\n", "{model}: socat");
+        let got = shell(&format!("echo 'via nc' | nc -u -w 1 127.0.0.1 {port}"));
+        assert_eq!(got, "via nc\n", "{model}: nc -u");
+        assert!(server.stop().success());
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn the_loop_guard_ignores_service_ports() {
+    if !is_root() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI runs as root: binding ports 7 and 19 must work there"
+        );
+        eprintln!("SKIPPED: binding 127.0.0.1:7 and :19 needs root");
+        return;
+    }
+    for model in UDP_MODELS {
+        let (server, addr) = start(model, &[]);
+        let mut buf = [0u8; 64];
+        let echo = UdpSocket::bind("127.0.0.1:7").expect("bind port 7 (echo)");
+        let chargen = UdpSocket::bind("127.0.0.1:19").expect("bind port 19 (chargen)");
+        echo.send_to(b"from echo", addr).unwrap();
+        chargen.send_to(b"from chargen", addr).unwrap();
+        let ephemeral = client_socket();
+        ephemeral.send_to(b"from an ephemeral port", addr).unwrap();
+        assert_eq!(
+            recv_within(&ephemeral, Duration::from_secs(3), &mut buf),
+            Some(22),
+            "{model}: an ephemeral port is answered"
+        );
+        // The guarded datagrams were sent first, so they were decided first.
+        assert_eq!(
+            recv_within(&echo, Duration::from_millis(200), &mut buf),
+            None,
+            "{model}: no reply to port 7"
+        );
+        assert_eq!(
+            recv_within(&chargen, Duration::from_millis(50), &mut buf),
+            None,
+            "{model}: no reply to port 19"
+        );
+        drop((echo, chargen));
+        let mut server = server;
+        server.terminate();
+        let status = server.wait_timeout(common::PATIENCE).expect("exits");
+        assert!(status.success());
+        if model != "prefork" {
+            // The fork model's workers count for themselves; the others report at stop.
+            server.wait_for_log("the refusal counters", |log| {
+                log.contains("2 datagrams refused: udp-reflection-port")
+            });
+        }
+    }
+}
+
+#[test]
+fn any_port_turns_the_guard_off() {
+    if !is_root() {
+        assert!(std::env::var("CI").is_err(), "CI runs as root");
+        eprintln!("SKIPPED: binding 127.0.0.1:7 needs root");
+        return;
+    }
+    let (server, addr) = start("epoll", &["--udp-any-port"]);
+    let echo = UdpSocket::bind("127.0.0.1:7").expect("bind port 7");
+    echo.send_to(b"loop?", addr).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        recv_within(&echo, Duration::from_secs(3), &mut buf),
+        Some(5)
+    );
+    assert!(server.stop().success());
+}
+
+/// A source sending 1,000 datagrams per second against `--udp-rate 100` gets about the
+/// bucket's burst plus 100 per second back.
+fn rate_limited(model: &'static str) {
+    let rate = 100.0;
+    let (server, addr) = start(model, &["--udp-rate", "100"]);
+    let socket = client_socket();
+    socket.connect(addr).unwrap();
+    let receiver = socket.try_clone().unwrap();
+    let counter = thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut got = 0u32;
+        while recv_within(&receiver, Duration::from_millis(500), &mut buf).is_some() {
+            got += 1;
+        }
+        got
+    });
+    let started = Instant::now();
+    for i in 0..1500u32 {
+        socket.send(&i.to_le_bytes()).unwrap();
+        // Paced at about 1,000 per second.
+        let due = started + Duration::from_millis(u64::from(i));
+        thread::sleep(due.saturating_duration_since(Instant::now()));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let got = f64::from(counter.join().unwrap());
+    let expected = rate + rate * elapsed;
+    assert!(
+        (expected * 0.75..=expected * 1.25).contains(&got),
+        "{model}: {got} replies in {elapsed:.2}s at --udp-rate 100 (expected about {expected:.0})"
+    );
+    let mut server = server;
+    server.terminate();
+    assert!(server.wait_timeout(common::PATIENCE).unwrap().success());
+    if model != "prefork" {
+        server.wait_for_log("the rate counter", |log| {
+            log.contains("datagrams refused: udp-rate")
+        });
+    }
+}
+
+#[test]
+fn a_fast_source_gets_replies_at_the_rate_epoll() {
+    rate_limited("epoll");
+}
+
+#[test]
+fn a_fast_source_gets_replies_at_the_rate_prefork() {
+    // The workers share the per-source table, so the budget is the server's, not a worker's.
+    rate_limited("prefork");
+}
+
+#[test]
+fn deny_applies_to_every_datagram() {
+    let (server, addr) = start("async", &["--deny", "127.0.0.1"]);
+    let socket = client_socket();
+    socket.send_to(b"denied", addr).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        recv_within(&socket, Duration::from_millis(300), &mut buf),
+        None
+    );
+    assert!(server.stop().success());
+}
+
+#[test]
+fn sigterm_stops_udp_at_once_and_tcp_drains() {
+    use std::io::{Read, Write};
+    for model in ["epoll", "async", "iterative"] {
+        let (mut server, addr) = start(model, &["--shutdown-timeout", "20s"]);
+        let mut tcp = common::connect(server.addr);
+        tcp.write_all(b"before").unwrap();
+        let mut six = [0u8; 6];
+        tcp.read_exact(&mut six).unwrap();
+        let socket = client_socket();
+        let mut buf = [0u8; 16];
+        socket.send_to(b"up", addr).unwrap();
+        assert_eq!(
+            recv_within(&socket, Duration::from_secs(3), &mut buf),
+            Some(2)
+        );
+        server.terminate();
+        server.wait_for_log("draining", |log| log.contains("shutting down"));
+        // The UDP side answers no more, while the TCP connection is still served.
+        thread::sleep(Duration::from_millis(100));
+        socket.send_to(b"after", addr).unwrap();
+        assert_eq!(
+            recv_within(&socket, Duration::from_millis(300), &mut buf),
+            None,
+            "{model}: UDP stopped at SIGTERM"
+        );
+        tcp.write_all(b"during").unwrap();
+        tcp.read_exact(&mut six).unwrap();
+        assert_eq!(&six, b"during", "{model}: TCP drains");
+        drop(tcp);
+        let status = server.wait_timeout(common::PATIENCE).expect("exits");
+        assert!(status.success(), "{model}: exit 0 after the drain");
+    }
+}
+
+/// Runs `multiecho serve ARGS` and expects it to fail at start; returns its stderr.
+fn fails_to_start(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .output()
+        .expect("run multiecho");
+    assert!(!out.status.success(), "{args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn models_without_udp_refuse_it_naming_those_that_serve_it() {
+    for model in ["process", "thread", "uring"] {
+        let err = fails_to_start(&["--model", model, "--listen", "udp://127.0.0.1:0"]);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{model}: one line: {err}");
+        assert!(
+            err.contains("does not serve udp://")
+                && err.contains("iterative, prefork, pool, epoll, async"),
+            "{model}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_udp_port_in_use_and_malformed_urls_are_refused() {
+    let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let spec = format!("udp://{}", taken.local_addr().unwrap());
+    let err = fails_to_start(&["--model", "epoll", "--listen", &spec]);
+    assert!(
+        err.contains(&format!("cannot listen on {spec}")) && err.lines().count() == 1,
+        "{err}"
+    );
+    for bad in [
+        "udp://nonsense",
+        "udp://127.0.0.1",
+        "udp://127.0.0.1:70000",
+        "udp://",
+    ] {
+        let err = fails_to_start(&["--listen", bad]);
+        assert!(err.contains("invalid"), "{bad}: {err}");
+    }
+}
