@@ -26,6 +26,8 @@
 //! `echo_mpclient` never checked `fgets()` for end of input (so it, too, re-sent its last
 //! line forever unless it saw `q`), wrote one byte past its buffer when a read filled it, and
 //! left its writer process running after the server closed.
+//!
+//! A `udp://HOST:PORT` target runs the UDP line client instead (`udp`): a datagram per line.
 
 use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -35,6 +37,10 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+
+use crate::listen::{ListenSpec, ListenerKind};
+
+mod udp;
 
 /// The most bytes of one line the line client sends before reading their echo back: well
 /// under what the two ends' socket buffers hold, so neither side blocks writing for good.
@@ -47,7 +53,8 @@ const SENDER_GRACE: Duration = Duration::from_secs(1);
 /// `multiecho client`.
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
-    /// Server address: HOST:PORT, [V6]:PORT or PORT (loopback).
+    /// Server address: HOST:PORT, [V6]:PORT or PORT (loopback), or udp://HOST:PORT to send
+    /// each line as one datagram.
     #[arg(value_name = "ADDR", default_value = crate::net::DEFAULT_LISTEN)]
     pub addr: String,
     /// A port given as a second argument, nc style (`client HOST PORT`): caught only to
@@ -58,7 +65,8 @@ pub struct ClientArgs {
     /// waiting for their echo. At a terminal, a line `q` or `Q` ends the input.
     #[arg(long)]
     pub split: bool,
-    /// Give up connecting after this long, e.g. 5s (default: the system's own timeout).
+    /// Give up connecting after this long, e.g. 5s (default: the system's own timeout). For
+    /// udp://, how long each echo may take before its datagram counts as lost (default 1s).
     #[arg(long, value_name = "DURATION", value_parser = crate::cli::parse_duration)]
     pub timeout: Option<Duration>,
 }
@@ -68,7 +76,19 @@ pub struct ClientArgs {
 /// Errors from stdout are returned as plain `io::Error` (so the caller can treat a broken
 /// pipe as a normal end); errors on the connection are described, never bare.
 pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
-    let addr = args.address()?;
+    let target = args.address()?;
+    let addr = target.addr;
+    match target.kind {
+        ListenerKind::Tcp => {}
+        ListenerKind::Udp => {
+            if args.split {
+                anyhow::bail!("--split is for TCP; a udp:// target gets a datagram per line");
+            }
+            let timeout = args.timeout.unwrap_or(udp::DEFAULT_TIMEOUT);
+            return udp::line_client(addr, timeout, io::stdin().lock(), io::stdout().lock());
+        }
+        kind => anyhow::bail!("the client speaks tcp:// and udp://, not {kind}://"),
+    }
     let stream = connect(addr, args.timeout)?;
     let interactive = io::stdin().is_terminal();
     if interactive {
@@ -94,7 +114,7 @@ pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
 
 impl ClientArgs {
     /// The server's address; `HOST PORT` as two arguments gets a pointer to `HOST:PORT`.
-    pub fn address(&self) -> anyhow::Result<SocketAddr> {
+    pub fn address(&self) -> anyhow::Result<ListenSpec> {
         if let Some(port) = &self.nc_style_port {
             let host = self.addr.trim();
             // An IPv6 address needs brackets before its port.
@@ -108,7 +128,7 @@ impl ClientArgs {
                  `multiecho client {joined}`"
             );
         }
-        crate::cli::parse_addr(&self.addr).map_err(|e| anyhow!(e))
+        crate::listen::parse(&self.addr).map_err(|e| anyhow!(e))
     }
 }
 

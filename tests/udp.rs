@@ -416,3 +416,59 @@ fn a_udp_port_in_use_and_malformed_urls_are_refused() {
         assert!(err.contains("invalid"), "{bad}: {err}");
     }
 }
+
+/// Runs `multiecho client ARGS` with `input` on stdin.
+fn run_client(args: &[&str], input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(BIN)
+        .arg("client")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn multiecho client");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn the_udp_client_prints_each_lines_echo() {
+    let (server, addr) = start("epoll", &[]);
+    let target = format!("udp://{addr}");
+    let out = run_client(&[&target], b"first\n\nthird without newline");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"first\n\nthird without newline");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn the_udp_client_reports_lost_datagrams_and_fails() {
+    // A peer that takes datagrams and never answers: every one is lost.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = format!("udp://{}", silent.local_addr().unwrap());
+    let started = Instant::now();
+    let out = run_client(&["--timeout", "200ms", &target], b"a\nb\n");
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no echo of line 1") && stderr.contains("no echo of line 2"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("2 of 2 datagrams were not echoed"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "waited out each timeout"
+    );
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        silent.recv(&mut buf).unwrap(),
+        2,
+        "the lines went out as datagrams"
+    );
+}
