@@ -285,7 +285,7 @@ fn refill(entry: &mut Entry, now: u64, rate: u32) {
 /// Whether forgetting this entry loses nothing: its buckets would be full by now.
 fn bucket_full(entry: &Entry, now: u64, limits: SourceLimits) -> bool {
     let full = |rate: Option<u32>, tokens: f64, refilled_at: u64| {
-        rate.map_or(true, |rate| {
+        rate.is_none_or(|rate| {
             let elapsed = now.saturating_sub(refilled_at) as f64 / 1e9;
             tokens + elapsed * f64::from(rate) >= f64::from(rate)
         })
