@@ -16,6 +16,7 @@ pub mod merge;
 pub mod outcome;
 pub mod report;
 mod timer;
+pub mod udp;
 pub mod verify;
 
 use std::io::{IsTerminal, Write};
@@ -38,9 +39,10 @@ const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 /// `multiecho bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Server address: HOST:PORT, [V6]:PORT or PORT (loopback).
-    #[arg(value_parser = crate::cli::parse_addr, default_value = crate::net::DEFAULT_LISTEN)]
-    pub addr: SocketAddr,
+    /// Server address: HOST:PORT, [V6]:PORT or PORT (loopback), or udp://HOST:PORT for UDP
+    /// echo (then --conns is the number of flows, each with its own source port).
+    #[arg(value_parser = crate::listen::parse, default_value = crate::net::DEFAULT_LISTEN)]
+    pub target: crate::listen::ListenSpec,
     /// Connections to open.
     #[arg(short, long, value_name = "N", default_value_t = 50,
           value_parser = clap::value_parser!(u64).range(1..1_000_000))]
@@ -82,6 +84,14 @@ pub struct BenchArgs {
     /// reports connections per second and connect latency.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub requests_per_conn: Option<u64>,
+    /// udp://: a datagram whose echo is not back within this long counts as lost.
+    #[arg(long, value_name = "DURATION", default_value = "200ms",
+          value_parser = crate::cli::parse_duration)]
+    pub udp_timeout: Duration,
+    /// udp://: fail (non-zero exit) if more than this percentage of the datagrams were lost.
+    /// Without it loss, duplicates and reordering are reported, not failures.
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    pub max_loss: Option<f64>,
     /// Print one JSON object on stdout instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -107,6 +117,13 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_percent(text: &str) -> Result<f64, String> {
+    match text.trim().trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("invalid percentage '{text}': expected 0 to 100")),
+    }
+}
+
 fn parse_rate(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 1e9 => Ok(rate),
@@ -118,6 +135,12 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 
 /// Runs `multiecho bench`: prints the report, then fails if any byte was wrong or missing.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let addr = args.target.addr;
+    match args.target.kind {
+        crate::listen::ListenerKind::Tcp => {}
+        crate::listen::ListenerKind::Udp => return udp::run(args, addr),
+        kind => bail!("bench speaks tcp:// and udp://, not {kind}://"),
+    }
     let conns = usize::try_from(args.conns).context("--conns is too large")?;
     let size = usize::try_from(args.size).context("--size is too large")?;
     let pipeline = args.pipeline as usize;
@@ -130,10 +153,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     // One blocking connect first, so an unreachable server is one clear error.
-    TcpStream::connect_timeout(&args.addr, PROBE_TIMEOUT)
-        .with_context(|| format!("cannot connect to {}", args.addr))?;
+    TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
+        .with_context(|| format!("cannot connect to {}", addr))?;
 
-    let sources = source_addresses(args.addr, conns);
+    let sources = source_addresses(addr, conns);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut threads = args.threads.map_or(cores, |t| t as usize).min(conns);
     let duration = match (args.duration, args.requests) {
@@ -150,7 +173,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         (false, n) => n,
     };
     let plan = Plan {
-        addr: args.addr,
+        addr,
         messages: Messages::new(seed, size),
         pipeline,
         warmup: args.warmup,
@@ -163,7 +186,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     };
     let shares = split(conns, args.requests, args.rate, threads);
     let config = Config {
-        addr: args.addr.to_string(),
+        addr: addr.to_string(),
         conns,
         size,
         pipeline,
@@ -220,7 +243,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if outcome.opened == 0 {
         bail!(
             "could not open any of {conns} connections to {}: {}",
-            args.addr,
+            addr,
             outcome
                 .first_connect_error
                 .as_deref()
