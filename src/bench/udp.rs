@@ -177,6 +177,12 @@ pub fn run(args: &BenchArgs, addr: SocketAddr) -> anyhow::Result<()> {
     if !args.warmup.is_zero() {
         bail!("--warmup is not supported for udp:// targets yet");
     }
+    if args.interval.is_some() {
+        bail!("--interval is not supported for udp:// targets yet");
+    }
+    if args.churn || args.requests_per_conn.is_some() {
+        bail!("--churn and --requests-per-conn are for TCP: a UDP flow has no connection");
+    }
     let flows = args.conns as usize;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = args.threads.map_or(cores, |t| t as usize).clamp(1, flows);
