@@ -1,0 +1,252 @@
+//! `uring`: io_uring submission and completion rings, one per worker thread.
+//!
+//! # How it works
+//! Each of the `--workers` threads owns one ring and one pool of receive buffers, and runs a
+//! loop of "submit everything queued, wait for at least one completion, handle all
+//! completions". Every socket operation is a ring operation:
+//! - **accept**: one multishot accept per listener and ring (all rings share the listening
+//!   sockets), which keeps posting a completion per new connection. The kernel hands every
+//!   connection to the first armed accept, so a worker serving a few (`BALANCE_SLACK`) more
+//!   connections than the least loaded one hands the new one over (a mailbox plus a wake-up
+//!   descriptor each ring polls);
+//! - **recv**: one multishot recv per connection with *buffer select*: the kernel picks a
+//!   buffer from this worker's registered buffer ring only when data arrives, so an idle
+//!   connection holds no buffer at all, and keeps posting a completion per arrival without a
+//!   new submission. Each recv ends after [`RECV_LIMIT`] bytes and is armed again (Linux
+//!   6.16 caps it; older kernels refuse the cap, and the worker falls back to one recv per
+//!   message that waits for data before trying);
+//! - **send**: the received buffer is sent back; a partial send is resubmitted with exactly the
+//!   bytes not yet sent. The buffer goes back to the kernel only after *all* its bytes were
+//!   sent. Data that arrives while a send is in flight waits in the connection's queue, and
+//!   its recv is cancelled at once; it is armed again only when the queue is empty
+//!   (backpressure: a client that does not read its echo stops being read, holding a couple
+//!   of buffers at most).
+//! - timers (idle sweep, accept back-off, shutdown deadline) are Timeout operations, and a
+//!   PollAdd on the shutdown descriptor tells every ring when SIGINT/SIGTERM arrives.
+//!
+//! Every submission carries a `user_data` token of (operation kind, connection slot,
+//! generation); a completion whose generation does not match its slot is stale and touches
+//! nothing. A recv that finds the pool empty completes with ENOBUFS: the connection waits in
+//! a queue and its recv is posted again once buffers are free (checked after every batch of
+//! completions, as many as there are free buffers). A full submission queue is
+//! submitted and retried (and entries the kernel cannot take yet wait in a backlog); completion
+//! overflow is left to the kernel (FEAT_NODROP) and reaped on the next enter.
+//!
+//! # Costs
+//! Per worker: a ring (about 130 KiB of mapped queues) and a buffer pool of [`BUFFER_SIZE`]
+//! buffers; the workers share [`POOL_BYTES`] of them, resident only once used (the
+//! environment variable [`BUFFERS_ENV`] overrides the number per worker). Per
+//! connection: a socket and a slot of a couple of hundred bytes; no buffer while idle
+//! (measured: 7.4 MiB total RSS with 10,000 idle connections). Submissions are batched: one
+//! `io_uring_enter` per loop turn both submits everything queued and waits, and a send
+//! usually completes inline. Under load a turn handles dozens of round trips (measured: 20 to
+//! 40 per `io_uring_enter` at 50 connections).
+//!
+//! # Limits and connection handling
+//! `--max-conns` is a counter shared by the workers: at the limit a worker cancels its accepts
+//! (clients wait in the listen backlog) and re-arms them when a connection ends anywhere (each
+//! worker watches a wake-up descriptor). Connections a multishot accept delivered just before
+//! its cancellation took effect are parked unserved until there is room. Accept errors follow
+//! [`crate::net::classify_accept_error`]: out of descriptors or memory warns once and re-arms
+//! after [`crate::net::ACCEPT_BACKOFF`]. `--idle-timeout` is a periodic sweep that shuts idle
+//! sockets down, which completes their pending operation so the connection closes. When the
+//! client half-closes, the server finishes echoing what it queued, then shuts its write side
+//! and closes.
+//! A worker with many clients that never read can run out of buffers; its other connections
+//! then wait for a buffer until those clients read or hit the idle timeout.
+//!
+//! # Shutdown
+//! On SIGINT/SIGTERM each ring cancels its accepts, lets live connections finish for
+//! `--shutdown-timeout`, then shuts the remaining sockets down, waits for their operations to
+//! complete, and returns.
+//!
+//! # Kernel features
+//! Linux 6.0 or later: multishot accept and registered buffer rings (both 5.19) and
+//! multishot recv (6.0); the probe checks the opcodes and registers a test buffer ring. Where io_uring is missing or disabled
+//! (ENOSYS, EPERM from seccomp or `kernel.io_uring_disabled`), [`serve`] returns
+//! [`crate::Error::Unsupported`] before serving. On 6.1+ rings use single-issuer and deferred
+//! task running, which saves interrupts and context switches. Every ring is created before
+//! any worker serves, so a failure is reported at start.
+//!
+//! Measured on loopback against the C epoll reference (`--workers 1`, both pinned to one
+//! core, runs interleaved): round trips per second and server CPU per round trip on par
+//! (see BENCHMARKS.md); most of that CPU is the TCP stack, common to both.
+
+//!
+//! # Layout
+//! `setup` (probe, rings, buffer counts), `buffers` (the provided buffer ring), `sqe` (tokens,
+//! entries, submission), `connection` (one connection's echo as a sans-I/O state machine,
+//! tested without a ring) and `worker` (the loop that drives a ring). All of the model's
+//! `unsafe` is in `buffers` and `sqe`.
+
+mod buffers;
+mod connection;
+mod setup;
+mod sqe;
+mod worker;
+
+use std::io;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::server::Server;
+use crate::wake::Wake;
+use setup::Ring;
+use worker::Worker;
+
+pub use setup::probe;
+
+/// The size of one receive buffer.
+pub const BUFFER_SIZE: usize = 16 * 1024;
+
+/// Buffer memory of all workers together (each worker gets a power-of-two share).
+pub const POOL_BYTES: usize = 4 * 1024 * 1024;
+
+/// Overrides the number of buffers per worker (a power of two), for tests that need the pool
+/// to run dry and for tuning.
+pub const BUFFERS_ENV: &str = "MULTIECHO_URING_BUFFERS";
+
+/// Makes every worker use one recv per message, as on kernels without capped multishot recv
+/// (before 6.16), so tests and comparisons can run that path anywhere.
+pub const SINGLE_RECV_ENV: &str = "MULTIECHO_URING_SINGLE_RECV";
+
+/// Submission queue entries per ring; the completion queue has four times as many.
+const RING_ENTRIES: u32 = 1024;
+
+/// A worker that accepts a connection while serving this many more than the least loaded
+/// worker hands it over to that one. Needed because a multishot accept would otherwise take
+/// them all: the kernel wakes the first waiter on the listener, and that one stays armed.
+const BALANCE_SLACK: usize = 4;
+
+/// What one multishot recv may take in total before it ends and is armed again: one buffer's
+/// worth, so a connection whose echo is stuck holds few buffers (it is also cancelled as soon
+/// as a second buffer arrives before the first is sent).
+const RECV_LIMIT: u32 = BUFFER_SIZE as u32;
+
+/// The buffer group id of every worker's (only) buffer ring.
+const BUFFER_GROUP: u16 = 0;
+
+/// Runs the uring model.
+pub fn serve(server: &Server) -> crate::Result<()> {
+    probe()?;
+    let workers = server.config.workers.max(1);
+    let shared = Shared {
+        live: AtomicUsize::new(0),
+        max: server.config.max_conns.max(1),
+        workers: (0..workers)
+            .map(|_| {
+                Ok(Mailbox {
+                    wake: Wake::new()?,
+                    load: AtomicUsize::new(0),
+                    inbox: Mutex::new(Vec::new()),
+                })
+            })
+            .collect::<io::Result<_>>()
+            .map_err(|e| crate::Error::io("cannot create wake-up descriptors", e))?,
+    };
+    let buffers = setup::buffer_count(workers)?;
+    // Every ring and pool is made here, before any worker serves: made later, a worker could
+    // find the descriptors used up by the connections others have accepted meanwhile.
+    let rings = (0..workers)
+        .map(|_| Ring::new(buffers))
+        .collect::<crate::Result<Vec<_>>>()?;
+    std::thread::scope(|scope| {
+        let handles = rings
+            .into_iter()
+            .enumerate()
+            .map(|(id, ring)| {
+                let shared = &shared;
+                std::thread::Builder::new()
+                    .name(format!("uring-{id}"))
+                    .spawn_scoped(scope, move || {
+                        let result = Worker::new(server, shared, id, ring)
+                            .and_then(|mut worker| worker.run());
+                        if result.is_err() {
+                            // Bring the other workers down too: the server has failed.
+                            server.shutdown.trigger();
+                        }
+                        result
+                    })
+                    .map_err(|e| crate::Error::io("cannot start a worker thread", e))
+            })
+            .collect::<Vec<_>>();
+        let mut first_error = None;
+        for handle in handles {
+            let result = match handle {
+                Ok(handle) => handle.join().unwrap_or_else(|_| {
+                    Err(crate::Error::io(
+                        "a worker panicked",
+                        io::Error::other("panic"),
+                    ))
+                }),
+                Err(e) => {
+                    server.shutdown.trigger();
+                    Err(e)
+                }
+            };
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    })
+}
+
+/// mailbox.
+struct Shared {
+    live: AtomicUsize,
+    max: usize,
+    workers: Vec<Mailbox>,
+}
+
+/// How other workers reach one worker: connections handed over to it, its load, and a
+/// wake-up descriptor its ring always polls (written for a hand-over, and when a connection
+/// ends while the server was full).
+struct Mailbox {
+    wake: Wake,
+    load: AtomicUsize,
+    inbox: Mutex<Vec<TcpStream>>,
+}
+
+impl Shared {
+    /// Reserves room for one connection; false at the limit.
+    fn try_admit(&self) -> bool {
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn has_room(&self) -> bool {
+        self.live.load(Ordering::Acquire) < self.max
+    }
+
+    /// Gives back the room of worker `id`'s connection; wakes every worker if the server was
+    /// full, so those that stopped accepting start again.
+    fn release(&self, id: usize) {
+        self.workers[id].load.fetch_sub(1, Ordering::Relaxed);
+        if self.live.fetch_sub(1, Ordering::AcqRel) >= self.max {
+            for worker in &self.workers {
+                worker.wake.wake();
+            }
+        }
+    }
+
+    /// The worker that should serve a connection accepted by worker `id`: itself, unless it
+    /// serves [`BALANCE_SLACK`] more than the least loaded one. Counts the connection there.
+    fn assign(&self, id: usize) -> usize {
+        let load = |w: usize| self.workers[w].load.load(Ordering::Relaxed);
+        let least = (0..self.workers.len())
+            .min_by_key(|&w| load(w))
+            .unwrap_or(id);
+        let target = if load(id) > load(least) + BALANCE_SLACK {
+            least
+        } else {
+            id
+        };
+        self.workers[target].load.fetch_add(1, Ordering::Relaxed);
+        target
+    }
+}

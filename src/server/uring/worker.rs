@@ -1,0 +1,630 @@
+//! A worker: one thread driving one ring. It owns the connection table, the accepts, the
+//! timers and the buffer pool, and carries out what each connection's state machine
+//! ([`super::connection`]) asks for. The lifecycle hooks each have one call site: admission
+//! in [`Worker::start_connection`] (right after accept or hand-over), the close record in
+//! [`Worker::finish`].
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{Shutdown as Direction, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use io_uring::types::Timespec;
+use io_uring::{cqueue, squeue, IoUring};
+
+use super::buffers::BufferPool;
+use super::connection::{Action, Connection, RecvResult, ServerEnd};
+use super::setup::Ring;
+use super::sqe::{self, token, untoken, Kind};
+use super::{Shared, BUFFER_GROUP, RECV_LIMIT, RING_ENTRIES, SINGLE_RECV_ENV};
+use crate::net::{AcceptError, ACCEPT_BACKOFF};
+use crate::server::conn::Admitted;
+use crate::server::Server;
+
+/// A served connection: its socket, who it is for, and its echo's state.
+struct Live {
+    stream: TcpStream,
+    admitted: Admitted,
+    connection: Connection,
+}
+
+#[derive(Default)]
+struct Slot {
+    generation: u32,
+    live: Option<Live>,
+}
+
+struct Listener {
+    fd: RawFd,
+    generation: u32,
+    in_flight: bool,
+    cancel_sent: bool,
+}
+
+pub struct Worker<'a> {
+    // Declared before `pool`, so it is dropped first: the kernel stops using the buffers
+    // before they are freed.
+    ring: IoUring,
+    pool: BufferPool,
+    server: &'a Server,
+    shared: &'a Shared,
+    id: usize,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    active: usize,
+    /// Connections whose recv found no buffer, in order (stale entries are skipped).
+    waiting: VecDeque<(u32, u32)>,
+    /// Accepted while the server was full; served when there is room.
+    parked: VecDeque<TcpStream>,
+    listeners: Vec<Listener>,
+    backing_off: bool,
+    stopping: bool,
+    /// Buffers the kernel gave us (received data) that we have not given back yet.
+    buffers_held: usize,
+    /// Whether recvs are multishot with a byte limit (false once the kernel refused one).
+    multishot: bool,
+    /// How often a recv found the pool empty (reported at debug level when the worker ends).
+    buffer_waits: u64,
+    /// Sends from a connection's own buffer: echoes that stalled, moved out of the pool.
+    own_sends: u64,
+    /// Connections this worker served.
+    served: u64,
+    /// Entries that did not fit in the submission queue yet.
+    backlog: VecDeque<squeue::Entry>,
+    completions: Vec<(u64, i32, u32)>,
+    /// The actions of the connection being moved on (reused to save allocations).
+    actions: Vec<Action>,
+    /// When the current batch of completions was reaped (one clock read per batch).
+    now: Instant,
+    // Timeouts read their timespec when submitted; boxed so the addresses stay put.
+    idle_interval: Option<Box<Timespec>>,
+    backoff: Box<Timespec>,
+    deadline: Box<Timespec>,
+}
+
+impl<'a> Worker<'a> {
+    /// A worker on `ring`; must run on the thread that will drive the ring.
+    pub fn new(
+        server: &'a Server,
+        shared: &'a Shared,
+        id: usize,
+        ring: Ring,
+    ) -> crate::Result<Self> {
+        let Ring {
+            ring,
+            pool,
+            disabled,
+        } = ring;
+        if disabled {
+            // A single-issuer ring belongs to the thread that enables it.
+            ring.submitter()
+                .register_enable_rings()
+                .map_err(|e| crate::Error::io("cannot enable the io_uring", e))?;
+        }
+        let multishot = std::env::var_os(SINGLE_RECV_ENV).is_none();
+        tracing::debug!(
+            worker = id,
+            single_issuer = disabled,
+            buffers = pool.count(),
+            multishot_recv = multishot,
+            "ring ready"
+        );
+        let idle_interval = server.config.idle_timeout.map(|idle| {
+            let interval = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+            Box::new(Timespec::from(interval))
+        });
+        Ok(Worker {
+            ring,
+            pool,
+            server,
+            shared,
+            id,
+            slots: Vec::new(),
+            free: Vec::new(),
+            active: 0,
+            waiting: VecDeque::new(),
+            parked: VecDeque::new(),
+            listeners: server
+                .listeners
+                .iter()
+                .map(|l| Listener {
+                    fd: l.as_raw_fd(),
+                    generation: 0,
+                    in_flight: false,
+                    cancel_sent: false,
+                })
+                .collect(),
+            backing_off: false,
+            stopping: false,
+            buffers_held: 0,
+            multishot,
+            buffer_waits: 0,
+            own_sends: 0,
+            served: 0,
+            backlog: VecDeque::new(),
+            now: Instant::now(),
+            completions: Vec::with_capacity(RING_ENTRIES as usize * 4),
+            actions: Vec::new(),
+            idle_interval,
+            backoff: Box::new(Timespec::from(ACCEPT_BACKOFF)),
+            deadline: Box::new(Timespec::from(server.config.shutdown_timeout)),
+        })
+    }
+
+    pub fn run(&mut self) -> crate::Result<()> {
+        let shutdown_fd = self.server.shutdown.as_fd().as_raw_fd();
+        self.push(sqe::poll_in(shutdown_fd).user_data(token(Kind::ShutdownSignal, 0, 0)));
+        self.arm_wake();
+        self.arm_idle_sweep();
+        loop {
+            self.sync_accepting();
+            if self.stopping && self.active == 0 {
+                break;
+            }
+            self.flush_backlog();
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if is_transient(&e) => {}
+                Err(e) => return Err(crate::Error::io("io_uring enter failed", e)),
+            }
+            self.now = Instant::now();
+            let mut completions = std::mem::take(&mut self.completions);
+            completions.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for &(user_data, result, flags) in &completions {
+                self.complete(user_data, result, flags)?;
+            }
+            completions.clear();
+            self.completions = completions;
+            self.resume_waiting();
+        }
+        // Nothing of ours uses the buffers any more; stop the kernel from using them too.
+        let _ = self.ring.submitter().unregister_buf_ring(BUFFER_GROUP);
+        tracing::debug!(
+            worker = self.id,
+            buffers = self.pool.count(),
+            buffer_waits = self.buffer_waits,
+            own_sends = self.own_sends,
+            served = self.served,
+            "worker stopped"
+        );
+        Ok(())
+    }
+
+    /// Queues a submission: into the submission queue, submitting it when full, or into the
+    /// backlog when the kernel cannot take more right now.
+    fn push(&mut self, entry: squeue::Entry) {
+        if self.backlog.is_empty() && sqe::push(&mut self.ring, &entry) {
+            return;
+        }
+        self.backlog.push_back(entry);
+    }
+
+    fn flush_backlog(&mut self) {
+        while let Some(entry) = self.backlog.pop_front() {
+            if !sqe::push(&mut self.ring, &entry) {
+                self.backlog.push_front(entry);
+                break;
+            }
+        }
+    }
+
+    fn complete(&mut self, user_data: u64, result: i32, flags: u32) -> crate::Result<()> {
+        let (kind, index, generation) = untoken(user_data);
+        let Some(kind) = kind else {
+            // Every submission carries a token made by `sqe::token`; anything else is a bug.
+            debug_assert!(false, "completion with an unknown user_data {user_data:#x}");
+            tracing::warn!(user_data, "completion with an unknown token ignored");
+            return Ok(());
+        };
+        match kind {
+            Kind::Accept => self.accepted(index, generation, result, flags)?,
+            Kind::Recv => self.received(index, generation, result, flags),
+            Kind::Send => self.sent(index, generation, result),
+            Kind::ShutdownSignal => self.begin_shutdown(),
+            Kind::Wake => {
+                self.shared.workers[self.id].wake.drain();
+                self.take_handed_over();
+                self.arm_wake();
+            }
+            Kind::IdleSweep => {
+                self.sweep_idle();
+                self.arm_idle_sweep();
+            }
+            Kind::AcceptBackoff => self.backing_off = false,
+            Kind::Deadline => self.close_all_at_deadline(),
+            // The cancelled operation's own completion carries its outcome.
+            Kind::Cancel => {}
+        }
+        Ok(())
+    }
+
+    // ---- accepting ----
+
+    /// Arms or cancels the accepts as the state requires; serves parked connections when
+    /// there is room.
+    fn sync_accepting(&mut self) {
+        while !self.stopping && !self.parked.is_empty() && self.shared.try_admit() {
+            let stream = self.parked.pop_front().expect("not empty");
+            self.assign(stream);
+        }
+        let full = !self.parked.is_empty() || !self.shared.has_room();
+        let accepting = !self.stopping && !self.backing_off && !full;
+        for index in 0..self.listeners.len() {
+            let listener = &mut self.listeners[index];
+            if accepting && !listener.in_flight {
+                listener.generation = listener.generation.wrapping_add(1);
+                listener.in_flight = true;
+                listener.cancel_sent = false;
+                let entry = sqe::accept_multi(listener.fd).user_data(token(
+                    Kind::Accept,
+                    index as u32,
+                    listener.generation,
+                ));
+                self.push(entry);
+            } else if !accepting && listener.in_flight && !listener.cancel_sent {
+                listener.cancel_sent = true;
+                let target = token(Kind::Accept, index as u32, listener.generation);
+                self.push(sqe::cancel(target));
+            }
+        }
+    }
+
+    fn accepted(
+        &mut self,
+        index: u32,
+        generation: u32,
+        result: i32,
+        flags: u32,
+    ) -> crate::Result<()> {
+        let Some(listener) = self.listeners.get_mut(index as usize) else {
+            return Ok(());
+        };
+        if listener.generation & 0xFF_FFFF == generation && !cqueue::more(flags) {
+            listener.in_flight = false;
+        }
+        if result >= 0 {
+            let stream = sqe::accepted_stream(result);
+            if self.stopping {
+                return Ok(()); // Closed unserved: the server no longer accepts.
+            }
+            if self.parked.is_empty() && self.shared.try_admit() {
+                self.assign(stream);
+            } else {
+                self.parked.push_back(stream);
+            }
+            return Ok(());
+        }
+        if result == -libc::ECANCELED {
+            return Ok(());
+        }
+        let err = io::Error::from_raw_os_error(-result);
+        match self.server.conn.accept_error(&err) {
+            AcceptError::Exhausted => {
+                if !self.backing_off {
+                    self.backing_off = true;
+                    let entry = sqe::timeout(&self.backoff);
+                    self.push(entry.user_data(token(Kind::AcceptBackoff, 0, 0)));
+                }
+            }
+            AcceptError::Retry | AcceptError::WouldBlock => {
+                tracing::debug!("accept failed: {err}; retrying");
+            }
+            // Shutdown stopped the listener.
+            AcceptError::Closed => {}
+            AcceptError::Fatal if self.stopping => {}
+            AcceptError::Fatal => return Err(crate::Error::io("accept failed", err)),
+        }
+        Ok(())
+    }
+
+    /// Serves an admitted connection here, or hands it over to a less loaded worker.
+    fn assign(&mut self, stream: TcpStream) {
+        let target = self.shared.assign(self.id);
+        if target == self.id {
+            self.start_connection(stream);
+            return;
+        }
+        let mailbox = &self.shared.workers[target];
+        mailbox
+            .inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(stream);
+        mailbox.wake.wake();
+    }
+
+    /// Serves the connections other workers handed over.
+    fn take_handed_over(&mut self) {
+        let streams = std::mem::take(
+            &mut *self.shared.workers[self.id]
+                .inbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for stream in streams {
+            if self.stopping {
+                drop(stream);
+                self.shared.release(self.id);
+            } else {
+                self.start_connection(stream);
+            }
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let fd = self.shared.workers[self.id].wake.as_fd().as_raw_fd();
+        self.push(sqe::poll_in(fd).user_data(token(Kind::Wake, 0, 0)));
+    }
+
+    /// Serves a connection counted for this worker: admission by its peer, then its state
+    /// machine starts.
+    fn start_connection(&mut self, stream: TcpStream) {
+        let peer = match stream.peer_addr() {
+            Ok(peer) => peer,
+            Err(e) => {
+                tracing::debug!("connection gone before it was served: {e}");
+                self.shared.release(self.id);
+                return;
+            }
+        };
+        self.server.conn.configure(&stream, peer);
+        let Ok(admitted) = self.server.conn.admit(peer) else {
+            // Refused: closed without an echo.
+            drop(stream);
+            self.shared.release(self.id);
+            return;
+        };
+        self.served += 1;
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                self.slots.push(Slot::default());
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let mut actions = std::mem::take(&mut self.actions);
+        let connection = Connection::start(Instant::now(), &mut actions);
+        self.slots[index as usize].live = Some(Live {
+            stream,
+            admitted,
+            connection,
+        });
+        self.active += 1;
+        self.apply(index, actions);
+    }
+
+    // ---- echoing ----
+
+    /// The live connection in slot `index`, if `generation` is still its own.
+    fn live(&mut self, index: u32, generation: u32) -> Option<&mut Live> {
+        let slot = self.slots.get_mut(index as usize)?;
+        if slot.generation & 0xFF_FFFF != generation {
+            return None;
+        }
+        slot.live.as_mut()
+    }
+
+    fn received(&mut self, index: u32, generation: u32, result: i32, flags: u32) {
+        let bid = cqueue::buffer_select(flags);
+        if bid.is_some() {
+            self.buffers_held += 1;
+        }
+        let recv = RecvResult {
+            result,
+            bid,
+            more: cqueue::more(flags),
+        };
+        let mut actions = std::mem::take(&mut self.actions);
+        let (now, multishot) = (self.now, self.multishot);
+        match self
+            .slots
+            .get_mut(index as usize)
+            .filter(|slot| slot.generation & 0xFF_FFFF == generation)
+            .and_then(|slot| slot.live.as_mut())
+        {
+            Some(live) => live
+                .connection
+                .received(recv, multishot, &self.pool, now, &mut actions),
+            // Cannot happen (a slot is freed only with no operation in flight), but a buffer
+            // must never be lost.
+            None => actions.extend(bid.map(Action::GiveBack)),
+        }
+        self.apply(index, actions);
+    }
+
+    fn sent(&mut self, index: u32, generation: u32, result: i32) {
+        let mut actions = std::mem::take(&mut self.actions);
+        let now = self.now;
+        if let Some(live) = self
+            .slots
+            .get_mut(index as usize)
+            .filter(|slot| slot.generation & 0xFF_FFFF == generation)
+            .and_then(|slot| slot.live.as_mut())
+        {
+            live.connection.sent(result, &self.pool, now, &mut actions);
+        }
+        self.apply(index, actions);
+    }
+
+    /// Carries out connection `index`'s actions, in order.
+    fn apply(&mut self, index: u32, mut actions: Vec<Action>) {
+        let generation = self.slots[index as usize].generation;
+        for action in actions.drain(..) {
+            let fd = match &self.slots[index as usize].live {
+                Some(live) => live.stream.as_raw_fd(),
+                None => -1,
+            };
+            match action {
+                Action::Recv => {
+                    self.push(sqe::recv(fd, self.multishot, RECV_LIMIT).user_data(token(
+                        Kind::Recv,
+                        index,
+                        generation,
+                    )))
+                }
+                Action::CancelRecv => self.push(sqe::cancel(token(Kind::Recv, index, generation))),
+                Action::SendPool { bid, offset, len } => {
+                    let data = self.pool.send_ptr(bid, offset, len);
+                    self.push(sqe::send(fd, data, len, true).user_data(token(
+                        Kind::Send,
+                        index,
+                        generation,
+                    )));
+                }
+                Action::SendOwn => {
+                    let live = self.slots[index as usize].live.as_ref().expect("live slot");
+                    let data = live.connection.own_unsent();
+                    let entry = sqe::send(fd, data.as_ptr(), data.len() as u32, false)
+                        .user_data(token(Kind::Send, index, generation));
+                    self.own_sends += 1;
+                    self.push(entry);
+                }
+                Action::GiveBack(bid) => {
+                    self.pool.give_back(bid);
+                    self.buffers_held -= 1;
+                }
+                Action::WaitForBuffer => {
+                    self.waiting.push_back((index, generation));
+                    self.buffer_waits += 1;
+                }
+                Action::UseSingleRecv => {
+                    if self.multishot {
+                        tracing::debug!(
+                            worker = self.id,
+                            "no capped multishot recv; using single recvs"
+                        );
+                        self.multishot = false;
+                    }
+                }
+                Action::ShutdownSocket => {
+                    if let Some(live) = &self.slots[index as usize].live {
+                        let _ = live.stream.shutdown(Direction::Both);
+                    }
+                }
+                Action::Close { half_close } => self.finish(index, half_close),
+            }
+        }
+        self.actions = actions;
+    }
+
+    /// After a batch of completions: as many connections waiting for a buffer as there are
+    /// free buffers arm their recv again. Done per batch, not per returned buffer, so a
+    /// buffer returned in the same batch as (before) an ENOBUFS completion is not missed.
+    fn resume_waiting(&mut self) {
+        let mut free = usize::from(self.pool.count()) - self.buffers_held;
+        while free > 0 {
+            let Some((index, generation)) = self.waiting.pop_front() else {
+                break;
+            };
+            let mut actions = std::mem::take(&mut self.actions);
+            let took = self
+                .live(index, generation)
+                .is_some_and(|live| live.connection.buffer_available(&mut actions));
+            self.apply(index, actions);
+            if took {
+                free -= 1;
+            }
+        }
+    }
+
+    /// Closes a connection that has nothing in flight, records its end, and frees its slot:
+    /// the one place a connection ends.
+    fn finish(&mut self, index: u32, half_close: bool) {
+        let slot = &mut self.slots[index as usize];
+        let Some(mut live) = slot.live.take() else {
+            return;
+        };
+        debug_assert!(!live.connection.in_flight() && live.connection.pool_held() == 0);
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(index);
+        self.active -= 1;
+        if half_close {
+            // The client half-closed and has had every byte back: close our side too.
+            let _ = live.stream.shutdown(Direction::Write);
+        }
+        let end = live.connection.take_end();
+        drop(live.stream);
+        self.server
+            .conn
+            .close(live.admitted, live.connection.bytes(), &end);
+        self.shared.release(self.id);
+    }
+
+    /// Ends a connection at the server's initiative: shutting the socket down completes its
+    /// pending operations, whose completions then close it.
+    fn end_connection(&mut self, index: u32, why: ServerEnd) {
+        let mut actions = std::mem::take(&mut self.actions);
+        if let Some(live) = self.slots[index as usize].live.as_mut() {
+            live.connection.end(why, &mut actions);
+        }
+        self.apply(index, actions);
+    }
+
+    // ---- timers and shutdown ----
+
+    fn arm_idle_sweep(&mut self) {
+        if let Some(interval) = &self.idle_interval {
+            let entry = sqe::timeout(interval).user_data(token(Kind::IdleSweep, 0, 0));
+            self.push(entry);
+        }
+    }
+
+    fn sweep_idle(&mut self) {
+        let Some(idle) = self.server.config.idle_timeout else {
+            return;
+        };
+        let now = Instant::now();
+        for index in 0..self.slots.len() as u32 {
+            let active_at = self.slots[index as usize]
+                .live
+                .as_ref()
+                .and_then(|live| live.connection.active_at());
+            if let Some(at) = active_at {
+                if now.saturating_duration_since(at) >= idle {
+                    self.end_connection(index, ServerEnd::IdleTimeout);
+                }
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        // Accepted while full, never admitted nor served: close them.
+        self.parked.clear();
+        self.server.conn.log_draining(
+            self.shared.live.load(Ordering::Acquire),
+            self.server.config.shutdown_timeout,
+        );
+        if self.active > 0 {
+            let entry = sqe::timeout(&self.deadline).user_data(token(Kind::Deadline, 0, 0));
+            self.push(entry);
+        }
+    }
+
+    fn close_all_at_deadline(&mut self) {
+        if self.active == 0 {
+            return;
+        }
+        self.server.conn.log_deadline(self.active);
+        for index in 0..self.slots.len() as u32 {
+            self.end_connection(index, ServerEnd::Shutdown);
+        }
+    }
+}
+
+/// Errors of `io_uring_enter` after which reaping completions and trying again is right.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+    )
+}
