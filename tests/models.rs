@@ -482,6 +482,36 @@ fn max_conn_rate_is_temporary(model: &str) {
     server.wait_for_log("the refusal line", |log| log.contains("rate-limit"));
 }
 
+/// Issue 9 item 2, for the event models: clients that fill their connections and never read
+/// must not stop a well-behaved client's echoes (the blocking models stop by design, issue 9
+/// item 6).
+fn never_reading_clients_do_not_starve_others(model: &str) {
+    let Some(mut server) = start_or_skip(model, &["--workers", "1"]) else {
+        return;
+    };
+    common::well_behaved_client_beside_never_reading_ones(server.addr, 40);
+    server.terminate();
+    assert!(server
+        .wait_timeout(common::PATIENCE)
+        .expect("exit")
+        .success());
+}
+
+#[test]
+fn epoll_never_reading_clients_do_not_starve_others() {
+    never_reading_clients_do_not_starve_others("epoll");
+}
+
+#[test]
+fn async_never_reading_clients_do_not_starve_others() {
+    never_reading_clients_do_not_starve_others("async");
+}
+
+#[test]
+fn uring_never_reading_clients_do_not_starve_others() {
+    never_reading_clients_do_not_starve_others("uring");
+}
+
 macro_rules! suite {
     ($($model:ident),* $(,)?) => {$(
         mod $model {

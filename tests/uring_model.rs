@@ -440,6 +440,67 @@ fn clients_that_never_read(envs: &[(&str, &str)]) {
     assert!(server.wait_timeout(PATIENCE).expect("exit").success());
 }
 
+/// Issue 9 item 2 at a small scale: with 8 buffers and 40 clients that fill their
+/// connections and never read, a well-behaved client still gets every echo promptly. Each
+/// stalled echo used to keep a pool buffer inside a send waiting for room, until none was
+/// left for anyone; now it moves into the connection's own buffer (counted as `own_sends`).
+#[test]
+fn never_reading_clients_cannot_starve_a_well_behaved_one() {
+    never_reading_clients_beside_a_good_one(&[]);
+}
+
+/// The same with one recv per message, the path kernels before 6.16 take.
+#[test]
+fn never_reading_clients_cannot_starve_a_well_behaved_one_with_single_recvs() {
+    never_reading_clients_beside_a_good_one(&[(SINGLE_RECV_ENV, "1")]);
+}
+
+fn never_reading_clients_beside_a_good_one(envs: &[(&str, &str)]) {
+    let mut envs = envs.to_vec();
+    envs.push((BUFFERS_ENV, "8"));
+    let Some(mut server) = start_with_env(&["--workers", "1"], &envs) else {
+        return;
+    };
+    common::well_behaved_client_beside_never_reading_ones(server.addr, 40);
+    server.terminate();
+    assert!(server.wait_timeout(PATIENCE).expect("exit").success());
+    let log = strip_ansi(&server.log());
+    let own_sends: u64 = worker_summaries(&log, "own_sends").iter().sum();
+    assert!(
+        own_sends > 0,
+        "the stalled echoes did not move out of the pool, so this tested nothing; log:\n{log}"
+    );
+}
+
+/// An invalid buffer count is refused with one clear line before the server listens.
+#[test]
+fn an_invalid_buffer_count_is_refused_before_listening() {
+    for bad in ["0", "3", "65536", "many"] {
+        let output = std::process::Command::new(common::BIN)
+            .args(["serve", "--model", "uring", "--listen", "127.0.0.1:0"])
+            .env(BUFFERS_ENV, bad)
+            .output()
+            .expect("run the server");
+        let stderr = strip_ansi(&String::from_utf8_lossy(&output.stderr));
+        if common::uring_unavailable(&stderr) {
+            eprintln!("skipped: io_uring is unavailable here; the server said:\n{stderr}");
+            return;
+        }
+        assert!(!output.status.success(), "{BUFFERS_ENV}={bad} was accepted");
+        assert!(
+            !stderr.contains("listening on"),
+            "{BUFFERS_ENV}={bad}: listened before refusing:\n{stderr}"
+        );
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "one error line expected:\n{stderr}");
+        assert!(
+            lines[0].contains(&format!("invalid {BUFFERS_ENV}={bad}")),
+            "the line names the value: {}",
+            lines[0]
+        );
+    }
+}
+
 /// The kernel gives every new connection to the first armed multishot accept, so without
 /// hand-over one ring would serve them all. With two workers, 100 clients connected at once
 /// must be shared between them.

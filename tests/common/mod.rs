@@ -416,3 +416,45 @@ pub fn receives_within(stream: &mut TcpStream, wait: Duration) -> bool {
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
     got
 }
+
+/// Issue 9's starvation case at a small scale: `stalled` clients each push data until their
+/// connection is full both ways and never read their echo; then a well-behaved client must
+/// still get every one of its echoes, each within [`PROMPT`] (behaviour, not speed: an
+/// unloaded server answers in well under a millisecond, a starved one never).
+pub fn well_behaved_client_beside_never_reading_ones(addr: SocketAddr, stalled: usize) {
+    let clients: Vec<TcpStream> = thread::scope(|scope| {
+        let pushers: Vec<_> = (0..stalled)
+            .map(|_| {
+                scope.spawn(move || {
+                    let stream = connect(addr);
+                    push_until_blocked(&stream);
+                    stream
+                })
+            })
+            .collect();
+        pushers
+            .into_iter()
+            .map(|p| p.join().expect("a never-reading client"))
+            .collect()
+    });
+    let mut client = connect(addr);
+    client.set_read_timeout(Some(PROMPT)).unwrap();
+    for round in 0..50u64 {
+        let message = payload_for(round);
+        client.write_all(&message).unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        client.read_exact(&mut echoed).unwrap_or_else(|e| {
+            panic!("round {round}: no echo within {PROMPT:?} beside {stalled} never-reading clients: {e}")
+        });
+        assert_same(&echoed, &message, &format!("round {round}"));
+    }
+    drop(clients);
+}
+
+/// How long a well-behaved client may wait for one small echo beside misbehaving clients.
+pub const PROMPT: Duration = Duration::from_secs(5);
+
+/// A distinct message of a few KiB for round `round`.
+pub fn payload_for(round: u64) -> Vec<u8> {
+    multiecho::payload::bytes(4242 + round, 1000 + (round as usize * 97) % 7000)
+}
