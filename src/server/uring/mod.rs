@@ -15,12 +15,17 @@
 //!   new submission. Each recv ends after [`RECV_LIMIT`] bytes and is armed again (Linux
 //!   6.16 caps it; older kernels refuse the cap, and the worker falls back to one recv per
 //!   message that waits for data before trying);
-//! - **send**: the received buffer is sent back; a partial send is resubmitted with exactly the
-//!   bytes not yet sent. The buffer goes back to the kernel only after *all* its bytes were
-//!   sent. Data that arrives while a send is in flight waits in the connection's queue, and
-//!   its recv is cancelled at once; it is armed again only when the queue is empty
-//!   (backpressure: a client that does not read its echo stops being read, holding a couple
-//!   of buffers at most).
+//! - **send**: the received buffer is sent back with "don't wait", so the send completes at
+//!   once. Whole, the buffer goes back to the kernel. Short (or EAGAIN), the client is not
+//!   reading as fast as it sends: the echo is *stalled*, and what is left of it, and of any
+//!   buffer queued behind it, is copied into the connection's own buffer; the pool buffers go
+//!   back at once, and the rest goes out from there with a send that waits for room, resuming
+//!   at exactly the first unsent byte. Data that arrives while a send is in flight waits
+//!   behind it, and the connection's recv is cancelled at once; it is armed again only when
+//!   everything is out (backpressure: a client that does not read its echo stops being read).
+//!   So a connection holds pool buffers only for echoes that go out at once, and a client
+//!   that never reads holds none, only its own buffer (at most one recv's [`RECV_LIMIT`]
+//!   plus the echo it interrupted), freed when it catches up.
 //! - timers (idle sweep, accept back-off, shutdown deadline) are Timeout operations, and a
 //!   PollAdd on the shutdown descriptor tells every ring when SIGINT/SIGTERM arrives.
 //!
@@ -52,8 +57,8 @@
 //! sockets down, which completes their pending operation so the connection closes. When the
 //! client half-closes, the server finishes echoing what it queued, then shuts its write side
 //! and closes.
-//! A worker with many clients that never read can run out of buffers; its other connections
-//! then wait for a buffer until those clients read or hit the idle timeout.
+//! Clients that never read cannot take the pool from the others: their stalled echoes wait in
+//! their own buffers (see **send** above).
 //!
 //! # Shutdown
 //! On SIGINT/SIGTERM each ring cancels its accepts, lets live connections finish for
