@@ -386,7 +386,8 @@ impl Connection {
         }
         self.send = SendState::Own { sent: 0 };
         out.push(Action::SendOwn);
-        self.cancel_recv(out);
+        // An armed recv stays armed: what it brings is copied and stops it (see `echo`), so
+        // a client that reads slowly costs no cancellation per short send.
     }
 
     fn resend(&mut self, out: &mut Vec<Action>) {
