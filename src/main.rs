@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use multiecho::cli::{Cli, Command};
+use multiecho::cli::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -32,7 +32,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Logs to stderr, synchronously (no logging thread: fork-based models fork after this).
+/// Logs to stderr as text or JSON lines, synchronously (no logging thread: fork-based models fork after this).
 fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
     let level = match (cli.quiet, cli.verbose) {
@@ -43,13 +43,27 @@ fn init_logging(cli: &Cli) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        // Colour only on a terminal: a log file or pipe gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match cli.log_format {
+        LogFormat::Text => builder.with_ansi(colour_stderr()).init(),
+        // One JSON object per line, the event's fields at the top level, for log shippers.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
+}
+
+/// Colour only for a person at a terminal who has not asked for none (<https://no-color.org>):
+/// escape codes in a log file or a pipe are noise.
+fn colour_stderr() -> bool {
+    use std::io::IsTerminal;
+    let no_color = matches!(std::env::var_os("NO_COLOR"), Some(v) if !v.is_empty());
+    std::io::stderr().is_terminal() && !no_color
 }
 
 /// A closed stdout (`multiecho client | head -1`) is a normal way for output to end.

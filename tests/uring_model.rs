@@ -393,7 +393,7 @@ fn a_dry_buffer_pool_delays_receives_but_loses_nothing() {
     }
     server.terminate();
     assert!(server.wait_timeout(PATIENCE).expect("exit").success());
-    let log = strip_ansi(&server.log());
+    let log = server.log();
     let waits: u64 = worker_summaries(&log, "buffer_waits").iter().sum();
     assert!(
         waits > 0,
@@ -518,7 +518,7 @@ fn connections_are_shared_between_the_rings() {
     }
     server.terminate();
     assert!(server.wait_timeout(PATIENCE).expect("exit").success());
-    let log = strip_ansi(&server.log());
+    let log = server.log();
     let served = worker_summaries(&log, "served");
     assert_eq!(
         served.len(),
@@ -571,22 +571,4 @@ fn worker_summaries(log: &str, field: &str) -> Vec<u64> {
                 .ok()
         })
         .collect()
-}
-
-/// The log without terminal colour sequences (ESC [ ... m).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

@@ -505,33 +505,11 @@ fn measure_point(
     }
 }
 
-/// The last non-empty line of `text`, without terminal colours.
+/// The last non-empty line of `text`.
 fn last_line(text: &str) -> Option<String> {
     text.lines()
-        .map(strip_ansi)
         .rfind(|line| !line.trim().is_empty())
         .map(|line| line.trim().to_string())
-}
-
-/// `text` without ANSI escape sequences (log lines may be coloured).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte (0x40..=0x7e).
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if ('\u{40}'..='\u{7e}').contains(&c) {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// "exited with status 1", "was killed by signal 9".

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{describe, strip_ansi, takes_workers, CompareArgs, StopOutcome};
+use super::{describe, takes_workers, CompareArgs, StopOutcome};
 use crate::server::Model;
 
 /// How long a model may take to say where it listens.
@@ -259,7 +259,7 @@ fn drain_log(stderr: impl Read, log: &Mutex<VecDeque<String>>, ready: mpsc::Send
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
-        let line = strip_ansi(String::from_utf8_lossy(&bytes).trim_end());
+        let line = String::from_utf8_lossy(&bytes).trim_end().to_string();
         if let Some(addr) = listening_addr(&line) {
             if let Some(ready) = ready.take() {
                 let _ = ready.send(addr);
@@ -285,11 +285,9 @@ mod tests {
 
     #[test]
     fn reads_the_listening_line() {
-        let line = "\u{1b}[2m2026-01-01T00:00:00Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \
-                    listening on 127.0.0.1:40123 with the thread model";
-        assert!(!strip_ansi(line).contains('\u{1b}'));
+        let line = "2026-01-01T00:00:00Z  INFO listening on 127.0.0.1:40123 with the thread model";
         assert_eq!(
-            listening_addr(&strip_ansi(line)),
+            listening_addr(line),
             Some("127.0.0.1:40123".parse().unwrap())
         );
         assert_eq!(listening_addr("nothing here"), None);
