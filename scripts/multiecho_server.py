@@ -1,9 +1,10 @@
 """Starting `multiecho serve` from the Python scripts in this folder.
 
-`running(model, *args)` starts the release build on a free loopback port, waits for its
-"listening on" line (no sleeping), keeps reading its log so it never blocks writing it, and
-stops it (SIGTERM) when the block ends.
+`running(model, *args)` starts the release build on a free loopback port, waits until it
+announces its listeners on `--ready-fd` (a pipe: no sleeping, no log parsing), keeps reading
+its log so it never blocks writing it, and stops it (SIGTERM) when the block ends.
 """
+import collections
 import contextlib
 import os
 import subprocess
@@ -23,17 +24,24 @@ def require_binary():
 def running(model, *args):
     """Yields (process, host, port) of a running server."""
     env = dict(os.environ, RUST_LOG="info")
-    server = subprocess.Popen([BIN, "serve", "--model", model, "--listen", "127.0.0.1:0", *args],
-                              stderr=subprocess.PIPE, text=True, env=env)
+    ready_read, ready_write = os.pipe()
+    server = subprocess.Popen([BIN, "serve", "--model", model, "--listen", "127.0.0.1:0",
+                               "--ready-fd", str(ready_write), *args],
+                              stderr=subprocess.PIPE, text=True, env=env,
+                              pass_fds=(ready_write,))
+    os.close(ready_write)
     try:
-        addr = None
-        for line in server.stderr:
-            if "listening on " in line:
-                addr = line.split("listening on ", 1)[1].split()[0]
-                break
-        if addr is None:
-            sys.exit(f"{model}: the server did not start")
-        threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+        log = collections.deque(maxlen=20)  # its last lines, for an error message
+        reader = threading.Thread(target=lambda: log.extend(server.stderr), daemon=True)
+        reader.start()
+        # "KIND ADDR" per listener; the server closes the pipe once every listener accepts.
+        with os.fdopen(ready_read) as ready:
+            lines = ready.read().splitlines()
+        if not lines:
+            server.wait(timeout=30)
+            reader.join(timeout=5)
+            sys.exit(f"{model}: the server did not start:\n" + "".join(log))
+        addr = lines[0].split(" ", 1)[1]
         host, port = addr.rsplit(":", 1)
         yield server, host, int(port)
     finally:

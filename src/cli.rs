@@ -95,6 +95,11 @@ pub struct ServeArgs {
     /// Stack size of connection threads (thread model), e.g. 128KiB.
     #[arg(long, value_name = "BYTES", default_value = "128KiB", value_parser = parse_size)]
     pub thread_stack: u64,
+    /// Once every listener accepts, write one line per listener to descriptor N ("tcp
+    /// 127.0.0.1:4000", "tcp+proxy [::1]:4001": kind and bound address), then close it: for
+    /// programs that start multiecho and need the port it got (--listen 127.0.0.1:0).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(3..))]
+    pub ready_fd: Option<i32>,
     #[command(flatten)]
     pub admission: AdmissionArgs,
     #[command(flatten)]

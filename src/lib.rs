@@ -8,6 +8,8 @@
 //! - [`cli`]: the command line (clap derive) and its validation into configurations.
 //! - [`listen`]: listener specs (`HOST:PORT` or `tcp://`, `tcp+proxy://`, `udp://`, `tls://`,
 //!   `tls+proxy://` URLs) and the kind each bound socket carries.
+//! - [`activation`]: sockets passed by a service manager (`LISTEN_FDS`), and readiness
+//!   (`--ready-fd`, `sd_notify`).
 //! - [`net`]: binding listeners (backlog, address reuse), per-connection socket options,
 //!   the open-files limit, and the accept-error classification every model shares.
 //! - [`shutdown`]: the one shutdown signal (SIGINT/SIGTERM or a programmatic trigger) that
@@ -30,6 +32,7 @@
 #[cfg(not(target_os = "linux"))]
 compile_error!("multiecho runs on Linux only (epoll, io_uring, prctl and /proc are assumed)");
 
+pub mod activation;
 pub mod bench;
 pub mod check;
 pub mod cli;

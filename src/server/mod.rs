@@ -27,6 +27,7 @@ use std::net::{TcpListener, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::activation::Readiness;
 use crate::listen::{ListenSpec, ListenerKind};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -239,7 +240,21 @@ impl Server {
 /// Binds `listen`, installs the SIGINT/SIGTERM handlers, logs where it listens and runs
 /// `model` until shutdown. Starts no thread before the model runs (fork-based models need a
 /// single-threaded parent).
-pub fn run(model: Model, listen: &[ListenSpec], mut config: ServerConfig) -> crate::Result<()> {
+pub fn run(model: Model, listen: &[ListenSpec], config: ServerConfig) -> crate::Result<()> {
+    run_with(model, listen, config, Readiness::default())
+}
+
+/// [`run`] that serves on the sockets a service manager passed (`LISTEN_FDS`) instead of
+/// binding `listen` when there are any, and tells `readiness` once every listener accepts.
+pub fn run_with(
+    model: Model,
+    listen: &[ListenSpec],
+    mut config: ServerConfig,
+    mut readiness: Readiness,
+) -> crate::Result<()> {
+    let passed = crate::activation::passed_listeners()?;
+    // Passed sockets replace every --listen.
+    let listen = if passed.is_some() { &[][..] } else { listen };
     if let Some(spec) = listen.iter().find(|spec| {
         !matches!(
             spec.kind,
@@ -267,7 +282,11 @@ pub fn run(model: Model, listen: &[ListenSpec], mut config: ServerConfig) -> cra
         config.admission.udp = None;
     }
     let listen = &tcp_specs[..];
-    if model == Model::Uring && listen.iter().any(|spec| spec.kind.expects_proxy_header()) {
+    let expects_proxy = match &passed {
+        Some(passed) => passed.iter().any(|(_, kind)| kind.expects_proxy_header()),
+        None => listen.iter().any(|spec| spec.kind.expects_proxy_header()),
+    };
+    if model == Model::Uring && expects_proxy {
         return Err(crate::Error::Unsupported(
             "the uring model does not serve tcp+proxy:// listeners yet; every other model does"
                 .into(),
@@ -281,23 +300,35 @@ pub fn run(model: Model, listen: &[ListenSpec], mut config: ServerConfig) -> cra
         Ok(limit) => tracing::debug!(limit, "open files limit"),
         Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
     }
-    let listeners = listen
-        .iter()
-        .map(|spec| crate::net::bind(spec.addr, config.backlog))
-        .collect::<crate::Result<Vec<_>>>()?;
+    let (listeners, kinds): (Vec<TcpListener>, Vec<ListenerKind>) = match passed {
+        Some(passed) => passed.into_iter().unzip(),
+        None => (
+            listen
+                .iter()
+                .map(|spec| crate::net::bind(spec.addr, config.backlog))
+                .collect::<crate::Result<Vec<_>>>()?,
+            listen.iter().map(|spec| spec.kind).collect(),
+        ),
+    };
     let shutdown = Shutdown::on_signals()
         .map_err(|e| crate::Error::io("cannot install signal handlers", e))?;
+    readiness
+        .notify_stopping_on_signals()
+        .map_err(|e| crate::Error::io("cannot install signal handlers", e))?;
+    // Whatever their origin, the listeners stop listening the moment shutdown starts.
     shutdown
         .stop_listening_on_trigger(&listeners)
         .map_err(|e| crate::Error::io("cannot prepare the listeners for shutdown", e))?;
-    for (listener, spec) in listeners.iter().zip(listen) {
+    let mut bound = Vec::with_capacity(listeners.len() + udp_specs.len());
+    for (listener, &kind) in listeners.iter().zip(&kinds) {
         let addr = listener
             .local_addr()
             .map_err(|e| crate::Error::io("cannot read the bound address", e))?;
-        match spec.kind {
+        match kind {
             ListenerKind::Tcp => tracing::info!("listening on {addr} with the {model} model"),
             kind => tracing::info!("listening on {addr} ({kind}://) with the {model} model"),
         }
+        bound.push((kind, addr));
     }
     let udp = udp_specs
         .iter()
@@ -308,9 +339,13 @@ pub fn run(model: Model, listen: &[ListenSpec], mut config: ServerConfig) -> cra
             .local_addr()
             .map_err(|e| crate::Error::io("cannot read the bound address", e))?;
         tracing::info!("listening on {addr} (udp://) with the {model} model");
+        bound.push((ListenerKind::Udp, addr));
     }
-    let kinds = listen.iter().map(|spec| spec.kind).collect();
     let server = Server::with_kinds(listeners, kinds, config, shutdown)?.with_udp(udp);
+    // Listening sockets complete handshakes (and UDP sockets queue datagrams) from now on,
+    // before the model first accepts.
+    readiness.announce(&bound);
+    drop(readiness);
     model.serve(&server)?;
     if server.udp.is_empty() {
         tracing::info!(

@@ -1,5 +1,6 @@
 //! Shared test helpers: start the built `multiecho` binary as a subprocess on a free loopback
-//! port, wait for it to say where it listens (no sleeping), and talk to it.
+//! port, wait for it to announce where it listens on `--ready-fd` (no sleeping, no log
+//! parsing), and talk to it.
 #![allow(dead_code)]
 
 pub mod haproxy;
@@ -19,13 +20,17 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 /// A `multiecho serve` subprocess. Killed on drop.
 pub struct Server {
     child: Child,
+    /// The first listener's address.
     pub addr: SocketAddr,
+    /// Every listener, as the server announced it on `--ready-fd`: kind (`tcp`, `tcp+proxy`)
+    /// and address.
+    pub listeners: Vec<(String, SocketAddr)>,
     log: Arc<Mutex<String>>,
 }
 
 impl Server {
     /// Starts `multiecho serve --model MODEL --listen 127.0.0.1:0 EXTRA...` and waits until it
-    /// logs its address. Returns `None` when the server refused to start (its log says why).
+    /// announces its listeners on `--ready-fd` (a pipe). Returns `None` when the server refused to start (its log says why).
     pub fn try_start(model: &str, extra: &[&str]) -> Result<Server, String> {
         Server::try_start_limited(model, extra, None)
     }
@@ -53,6 +58,7 @@ impl Server {
         command
             .args(["serve", "--model", model, "--listen", "127.0.0.1:0"])
             .args(extra)
+            .args(["--ready-fd", &READY_FD.to_string()])
             .env("RUST_LOG", "info")
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
@@ -73,39 +79,36 @@ impl Server {
                 });
             }
         }
+        let ready = ReadyPipe::new();
+        ready.pass_to(&mut command);
         let mut child = command.spawn().expect("spawn multiecho serve");
+        // Only the child holds the write end now, so its exit ends the pipe too.
+        let ready = ready.into_reader();
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        {
+        let log_reader = {
             let log = Arc::clone(&log);
             thread::spawn(move || {
-                let mut tx = Some(tx);
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
-                    if let Some(rest) = line.split("listening on ").nth(1) {
-                        if let Some(tx) = tx.take() {
-                            let addr = rest.split_whitespace().next().unwrap_or("").to_string();
-                            let _ = tx.send(addr);
-                        }
-                    }
                     let mut log = log.lock().unwrap();
                     log.push_str(&line);
                     log.push('\n');
                 }
-            });
-        }
-        match rx.recv_timeout(PATIENCE) {
-            Ok(addr) => Ok(Server {
+            })
+        };
+        match read_ready_lines(ready) {
+            Some(listeners) => Ok(Server {
                 child,
-                addr: addr.parse().expect("listen address in log"),
+                addr: listeners[0].1,
+                listeners,
                 log,
             }),
-            Err(_) => {
+            None => {
                 let _ = child.kill();
                 let _ = child.wait();
-                // Give the reader thread a moment to collect the last lines.
-                thread::sleep(Duration::from_millis(100));
+                // It exited, so its stderr ends and the reader thread has every line.
+                let _ = log_reader.join();
                 let log = log.lock().unwrap().clone();
                 Err(log)
             }
@@ -172,6 +175,76 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The descriptor number the server's `--ready-fd` pipe gets in the child.
+pub const READY_FD: i32 = 3;
+
+/// A pipe for a child's `--ready-fd`: both ends close-on-exec in this (multi-threaded) test
+/// process, so no other child inherits them; the write end becomes [`READY_FD`] in the child.
+pub struct ReadyPipe {
+    read: std::os::fd::OwnedFd,
+    write: std::os::fd::OwnedFd,
+}
+
+impl ReadyPipe {
+    pub fn new() -> ReadyPipe {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2");
+        ReadyPipe { read, write }
+    }
+
+    /// Makes `command`'s child get the write end as [`READY_FD`].
+    pub fn pass_to(&self, command: &mut Command) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let write = self.write.as_raw_fd();
+        // SAFETY: dup2 and fcntl are async-signal-safe and touch no memory of the parent.
+        unsafe {
+            command.pre_exec(move || {
+                // dup2 onto another number clears close-on-exec; onto itself it does not.
+                let rc = if write == READY_FD {
+                    libc::fcntl(write, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(write, READY_FD)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// Closes this process's write end (call after spawning) and returns the read end.
+    pub fn into_reader(self) -> std::fs::File {
+        drop(self.write);
+        std::fs::File::from(self.read)
+    }
+}
+
+/// Reads `KIND ADDR` lines from a `--ready-fd` pipe until the server closes it, within
+/// [`PATIENCE`]; `None` if it closed with no line (the server failed to start) or took too long.
+pub fn read_ready_lines(ready: std::fs::File) -> Option<Vec<(String, SocketAddr)>> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut text = String::new();
+        let _ = BufReader::new(ready).read_to_string(&mut text);
+        let _ = tx.send(text);
+    });
+    let text = rx.recv_timeout(PATIENCE).ok()?;
+    let listeners: Vec<(String, SocketAddr)> = text
+        .lines()
+        .map(|line| {
+            let (kind, addr) = line
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("bad --ready-fd line {line:?}"));
+            let addr = addr
+                .parse()
+                .unwrap_or_else(|e| panic!("bad address in --ready-fd line {line:?}: {e}"));
+            (kind.to_string(), addr)
+        })
+        .collect();
+    (!listeners.is_empty()).then_some(listeners)
 }
 
 pub fn signal(pid: u32, sig: i32) {

@@ -1,0 +1,193 @@
+//! Starting the way services start: listening sockets passed by a service manager (the
+//! `sd_listen_fds` protocol: `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`), and telling whoever
+//! started the server that it is ready: `--ready-fd N` (one line per listener, then the
+//! descriptor is closed) and `sd_notify` (`READY=1` once listening, `STOPPING=1` when shutdown
+//! starts, when `NOTIFY_SOCKET` is set).
+//!
+//! The `sd-notify` crate reads the `LISTEN_*` variables (and marks the descriptors
+//! close-on-exec); this module checks each descriptor is a listening IP stream socket and maps
+//! its name to a [`ListenerKind`]. Notifications go through std's `UnixDatagram`, connected once
+//! at start, because `STOPPING=1` is sent from the SIGINT/SIGTERM handler, where the crate's
+//! `notify` (which allocates and connects on every call) cannot run.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+
+use socket2::{Domain, SockRef, Type};
+
+use crate::listen::ListenerKind;
+use crate::Error;
+
+/// The listeners a service manager passed to this process, with their kinds; `None` when none
+/// were passed to *this* process (a `LISTEN_PID` naming another one is ignored, with a
+/// warning), so the caller binds `--listen` instead.
+pub fn passed_listeners() -> crate::Result<Option<Vec<(TcpListener, ListenerKind)>>> {
+    let Some(pid) = std::env::var_os("LISTEN_PID") else {
+        return Ok(None);
+    };
+    let ours = std::process::id();
+    if pid.to_str().and_then(|p| p.trim().parse::<u32>().ok()) != Some(ours) {
+        tracing::warn!(
+            "ignoring LISTEN_FDS: LISTEN_PID={} is not this process ({ours}); using --listen",
+            pid.to_string_lossy()
+        );
+        return Ok(None);
+    }
+    let fds = sd_notify::listen_fds_with_names(true)
+        .map_err(|e| Error::io("cannot take the sockets passed in LISTEN_FDS", e))?;
+    let passed = fds
+        .map(|(fd, name)| adopt(fd, &name))
+        .collect::<crate::Result<Vec<_>>>()?;
+    Ok((!passed.is_empty()).then_some(passed))
+}
+
+/// Takes passed descriptor `fd`, checked to be a listening TCP socket; `name` (systemd's
+/// `FileDescriptorName=`) selects its kind: `proxy` is tcp+proxy, anything else plain TCP.
+fn adopt(fd: RawFd, name: &str) -> crate::Result<(TcpListener, ListenerKind)> {
+    let what = format!("LISTEN_FDS descriptor {fd} (name '{name}')");
+    let stat = nix::sys::stat::fstat(fd)
+        .map_err(|e| Error::io(format!("cannot inspect {what}"), e.into()))?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(Error::Unsupported(format!("{what} is not a socket")));
+    }
+    // SAFETY: the service manager passed this descriptor to this process for it to own; it is
+    // open (fstat succeeded), and sd-notify unset LISTEN_FDS, so nothing else takes it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let socket = SockRef::from(&owned);
+    let inspect = |e| Error::io(format!("cannot inspect {what}"), e);
+    let socket_type = socket.r#type().map_err(inspect)?;
+    if socket_type == Type::DGRAM {
+        return Err(Error::Unsupported(format!(
+            "{what} is a datagram socket: udp:// listeners are not available yet"
+        )));
+    }
+    let domain = socket.domain().map_err(inspect)?;
+    if socket_type != Type::STREAM || !(domain == Domain::IPV4 || domain == Domain::IPV6) {
+        return Err(Error::Unsupported(format!(
+            "{what} is not a TCP socket (multiecho serves TCP over IPv4 and IPv6)"
+        )));
+    }
+    if !socket.is_listener().map_err(inspect)? {
+        return Err(Error::Unsupported(format!(
+            "{what} is a connection, not a listening socket: for Accept=yes sockets run \
+             `multiecho serve --inetd`"
+        )));
+    }
+    let kind = match name {
+        "proxy" => ListenerKind::TcpProxy,
+        "tls" | "tls+proxy" => {
+            return Err(Error::Unsupported(format!(
+                "{what}: {name}:// listeners are not available yet (tcp and proxy are)"
+            )))
+        }
+        _ => ListenerKind::Tcp,
+    };
+    // The models expect blocking listeners and switch them themselves if they want.
+    socket.set_nonblocking(false).map_err(inspect)?;
+    Ok((TcpListener::from(owned), kind))
+}
+
+/// Who to tell that the server is ready: the `--ready-fd` descriptor and the service manager's
+/// `NOTIFY_SOCKET`, either or both or neither.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    ready_fd: Option<File>,
+    notify: Option<UnixDatagram>,
+}
+
+impl Readiness {
+    /// Takes descriptor `ready_fd` (checked to be open) and connects to `NOTIFY_SOCKET` if set.
+    /// Call early, before anything else opens descriptors.
+    pub fn new(ready_fd: Option<RawFd>) -> crate::Result<Self> {
+        let ready_fd = ready_fd.map(take_ready_fd).transpose()?;
+        let notify =
+            match std::env::var_os("NOTIFY_SOCKET") {
+                Some(path) => Some(connect_notify_socket(&path).map_err(|e| {
+                    Error::io(format!("cannot connect to NOTIFY_SOCKET={path:?}"), e)
+                })?),
+                None => None,
+            };
+        Ok(Readiness { ready_fd, notify })
+    }
+
+    /// Makes SIGINT and SIGTERM send `STOPPING=1` to the service manager (if there is one),
+    /// from this process only (not from forked children, which inherit the handler).
+    pub fn notify_stopping_on_signals(&self) -> io::Result<()> {
+        let Some(socket) = &self.notify else {
+            return Ok(());
+        };
+        // The handler needs the socket for the rest of the process's life.
+        let fd = OwnedFd::from(socket.try_clone()?);
+        let fd: &'static OwnedFd = Box::leak(Box::new(fd));
+        let main_pid = std::process::id() as libc::pid_t;
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            // SAFETY: the action calls only getpid(2) and send(2), both async-signal-safe, on a
+            // descriptor that is never closed; it allocates nothing.
+            unsafe {
+                signal_hook::low_level::register(signal, move || {
+                    if libc::getpid() == main_pid {
+                        let message = b"STOPPING=1\n";
+                        libc::send(
+                            fd.as_raw_fd(),
+                            message.as_ptr().cast(),
+                            message.len(),
+                            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                        );
+                    }
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every listener accepts now: writes one `KIND ADDR` line per listener to the ready
+    /// descriptor and closes it, and sends `READY=1`. A reader that went away is only a
+    /// warning: the server serves anyway.
+    pub fn announce(&mut self, listeners: &[(ListenerKind, SocketAddr)]) {
+        if let Some(mut file) = self.ready_fd.take() {
+            let lines: String = listeners
+                .iter()
+                .map(|(kind, addr)| format!("{kind} {addr}\n"))
+                .collect();
+            if let Err(e) = file.write_all(lines.as_bytes()) {
+                tracing::warn!("cannot write to --ready-fd: {e}");
+            }
+        }
+        if let Some(socket) = &self.notify {
+            if let Err(e) = socket.send(b"READY=1\n") {
+                tracing::warn!("cannot notify the service manager (READY=1): {e}");
+            }
+        }
+    }
+}
+
+/// `--ready-fd N`: the descriptor, which must be open; it is closed on exec from now on.
+fn take_ready_fd(fd: RawFd) -> crate::Result<File> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|e| {
+        Error::io(
+            format!("--ready-fd {fd}: descriptor {fd} is not open"),
+            e.into(),
+        )
+    })?;
+    // SAFETY: the descriptor is open (fcntl succeeded) and was handed to this process for it to
+    // own by the flag; nothing else in the process refers to it.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// A datagram socket connected to `NOTIFY_SOCKET`: a path, or `@name` for an abstract socket.
+fn connect_notify_socket(path: &std::ffi::OsStr) -> io::Result<UnixDatagram> {
+    use std::os::unix::ffi::OsStrExt;
+    let socket = UnixDatagram::unbound()?;
+    match path.as_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            socket.connect_addr(&std::os::unix::net::SocketAddr::from_abstract_name(name)?)?
+        }
+        None => socket.connect(path)?,
+    }
+    Ok(socket)
+}
