@@ -100,6 +100,11 @@ pub struct ServeArgs {
     /// programs that start multiecho and need the port it got (--listen 127.0.0.1:0).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(3..))]
     pub ready_fd: Option<i32>,
+    /// Serve exactly one connection, already accepted, on standard input, then exit: for
+    /// inetd, xinetd (nowait) and systemd Accept=yes sockets. Logs go to stderr. --model and
+    /// --listen do not apply.
+    #[arg(long, conflicts_with = "ready_fd")]
+    pub inetd: bool,
     #[command(flatten)]
     pub admission: AdmissionArgs,
     #[command(flatten)]

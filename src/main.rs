@@ -22,6 +22,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(args) if args.inetd => multiecho::server::inetd::serve(&args.config())
+            .context("serving the --inetd connection failed"),
         Command::Serve(args) => {
             let readiness = multiecho::activation::Readiness::new(args.ready_fd)?;
             multiecho::server::run_with(args.model, &args.listen, args.config(), readiness)

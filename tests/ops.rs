@@ -4,7 +4,11 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -59,4 +63,392 @@ fn unknown_log_format_is_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid value 'xml'"), "{err}");
+}
+
+/// A port that was free a moment ago, for tools that cannot bind port 0 themselves
+/// (systemd-socket-activate).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Connects to `addr`, retrying while nothing listens there yet (a tool still starting),
+/// up to [`PATIENCE`].
+fn connect_when_listening(addr: SocketAddr) -> TcpStream {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(stream) => {
+                stream.set_read_timeout(Some(PATIENCE)).unwrap();
+                stream.set_write_timeout(Some(PATIENCE)).unwrap();
+                return stream;
+            }
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(
+                    e.kind(),
+                    ErrorKind::ConnectionRefused,
+                    "connect {addr}: {e}"
+                );
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("nothing listens on {addr}: {e}"),
+        }
+    }
+}
+
+const SOCKET_ACTIVATE: &str = "systemd-socket-activate";
+
+/// `systemd-socket-activate ARGS... multiecho serve SERVE_ARGS...`, its output captured.
+fn socket_activate(args: &[&str], serve_args: &[&str]) -> Child {
+    Command::new(SOCKET_ACTIVATE)
+        .args(args)
+        .arg(BIN)
+        .arg("serve")
+        .args(serve_args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {SOCKET_ACTIVATE} (Debian's systemd): {e}"))
+}
+
+/// Stops a socket-activated server (SIGTERM reaches multiecho: systemd-socket-activate execs
+/// it) and returns its stderr.
+fn stop_activated(mut child: Child) -> String {
+    signal(child.id(), libc::SIGTERM);
+    let out = wait_with_timeout(&mut child);
+    assert!(
+        out.0.success(),
+        "exit status {:?}; stderr:\n{}",
+        out.0,
+        out.1
+    );
+    out.1
+}
+
+/// Waits up to [`PATIENCE`] for `child` to exit; its status and stderr.
+fn wait_with_timeout(child: &mut Child) -> (ExitStatus, String) {
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("the process did not exit in time");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = stderr.read_to_string(&mut err);
+    }
+    (status, err)
+}
+
+/// Every model serves on the TCP socket systemd-socket-activate passes it (LISTEN_FDS), not on
+/// --listen: byte-exact echoes with half-close from several clients.
+#[test]
+fn every_model_serves_a_socket_passed_by_systemd_socket_activate() {
+    for model in MODELS {
+        if model == "uring" && start_or_skip("uring", &[]).is_none() {
+            skip_or_fail("io_uring is not available here");
+            continue;
+        }
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // --listen names a port it must not bind: the passed socket wins.
+        let child = socket_activate(
+            &["-l", &addr.to_string()],
+            &["--model", model, "--listen", "127.0.0.1:1"],
+        );
+        // systemd-socket-activate starts multiecho on the first connection.
+        let first = connect_when_listening(addr);
+        let payload = multiecho::payload::bytes(7, 200_000);
+        let echoed = round_trip(first, &payload);
+        assert_same(&echoed, &payload, &format!("{model}: first client"));
+        for i in 0..3u8 {
+            let data = vec![b'a' + i; 10_000 + usize::from(i)];
+            let echoed = round_trip(connect(addr), &data);
+            assert_same(&echoed, &data, &format!("{model}: client {i}"));
+        }
+        let log = stop_activated(child);
+        assert!(log.contains("connection closed"), "{model}: log:\n{log}");
+    }
+}
+
+/// An expected skip: loud, and a failure under CI.
+fn skip_or_fail(why: &str) {
+    assert!(std::env::var_os("CI").is_none(), "CI must not skip: {why}");
+    eprintln!("SKIPPED: {why}");
+}
+
+const MODELS: [&str; 8] = [
+    "iterative",
+    "process",
+    "prefork",
+    "thread",
+    "pool",
+    "epoll",
+    "async",
+    "uring",
+];
+
+/// LISTEN_FDNAMES `proxy` (systemd's FileDescriptorName=proxy) makes the passed socket a
+/// tcp+proxy listener: a PROXY v1 header is required and consumed, the rest echoed.
+#[test]
+fn a_passed_socket_named_proxy_expects_proxy_headers() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let child = socket_activate(
+        &["-l", &addr.to_string(), "--fdname=proxy"],
+        &["--model", "thread"],
+    );
+    let mut stream = connect_when_listening(addr);
+    stream
+        .write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 80\r\nhello\n")
+        .unwrap();
+    expect_echo(&mut stream, b"hello\n", "after the PROXY header");
+    drop(stream);
+    let log = stop_activated(child);
+    assert!(
+        log.contains("192.0.2.7"),
+        "the header's client is the peer; log:\n{log}"
+    );
+}
+
+/// `--inetd` under `systemd-socket-activate --inetd -a` (Accept=yes: one process per
+/// connection, the connection on stdin/stdout): byte-exact echoes with half-close, and each
+/// process logs its one connection to stderr.
+#[test]
+fn inetd_mode_serves_one_connection_per_process() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let child = socket_activate(&["-l", &addr.to_string(), "-a", "--inetd"], &["--inetd"]);
+    let payload = multiecho::payload::bytes(3, 300_000);
+    let echoed = round_trip(connect_when_listening(addr), &payload);
+    assert_same(&echoed, &payload, "first connection");
+    let clients: Vec<_> = (0..3u8)
+        .map(|i| {
+            thread::spawn(move || {
+                let data = vec![b'0' + i; 5_000];
+                let echoed = round_trip(connect(addr), &data);
+                assert_same(&echoed, &data, "concurrent inetd client");
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    // In accept mode systemd-socket-activate does not exec multiecho: SIGTERM just ends it.
+    // SIGTERM ends its children too, so first wait for each to finish its connection.
+    let deadline = Instant::now() + PATIENCE;
+    while !live_children(child.id()).is_empty() {
+        assert!(Instant::now() < deadline, "inetd children did not exit");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut child = child;
+    signal(child.id(), libc::SIGTERM);
+    let (_, log) = wait_with_timeout(&mut child);
+    assert_eq!(log.matches("connection closed").count(), 4, "log:\n{log}");
+    assert!(log.contains("bytes=300000"), "log:\n{log}");
+}
+
+/// `--inetd` with a terminal on stdin is one clear error, not a hang or an echo.
+#[test]
+fn inetd_mode_refuses_a_terminal() {
+    // SAFETY: plain libc calls on a descriptor this test owns; ptsname's buffer is copied at
+    // once (this is the only test that calls it).
+    let (master, slave) = unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(master >= 0, "posix_openpt");
+        assert_eq!(libc::grantpt(master), 0);
+        assert_eq!(libc::unlockpt(master), 0);
+        let name = std::ffi::CStr::from_ptr(libc::ptsname(master)).to_owned();
+        (master, name)
+    };
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(slave.to_str().unwrap())
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--inetd"])
+        .stdin(tty)
+        .output()
+        .unwrap();
+    // SAFETY: the master descriptor is ours and closed once.
+    unsafe { libc::close(master) };
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("standard input, which is a terminal"), "{err}");
+}
+
+/// `LISTEN_PID` naming another process: the variables are not for us, a warning says so, and
+/// --listen is bound instead.
+#[test]
+fn listen_pid_of_another_process_is_ignored_with_a_warning() {
+    let server = Server::try_start_with(
+        "epoll",
+        &[],
+        None,
+        &[("LISTEN_PID", "1"), ("LISTEN_FDS", "1")],
+    )
+    .unwrap_or_else(|log| panic!("did not start: {log}"));
+    let echoed = round_trip(connect(server.addr), b"own socket\n");
+    assert_same(&echoed, b"own socket\n", "echo on --listen");
+    let log = server.log();
+    assert!(
+        log.contains("WARN") && log.contains("LISTEN_PID=1 is not this process"),
+        "log:\n{log}"
+    );
+}
+
+/// LISTEN_FDS naming a descriptor that is not a socket (a file): one clear error, exit 1.
+#[test]
+fn listen_fds_naming_a_file_is_one_clear_error() {
+    // The shell's own pid is the one multiecho gets after exec, as with a service manager.
+    let script = format!("LISTEN_PID=$$ LISTEN_FDS=1 exec {BIN} serve 3<{BIN}");
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("LISTEN_FDS descriptor 3") && err.contains("is not a socket"),
+        "{err}"
+    );
+}
+
+/// A passed datagram socket is refused with one clear line (UDP does not exist yet), as is a
+/// socket named `tls`.
+#[test]
+fn passed_sockets_of_kinds_not_available_yet_are_refused() {
+    for (args, want) in [
+        (
+            vec!["-d"],
+            "is a datagram socket: udp:// listeners are not available yet",
+        ),
+        (
+            vec!["--fdname=tls"],
+            "tls:// listeners are not available yet",
+        ),
+    ] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut sa_args = vec!["-l", addr.as_str()];
+        sa_args.extend(args);
+        let mut child = socket_activate(&sa_args, &["--model", "epoll"]);
+        // It starts multiecho on the first datagram or connection.
+        if want.contains("datagram") {
+            // A datagram sent before it listens is lost, so send until multiecho has exited.
+            let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let deadline = Instant::now() + PATIENCE;
+            while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                let _ = udp.send_to(b"x", &addr);
+                thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            let _ = connect_when_listening(addr.parse().unwrap());
+        }
+        let (status, err) = wait_with_timeout(&mut child);
+        assert_eq!(status.code(), Some(1), "{err}");
+        let ours: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with("multiecho:"))
+            .collect();
+        assert_eq!(ours.len(), 1, "{err}");
+        assert!(ours[0].contains(want), "{err}");
+    }
+}
+
+/// `--ready-fd` gets one `KIND ADDR` line per listener, with the ports the kernel chose, and
+/// each of them accepts as soon as the line is read.
+#[test]
+fn ready_fd_names_every_listener() {
+    let server = Server::start(
+        "async",
+        &["--listen", "tcp+proxy://127.0.0.1:0", "--listen", "[::1]:0"],
+    );
+    let kinds: Vec<&str> = server.listeners.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["tcp", "tcp+proxy", "tcp"]);
+    assert!(server.listeners.iter().all(|(_, a)| a.port() != 0));
+    assert!(server.listeners[2].1.is_ipv6());
+    for (kind, addr) in &server.listeners {
+        let mut stream = connect(*addr);
+        if kind == "tcp+proxy" {
+            stream.write_all(b"PROXY UNKNOWN\r\n").unwrap();
+        }
+        stream.write_all(b"ready\n").unwrap();
+        expect_echo(&mut stream, b"ready\n", kind);
+    }
+}
+
+/// `--ready-fd` naming a descriptor that is not open is one clear error.
+#[test]
+fn ready_fd_must_be_open() {
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--ready-fd", "57"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--ready-fd 57: descriptor 57 is not open"),
+        "{err}"
+    );
+}
+
+/// With NOTIFY_SOCKET set, READY=1 arrives once the port accepts (a connection made right
+/// after it is echoed), and STOPPING=1 after SIGTERM.
+#[test]
+fn sd_notify_ready_then_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = std::env::temp_dir().join(format!("multiecho-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let notify = UnixDatagram::bind(&path).unwrap();
+    notify.set_read_timeout(Some(PATIENCE)).unwrap();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--model",
+            "prefork",
+            "--workers",
+            "2",
+            "--listen",
+            &addr.to_string(),
+        ])
+        .env("NOTIFY_SOCKET", &path)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 within the patience");
+    assert_eq!(&buf[..n], b"READY=1\n");
+    let echoed = round_trip(connect(addr), b"notified\n");
+    assert_same(&echoed, b"notified\n", "echo right after READY=1");
+    signal(child.id(), libc::SIGTERM);
+    let n = notify.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+    assert_eq!(&buf[..n], b"STOPPING=1\n");
+    let (status, err) = wait_with_timeout(&mut child);
+    assert!(status.success(), "{err}");
+    // Only the main process notifies: the workers got SIGTERM too, and said nothing.
+    notify.set_nonblocking(true).unwrap();
+    assert!(
+        notify.recv(&mut buf).is_err(),
+        "a second message: {:?}",
+        &buf[..]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,6 +13,7 @@ mod children;
 pub mod conn;
 pub mod echo;
 pub mod epoll;
+pub mod inetd;
 pub mod iterative;
 pub mod pool;
 pub mod prefork;
