@@ -57,6 +57,17 @@ pub enum Command {
     Check(crate::check::CheckArgs),
     /// Merge `bench --json` reports from several load generators into one.
     Merge(crate::bench::merge::MergeArgs),
+    /// Print a shell completion script: multiecho completions bash > /etc/bash_completion.d/multiecho
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) of multiecho, or of one subcommand: multiecho man serve | man -l -
+    Man {
+        /// The subcommand whose page to print (its page is multiecho-SUBCOMMAND(1)).
+        subcommand: Option<String>,
+    },
 }
 
 /// `multiecho serve`.

@@ -1,6 +1,7 @@
 //! The `multiecho` binary: parse the command line, set up logging, run the subcommand, and
 //! turn any error into one line on stderr and a non-zero exit status.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -34,6 +35,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compare(args) => multiecho::bench::compare::run(&args),
         Command::Check(args) => multiecho::check::run(&args),
         Command::Merge(args) => multiecho::bench::merge::run(&args),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            // Generated whole first: clap_complete panics on a write error such as EPIPE.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "multiecho", &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .context("cannot write the completions")
+        }
+        Command::Man { subcommand } => {
+            let mut page = Vec::new();
+            man_page(subcommand.as_deref())?
+                .render(&mut page)
+                .context("cannot render the man page")?;
+            std::io::stdout()
+                .write_all(&page)
+                .context("cannot write the man page")
+        }
     }
 }
 
@@ -69,6 +88,22 @@ fn colour_stderr() -> bool {
     use std::io::IsTerminal;
     let no_color = matches!(std::env::var_os("NO_COLOR"), Some(v) if !v.is_empty());
     std::io::stderr().is_terminal() && !no_color
+}
+
+/// The man page of multiecho, or of `subcommand` (named multiecho-SUBCOMMAND).
+fn man_page(subcommand: Option<&str>) -> anyhow::Result<clap_mangen::Man> {
+    let command = <Cli as clap::CommandFactory>::command();
+    let Some(name) = subcommand else {
+        return Ok(clap_mangen::Man::new(command));
+    };
+    let sub = command
+        .find_subcommand(name)
+        .with_context(|| format!("no subcommand '{name}' (see multiecho --help)"))?
+        .clone();
+    // clap takes only &'static str names without its `string` feature; this process prints
+    // one page and exits.
+    let title: &'static str = Box::leak(format!("multiecho-{name}").into_boxed_str());
+    Ok(clap_mangen::Man::new(sub.name(title).bin_name(title)))
 }
 
 /// A closed stdout (`multiecho client | head -1`) is a normal way for output to end.

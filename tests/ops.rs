@@ -452,3 +452,61 @@ fn sd_notify_ready_then_stopping() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Completion scripts come from the clap definitions: the bash one is valid bash and knows
+/// serve's flags; zsh and fish scripts are produced too.
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            script.contains("--ready-fd") && script.contains("--inetd"),
+            "{shell}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    let mut bash = Command::new("bash")
+        .arg("-n")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    bash.stdin.take().unwrap().write_all(&out.stdout).unwrap();
+    assert!(bash.wait().unwrap().success(), "bash -n rejects the script");
+    let out = Command::new(BIN)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// The man pages (multiecho(1) and one per subcommand) are roff from the same definitions; an
+/// unknown subcommand is one clear error.
+#[test]
+fn man_pages() {
+    let out = Command::new(BIN).arg("man").output().unwrap();
+    assert!(out.status.success());
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(page.contains(".TH multiecho 1"), "{page}");
+    let out = Command::new(BIN).args(["man", "serve"]).output().unwrap();
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        page.contains(".TH multiecho\\-serve 1") || page.contains(".TH multiecho-serve 1"),
+        "{page}"
+    );
+    assert!(page.contains("ready\\-fd"), "{page}");
+    let out = Command::new(BIN).args(["man", "nope"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim(),
+        "multiecho: error: no subcommand 'nope' (see multiecho --help)"
+    );
+}
