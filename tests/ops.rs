@@ -465,7 +465,7 @@ fn completions_for_bash_zsh_and_fish() {
         assert!(out.status.success(), "{shell}");
         let script = String::from_utf8(out.stdout).unwrap();
         assert!(
-            script.contains("--ready-fd") && script.contains("--inetd"),
+            script.contains("ready-fd") && script.contains("inetd"),
             "{shell}"
         );
     }
