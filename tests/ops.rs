@@ -510,3 +510,46 @@ fn man_pages() {
         "multiecho: error: no subcommand 'nope' (see multiecho --help)"
     );
 }
+
+/// contrib/systemd's units pass `systemd-analyze verify` (with ExecStart= pointed at the built
+/// binary, and without checking the man pages, which are only installed by the package; CI
+/// verifies the installed units with them too). The service units keep their hardening.
+#[test]
+fn systemd_units_verify() {
+    let contrib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/systemd");
+    let dir = std::env::temp_dir().join(format!("multiecho-units-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let units = [
+        "multiecho.socket",
+        "multiecho.service",
+        "multiecho-inetd.socket",
+        "multiecho-inetd@.service",
+    ];
+    for unit in units {
+        let text = std::fs::read_to_string(contrib.join(unit)).unwrap();
+        if unit.ends_with(".service") {
+            for setting in [
+                "DynamicUser=yes",
+                "ProtectSystem=strict",
+                "PrivateTmp=yes",
+                "NoNewPrivileges=yes",
+                "RestrictAddressFamilies=",
+                "\nCapabilityBoundingSet=\n",
+            ] {
+                assert!(text.contains(setting), "{unit} lacks {setting:?}");
+            }
+        }
+        std::fs::write(dir.join(unit), text.replace("/usr/bin/multiecho", BIN)).unwrap();
+    }
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .args(units.iter().map(|unit| dir.join(unit)))
+        .output()
+        .expect("systemd-analyze (Debian's systemd) is needed");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
