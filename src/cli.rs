@@ -66,7 +66,12 @@ pub enum Command {
     /// Print the man page (roff) of multiecho, or of one subcommand: multiecho man serve | man -l -
     Man {
         /// The subcommand whose page to print (its page is multiecho-SUBCOMMAND(1)).
+        #[arg(conflicts_with = "out_dir")]
         subcommand: Option<String>,
+        /// Write every page instead, as DIR/multiecho.1 and DIR/multiecho-SUBCOMMAND.1 (for
+        /// packaging).
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<std::path::PathBuf>,
     },
 }
 

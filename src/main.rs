@@ -44,7 +44,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .write_all(&script)
                 .context("cannot write the completions")
         }
-        Command::Man { subcommand } => {
+        Command::Man {
+            out_dir: Some(dir), ..
+        } => write_man_pages(&dir),
+        Command::Man { subcommand, .. } => {
             let mut page = Vec::new();
             man_page(subcommand.as_deref())?
                 .render(&mut page)
@@ -88,6 +91,29 @@ fn colour_stderr() -> bool {
     use std::io::IsTerminal;
     let no_color = matches!(std::env::var_os("NO_COLOR"), Some(v) if !v.is_empty());
     std::io::stderr().is_terminal() && !no_color
+}
+
+/// Writes multiecho.1 and multiecho-SUBCOMMAND.1 for every subcommand into `dir`.
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    let command = <Cli as clap::CommandFactory>::command();
+    let names = std::iter::once(None).chain(
+        command
+            .get_subcommands()
+            .filter(|sub| sub.get_name() != "help")
+            .map(|sub| Some(sub.get_name().to_string())),
+    );
+    for name in names {
+        let file = match &name {
+            Some(name) => dir.join(format!("multiecho-{name}.1")),
+            None => dir.join("multiecho.1"),
+        };
+        let mut page = Vec::new();
+        man_page(name.as_deref())?
+            .render(&mut page)
+            .context("cannot render the man page")?;
+        std::fs::write(&file, page).with_context(|| format!("cannot write {}", file.display()))?;
+    }
+    Ok(())
 }
 
 /// The man page of multiecho, or of `subcommand` (named multiecho-SUBCOMMAND).
