@@ -254,48 +254,14 @@ fn start_proxy_server(model: &str, extra: &[&str]) -> Option<(Server, SocketAddr
     let mut args = vec!["--listen", "tcp+proxy://127.0.0.1:0"];
     args.extend_from_slice(extra);
     let server = start_or_skip(model, &args)?;
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let log = plain_log(&server);
-        let addr = log
-            .lines()
-            .filter(|line| line.contains("(tcp+proxy://)"))
-            .find_map(|line| {
-                line.split("listening on ")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            });
-        if let Some(addr) = addr {
-            return Some((server, addr));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{model}: no tcp+proxy:// listener in\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// The server's log without terminal colour sequences (ESC [ ... m), which it writes even to
-/// a pipe.
-fn plain_log(server: &Server) -> String {
-    strip_ansi(&server.log())
-}
-
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            chars.by_ref().find(|&c| c == 'm');
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    // The listeners as the server announced them on --ready-fd: the harness's plain one first.
+    let addr = server
+        .listeners
+        .iter()
+        .find(|(kind, _)| kind == "tcp+proxy")
+        .map(|(_, addr)| *addr)
+        .unwrap_or_else(|| panic!("{model}: no tcp+proxy listener in {:?}", server.listeners));
+    Some((server, addr))
 }
 
 /// Whether `log` has the per-connection close line naming `peer`.
@@ -308,7 +274,7 @@ fn has_close_line(log: &str, peer: SocketAddr) -> bool {
 /// Waits for the per-connection close line naming `peer`.
 fn wait_close_line(server: &Server, model: &str, peer: SocketAddr) {
     server.wait_for_log(&format!("{model}: the close line for {peer}"), |log| {
-        has_close_line(&strip_ansi(log), peer)
+        has_close_line(log, peer)
     });
 }
 
@@ -507,7 +473,7 @@ fn header_faults_close_only_their_own_connection(model: &str) {
     );
     server.wait_for_log(
         &format!("{model}: the refusals of the faulty headers"),
-        |log| strip_ansi(log).contains("reason=proxy-header"),
+        |log| log.contains("reason=proxy-header"),
     );
 }
 
@@ -602,7 +568,7 @@ fn trusted_proxy_decides_who_may_send_a_header(model: &str) {
     }
     // The refusal's line may come a moment after the client saw the close.
     server.wait_for_log(&format!("{model}: the untrusted-proxy refusal"), |log| {
-        strip_ansi(log).contains("reason=untrusted-proxy")
+        log.contains("reason=untrusted-proxy")
     });
 }
 
@@ -621,7 +587,7 @@ fn scale_out_doc_config_runs_against_multiecho() {
         let deadline = Instant::now() + PATIENCE;
         while !servers
             .iter()
-            .any(|(s, _)| has_close_line(&plain_log(s), client))
+            .any(|(s, _)| has_close_line(&s.log(), client))
         {
             assert!(Instant::now() < deadline, "no instance logged {client}");
             std::thread::sleep(Duration::from_millis(10));
