@@ -191,3 +191,87 @@ fn connect_notify_socket(path: &std::ffi::OsStr) -> io::Result<UnixDatagram> {
     }
     Ok(socket)
 }
+
+/// The parent's side of `--ready-fd` for a `multiecho serve` child: a pipe whose write end
+/// becomes [`ReadyPipe::CHILD_FD`] in the child. Both ends are close-on-exec here, so no other
+/// child inherits them.
+#[derive(Debug)]
+pub struct ReadyPipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl ReadyPipe {
+    /// The descriptor number the write end gets in the child (`--ready-fd 3`).
+    pub const CHILD_FD: RawFd = 3;
+
+    /// A new pipe.
+    pub fn new() -> io::Result<ReadyPipe> {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        Ok(ReadyPipe { read, write })
+    }
+
+    /// Adds `--ready-fd 3` to `command` (after the `serve` arguments) and makes its child get
+    /// the write end as descriptor 3.
+    pub fn pass_to(&self, command: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
+        let write = self.write.as_raw_fd();
+        command.args(["--ready-fd", &Self::CHILD_FD.to_string()]);
+        // SAFETY: the hook runs in the forked child before exec and calls only dup2 and fcntl,
+        // which are async-signal-safe; it touches no memory shared with the parent.
+        unsafe {
+            command.pre_exec(move || {
+                // dup2 onto another number clears close-on-exec; onto itself it does not.
+                let rc = if write == Self::CHILD_FD {
+                    libc::fcntl(write, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(write, Self::CHILD_FD)
+                };
+                if rc < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// Closes this process's write end (call after spawning, so the child's exit ends the pipe)
+    /// and returns the read end.
+    pub fn into_reader(self) -> File {
+        drop(self.write);
+        File::from(self.read)
+    }
+}
+
+/// Parses the `KIND ADDR` lines a server wrote to its `--ready-fd`.
+pub fn parse_ready_lines(text: &str) -> Result<Vec<(ListenerKind, SocketAddr)>, String> {
+    text.lines()
+        .map(|line| {
+            let spec = line
+                .split_once(' ')
+                .map(|(kind, addr)| format!("{kind}://{addr}"))
+                .ok_or_else(|| format!("bad --ready-fd line {line:?}"))?;
+            let spec = crate::listen::parse(&spec)?;
+            Ok((spec.kind, spec.addr))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_lines_parse_back() {
+        let lines = "tcp 127.0.0.1:4000\ntcp+proxy [::1]:4001\n";
+        assert_eq!(
+            parse_ready_lines(lines).unwrap(),
+            vec![
+                (ListenerKind::Tcp, "127.0.0.1:4000".parse().unwrap()),
+                (ListenerKind::TcpProxy, "[::1]:4001".parse().unwrap()),
+            ]
+        );
+        assert!(parse_ready_lines("listening on 127.0.0.1:4000").is_err());
+        assert!(parse_ready_lines("tcp").is_err());
+    }
+}

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::{describe, takes_workers, CompareArgs, StopOutcome};
+use crate::activation::{parse_ready_lines, ReadyPipe};
 use crate::server::Model;
 
 /// How long a model may take to say where it listens.
@@ -57,6 +58,8 @@ impl ServerProcess {
             cpus.pin(&mut command);
         }
         super::end_with_parent(&mut command);
+        let ready = ReadyPipe::new().context("cannot create the readiness pipe")?;
+        ready.pass_to(&mut command);
         let mut child = command.spawn().with_context(|| {
             let pinned = args
                 .server_cpus
@@ -65,12 +68,14 @@ impl ServerProcess {
                 .unwrap_or_default();
             format!("cannot start the {model} server{pinned}")
         })?;
+        let ready = ready.into_reader();
         let log = Arc::new(Mutex::new(VecDeque::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
+        thread::spawn(move || read_ready_fd(ready, ready_tx));
         let stderr = child.stderr.take().expect("stderr is piped");
         let log_reader = {
             let log = Arc::clone(&log);
-            thread::spawn(move || drain_log(stderr, &log, ready_tx))
+            thread::spawn(move || drain_log(stderr, &log))
         };
         let mut server = ServerProcess {
             child,
@@ -91,8 +96,9 @@ impl ServerProcess {
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                // Its stderr closed before it listened: it exited.
+                // Its --ready-fd closed before it listened: it exited.
                 let status = server.child.wait();
+                server.wait_for_log_end(Duration::from_secs(5));
                 server.stopped = true;
                 let status = status.map_or_else(|e| e.to_string(), describe);
                 Ok(Err(server.last_log_line().unwrap_or_else(|| {
@@ -247,10 +253,8 @@ fn probe(addr: SocketAddr) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Keeps the server's last log lines and reports the address from its
-/// `listening on ADDR with the M model` line.
-fn drain_log(stderr: impl Read, log: &Mutex<VecDeque<String>>, ready: mpsc::Sender<SocketAddr>) {
-    let mut ready = Some(ready);
+/// Keeps the server's last log lines.
+fn drain_log(stderr: impl Read, log: &Mutex<VecDeque<String>>) {
     let mut reader = BufReader::new(stderr);
     let mut bytes = Vec::new();
     loop {
@@ -260,11 +264,6 @@ fn drain_log(stderr: impl Read, log: &Mutex<VecDeque<String>>, ready: mpsc::Send
             Ok(_) => {}
         }
         let line = String::from_utf8_lossy(&bytes).trim_end().to_string();
-        if let Some(addr) = listening_addr(&line) {
-            if let Some(ready) = ready.take() {
-                let _ = ready.send(addr);
-            }
-        }
         let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
         if log.len() == LOG_LINES_KEPT {
             log.pop_front();
@@ -273,23 +272,18 @@ fn drain_log(stderr: impl Read, log: &Mutex<VecDeque<String>>, ready: mpsc::Send
     }
 }
 
-/// The address in a `listening on ADDR with the M model` line.
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let rest = line.split("listening on ").nth(1)?;
-    rest.split_whitespace().next()?.parse().ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_the_listening_line() {
-        let line = "2026-01-01T00:00:00Z  INFO listening on 127.0.0.1:40123 with the thread model";
-        assert_eq!(
-            listening_addr(line),
-            Some("127.0.0.1:40123".parse().unwrap())
-        );
-        assert_eq!(listening_addr("nothing here"), None);
+/// Reports the first listener's address from the server's `--ready-fd`, which it closes once
+/// every listener accepts; sends nothing (drops the sender) if it closed it empty.
+fn read_ready_fd(ready: std::fs::File, tx: mpsc::Sender<SocketAddr>) {
+    let mut text = String::new();
+    if BufReader::new(ready).read_to_string(&mut text).is_err() {
+        return;
+    }
+    if let Some(&(_, addr)) = parse_ready_lines(&text)
+        .ok()
+        .as_deref()
+        .and_then(<[_]>::first)
+    {
+        let _ = tx.send(addr);
     }
 }
