@@ -15,4 +15,6 @@ gzip -9n "$assets"/man/*.1
 "$bin" completions bash > "$assets/completions/multiecho"
 "$bin" completions zsh > "$assets/completions/_multiecho"
 "$bin" completions fish > "$assets/completions/multiecho.fish"
-cargo deb --no-build --locked 2>&1 | tail -n 1
+deb=target/debian/multiecho.deb
+cargo deb --no-build --locked --output "$deb" >&2
+echo "$deb"
