@@ -18,11 +18,8 @@ fn logs_in_a_pipe_have_no_colour() {
     let server = Server::start("thread", &[]);
     let echoed = round_trip(connect(server.addr), b"plain\n");
     assert_same(&echoed, b"plain\n", "echo");
-    let mut server = server;
-    server.terminate();
-    server.wait_timeout(PATIENCE).expect("server exits");
+    server.wait_for_log("the close line", |log| log.contains("connection closed"));
     let log = server.log();
-    assert!(log.contains("connection closed"), "log:\n{log}");
     assert!(
         !log.contains('\u{1b}'),
         "escape codes in a piped log:\n{log:?}"
@@ -35,9 +32,7 @@ fn json_logs_are_one_object_per_line() {
     let server = Server::start("epoll", &["--log-format", "json"]);
     let echoed = round_trip(connect(server.addr), b"json\n");
     assert_same(&echoed, b"json\n", "echo");
-    let mut server = server;
-    server.terminate();
-    server.wait_timeout(PATIENCE).expect("server exits");
+    server.wait_for_log("the close event", |log| log.contains("connection closed"));
     let log = server.log();
     let events: Vec<serde_json::Value> = log
         .lines()

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Builds the Debian package: the release binary, then its man pages (one per subcommand) and
-# shell completions generated from the clap definitions by the binary itself, then
-# `cargo deb --no-build` ([package.metadata.deb] in Cargo.toml). Prints the .deb's path.
+# Builds the Debian package: the dist binary (release, stripped), then its man pages (one per
+# subcommand) and shell completions generated from the clap definitions by the binary itself,
+# then `cargo deb --no-build` ([package.metadata.deb] in Cargo.toml). Prints the .deb's path.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-cargo build --release --locked >&2
-bin=target/release/multiecho
+cargo build --profile dist --locked >&2
+bin=target/dist/multiecho
 assets=target/deb-assets
 rm -rf "$assets"
 mkdir -p "$assets/man" "$assets/completions"

@@ -60,6 +60,11 @@ impl Server {
             .args(extra)
             .args(["--ready-fd", &READY_FD.to_string()])
             .env("RUST_LOG", "info")
+            // A service manager's variables in the test's own environment are not for it.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_FDNAMES")
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
