@@ -61,7 +61,7 @@ fn adopt(fd: RawFd, name: &str) -> crate::Result<(TcpListener, ListenerKind)> {
     let socket_type = socket.r#type().map_err(inspect)?;
     if socket_type == Type::DGRAM {
         return Err(Error::Unsupported(format!(
-            "{what} is a datagram socket: udp:// listeners are not available yet"
+            "{what} is a datagram socket: passed UDP sockets are not served yet (udp:// in --listen is)"
         )));
     }
     let domain = socket.domain().map_err(inspect)?;

@@ -328,7 +328,7 @@ fn passed_sockets_of_kinds_not_available_yet_are_refused() {
     for (args, want) in [
         (
             vec!["-d"],
-            "is a datagram socket: udp:// listeners are not available yet",
+            "is a datagram socket: passed UDP sockets are not served yet",
         ),
         (
             vec!["--fdname=tls"],
