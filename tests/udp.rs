@@ -17,23 +17,23 @@ const UDP_MODELS: [&str; 5] = ["iterative", "prefork", "pool", "epoll", "async"]
 const MAX_V4: usize = 65_507;
 
 /// A server with a TCP listener (the harness's) and one `udp://` listener; returns it and the
-/// UDP address it logged.
+/// UDP address it announced on `--ready-fd`.
 fn start(model: &str, extra: &[&str]) -> (Server, SocketAddr) {
     let mut args = vec!["--listen", "udp://127.0.0.1:0", "--workers", "2"];
     args.extend_from_slice(extra);
     let server = Server::start(model, &args);
-    server.wait_for_log("the UDP listening line", |log| udp_addr(log).is_some());
-    let addr = udp_addr(&server.log()).unwrap();
+    let addr = udp_listener(&server);
     (server, addr)
 }
 
-/// The address of the first `udp://` listener a server logged.
-fn udp_addr(log: &str) -> Option<SocketAddr> {
-    log.lines().find_map(|line| {
-        let rest = line.split("listening on ").nth(1)?;
-        let (addr, kind) = rest.split_once(' ')?;
-        kind.starts_with("(udp://)").then(|| addr.parse().ok())?
-    })
+/// The server's first `udp` listener, as announced on `--ready-fd`.
+fn udp_listener(server: &Server) -> SocketAddr {
+    server
+        .listeners
+        .iter()
+        .find(|(kind, _)| kind == "udp")
+        .map(|(_, addr)| *addr)
+        .unwrap_or_else(|| panic!("no udp listener in {:?}", server.listeners))
 }
 
 fn client_socket() -> UdpSocket {
@@ -144,8 +144,7 @@ fn ipv6_datagrams_up_to_the_maximum() {
         return;
     }
     let server = Server::start("epoll", &["--listen", "udp://[::1]:0"]);
-    server.wait_for_log("the UDP listening line", |log| udp_addr(log).is_some());
-    let addr = udp_addr(&server.log());
+    let addr = udp_listener(&server);
     let socket = UdpSocket::bind("[::1]:0").unwrap();
     socket
         .set_read_timeout(Some(Duration::from_secs(3)))
@@ -153,7 +152,7 @@ fn ipv6_datagrams_up_to_the_maximum() {
     let mut buf = vec![0u8; 70_000];
     for len in [0, 1, 1452, 65_507, 65_527] {
         let datagram = multiecho::payload::bytes(len as u64, len);
-        socket.send_to(&datagram, addr.unwrap()).unwrap();
+        socket.send_to(&datagram, addr).unwrap();
         let (n, _) = socket.recv_from(&mut buf).unwrap();
         assert!(buf[..n] == datagram[..], "{len} bytes over IPv6");
     }
