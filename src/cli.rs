@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// Stack size of connection threads (thread model), e.g. 128KiB.
     #[arg(long, value_name = "BYTES", default_value = "128KiB", value_parser = parse_size)]
     pub thread_stack: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics and a health check at /healthz (200
+    /// while serving, 503 once shutdown has started), e.g. 127.0.0.1:9100.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     pub admission: AdmissionArgs,
     #[command(flatten)]
@@ -181,6 +185,7 @@ impl ServeArgs {
                 udp: Some(self.udp.policy()),
                 ..self.admission.config()
             },
+            metrics: self.metrics,
         }
     }
 }

@@ -36,6 +36,7 @@ pub mod cli;
 pub mod client;
 pub mod limits;
 pub mod listen;
+pub mod metrics;
 pub mod net;
 pub mod payload;
 pub mod server;

@@ -55,7 +55,12 @@ pub fn serve_connection(
     config: &ServerConfig,
     lifecycle: &Lifecycle,
 ) {
-    let Screened { peer, admitted, .. } = screened;
+    let Screened {
+        peer,
+        admitted,
+        listener,
+        ..
+    } = screened;
     if let Some(idle) = config.idle_timeout {
         let set = stream
             .set_read_timeout(Some(idle))
@@ -66,7 +71,7 @@ pub fn serve_connection(
     }
     let (admitted, leftover) = match admitted {
         Some(admitted) => (admitted, Vec::new()),
-        None => match read_proxy_header(stream, peer, lifecycle) {
+        None => match read_proxy_header(stream, listener, peer, lifecycle) {
             Some(admitted) => admitted,
             None => return,
         },
@@ -87,12 +92,13 @@ pub fn serve_connection(
 /// (counted and logged with the reason): the caller drops it.
 fn read_proxy_header(
     stream: &mut TcpStream,
+    listener: usize,
     peer: SocketAddr,
     lifecycle: &Lifecycle,
 ) -> Option<(Admitted, Vec<u8>)> {
     match proxy::read_header(stream, lifecycle.proxy_timeout()) {
         Ok((header, rest)) => lifecycle
-            .admit_proxied(peer, &header)
+            .admit_proxied(listener, peer, &header)
             .ok()
             .map(|admitted| (admitted, rest)),
         Err(e) => {
