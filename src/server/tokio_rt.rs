@@ -143,8 +143,7 @@ async fn run(
             .map_err(|e| crate::Error::io("cannot watch the connection limit", e))?;
         acceptors.spawn(accept_loop(
             listener,
-            kind,
-            index,
+            (index, kind),
             Arc::clone(&limit),
             room,
             stop_accepting.clone(),
@@ -228,8 +227,8 @@ async fn acquire(limit: &Arc<Limit>, room: &AsyncFd<OwnedFd>) -> io::Result<Perm
 /// Accepts connections on one listener until `stop` is cancelled; a task per connection.
 async fn accept_loop(
     listener: TcpListener,
-    kind: ListenerKind,
-    index: usize,
+    // Which listener (its index in `--listen` order) and what it expects.
+    (index, kind): (usize, ListenerKind),
     limit: Arc<Limit>,
     room: AsyncFd<OwnedFd>,
     stop: CancellationToken,
