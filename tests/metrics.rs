@@ -230,6 +230,52 @@ fn uring_reconciles_with_bench() {
     reconciles_with_bench("uring");
 }
 
+/// Connections are counted under the listener they arrived on, in the models that know it
+/// from their accept loop and in uring, which finds it by the connection's local address.
+#[test]
+fn connections_are_counted_per_listener() {
+    for model in ["thread", "epoll", "async", "uring"] {
+        let Some((server, metrics)) = start(model, &["--listen", "127.0.0.1:0"]) else {
+            continue;
+        };
+        server.wait_for_log("the second listener", |log| {
+            log.matches("listening on ").count() == 2
+        });
+        let addrs: Vec<SocketAddr> = server
+            .log()
+            .split("listening on ")
+            .skip(1)
+            .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(addrs[0], server.addr);
+        for (connections, addr) in [(1, addrs[0]), (2, addrs[1])] {
+            for _ in 0..connections {
+                let echoed = common::round_trip(common::connect(addr), b"which listener?\n");
+                assert_eq!(echoed, b"which listener?\n");
+            }
+        }
+        let deadline = Instant::now() + PATIENCE;
+        let text = loop {
+            let (_, text) = get(metrics, "/metrics");
+            if totals(&text)["multiecho_connections_closed_total"] == 3.0 {
+                break text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{model}: closes missing:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        for (connections, addr) in [(1, addrs[0]), (2, addrs[1])] {
+            let line = format!(
+                "multiecho_connections_accepted_total{{listener=\"tcp://{addr}\"}} {connections}"
+            );
+            assert!(text.contains(&line), "{model}: no {line:?} in\n{text}");
+        }
+        server.stop();
+    }
+}
+
 #[test]
 fn refusals_are_counted_by_reason() {
     let Some((server, metrics)) = start("epoll", &["--deny", "127.0.0.1"]) else {
@@ -247,7 +293,7 @@ fn refusals_are_counted_by_reason() {
 
 #[test]
 fn healthz_is_200_while_serving_and_503_once_shutdown_starts() {
-    for model in ["prefork", "epoll"] {
+    for model in ["process", "prefork", "epoll"] {
         let Some((server, metrics)) = start(model, &["--shutdown-timeout", "30s"]) else {
             return;
         };
