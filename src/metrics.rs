@@ -302,3 +302,48 @@ fn shutting_down(shutdown: &Shutdown) -> bool {
         .map(|ready| ready[0])
         .unwrap_or(false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_reach_the_exposition_and_the_classic_text_names_their_samples() {
+        let stats = Arc::new(Stats::new().unwrap());
+        stats.connection_opened(1);
+        stats.connection_closed(EndKind::IdleTimeout, 10, 7);
+        stats.connection_refused(Refusal::Rate);
+        let exposition = Exposition {
+            stats,
+            listeners: vec!["tcp://127.0.0.1:1".into(), "tcp+proxy://127.0.0.1:2".into()],
+            model: Model::Pool,
+        };
+        let open = exposition.render();
+        assert!(open.ends_with("# EOF\n"), "{open}");
+        assert!(
+            open.contains("# TYPE multiecho_bytes_sent counter\n"),
+            "{open}"
+        );
+        let classic = classic_text(&open);
+        for want in [
+            "# TYPE multiecho_bytes_sent_total counter\n",
+            "# HELP multiecho_bytes_received_total ",
+            "multiecho_bytes_received_total 10\n",
+            "multiecho_bytes_sent_total 7\n",
+            "multiecho_connections_accepted_total{listener=\"tcp+proxy://127.0.0.1:2\"} 1\n",
+            "multiecho_connections_accepted_total{listener=\"tcp://127.0.0.1:1\"} 0\n",
+            "multiecho_connections_closed_total{end=\"idle_timeout\"} 1\n",
+            "multiecho_connections_refused_total{reason=\"rate-limit\"} 1\n",
+            "# TYPE multiecho_connections_active gauge\n",
+            "multiecho_connections_active 0\n",
+        ] {
+            assert!(classic.contains(want), "no {want:?} in\n{classic}");
+        }
+        let build_info = format!(
+            "multiecho_build_info{{version=\"{}\",model=\"pool\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(classic.contains(&build_info), "{classic}");
+        assert!(!classic.contains("# EOF"), "{classic}");
+    }
+}
