@@ -121,6 +121,10 @@ pub struct ServeArgs {
     /// --listen do not apply.
     #[arg(long, conflicts_with = "ready_fd")]
     pub inetd: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics and a health check at /healthz (200
+    /// while serving, 503 once shutdown has started), e.g. 127.0.0.1:9100.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     pub admission: AdmissionArgs,
     #[command(flatten)]
@@ -220,6 +224,7 @@ impl ServeArgs {
                 udp: Some(self.udp.policy()),
                 ..self.admission.config()
             },
+            metrics: self.metrics,
         }
     }
 }

@@ -16,7 +16,10 @@
 //!   every model obeys.
 //! - [`limits`]: the connection limit and the registry of live connections that lets a
 //!   blocking model wait for them to finish and then close them at the shutdown deadline.
-//! - [`stats`]: cheap counters of connections and bytes.
+//! - [`stats`]: cheap counters of connections and bytes, in memory shared across forks, a
+//!   block per counting thread or process.
+//! - [`metrics`]: `serve --metrics`: `/metrics` (Prometheus) and `/healthz`, served by a
+//!   process of its own.
 //! - [`server`]: `enum Model` and one module per concurrency model (`server/<model>.rs`); the
 //!   one connection lifecycle every model calls (`server/conn/`: the connection limit,
 //!   admission control, socket options, open/close records, the shared warnings); and what the
@@ -39,6 +42,7 @@ pub mod cli;
 pub mod client;
 pub mod limits;
 pub mod listen;
+pub mod metrics;
 pub mod net;
 pub mod payload;
 pub mod server;

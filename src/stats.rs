@@ -1,49 +1,361 @@
-//! Counters that every model updates cheaply (relaxed atomics) and that the server reports
-//! when it stops.
+//! Counters that every model updates cheaply and that the server reports (its stop line, the
+//! `--metrics` endpoint).
+//!
+//! The counters live in memory mapped shared (`MAP_SHARED | MAP_ANONYMOUS`) when the server is
+//! set up, before any fork, so the children of the process and prefork models count into the
+//! same memory their parent (and the metrics process) reads. To keep the echo path free of
+//! locks and of shared cache lines, the mapping holds [`SLOTS`] counter blocks, each on its own
+//! cache lines: every thread (and every forked process) counts into one block of its own with
+//! relaxed atomic adds, and a reader sums the blocks. A thread takes its block on first use;
+//! a forked child gives up its parent's block (a `pthread_atfork` handler) and takes the next.
+//! With more than [`SLOTS`] counting threads or processes, blocks are shared (still exact:
+//! every update is an atomic add). This file holds all of the counters' `unsafe`.
 
+use std::cell::Cell;
+use std::io;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Once;
 
+use crate::net::AcceptError;
 use crate::server::conn::admission::Refusal;
+use crate::server::conn::End;
 
-/// Connection and byte counters for one server process.
-#[derive(Debug, Default)]
-pub struct Stats {
-    accepted: AtomicU64,
-    closed: AtomicU64,
-    bytes: AtomicU64,
-    /// Refused connections, by [`Refusal::index`].
+/// Counter blocks in one mapping: more than the threads or processes that count at once in
+/// any model's default configuration on a large machine.
+pub const SLOTS: usize = 256;
+/// Listeners counted separately; connections on further listeners count under the last one.
+pub const MAX_LISTENERS: usize = 32;
+
+/// Why a connection ended, as a counter label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndKind {
+    ClientClosed,
+    IdleTimeout,
+    Shutdown,
+    Error,
+}
+
+impl EndKind {
+    /// Every kind, in counter order.
+    pub const ALL: [EndKind; 4] = [
+        EndKind::ClientClosed,
+        EndKind::IdleTimeout,
+        EndKind::Shutdown,
+        EndKind::Error,
+    ];
+
+    /// The kind of `end`.
+    pub fn of(end: &End) -> Self {
+        match end {
+            End::ClientClosed => EndKind::ClientClosed,
+            End::IdleTimeout => EndKind::IdleTimeout,
+            End::Shutdown => EndKind::Shutdown,
+            End::Failed(_) => EndKind::Error,
+        }
+    }
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndKind::ClientClosed => "client_closed",
+            EndKind::IdleTimeout => "idle_timeout",
+            EndKind::Shutdown => "shutdown",
+            EndKind::Error => "error",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The `accept()` errors that are counted (a would-block is not an error, and a listener
+/// closed by shutdown is the normal way out).
+pub const ACCEPT_ERROR_KINDS: [AcceptError; 3] = [
+    AcceptError::Retry,
+    AcceptError::Exhausted,
+    AcceptError::Fatal,
+];
+
+/// The label of a counted accept error kind.
+pub fn accept_error_label(kind: AcceptError) -> &'static str {
+    match kind {
+        AcceptError::Retry => "retry",
+        AcceptError::Exhausted => "exhausted",
+        AcceptError::Fatal => "fatal",
+        AcceptError::WouldBlock => "would_block",
+        AcceptError::Closed => "closed",
+    }
+}
+
+fn accept_error_index(kind: AcceptError) -> Option<usize> {
+    ACCEPT_ERROR_KINDS.iter().position(|k| *k == kind)
+}
+
+/// One thread's (or process's) counters, on cache lines of its own.
+#[repr(C, align(128))]
+struct Block {
+    accepted: [AtomicU64; MAX_LISTENERS],
+    closed: [AtomicU64; EndKind::ALL.len()],
+    received: AtomicU64,
+    sent: AtomicU64,
     refused: [AtomicU64; Refusal::ALL.len()],
+    accept_errors: [AtomicU64; ACCEPT_ERROR_KINDS.len()],
+}
+
+#[repr(C)]
+struct Region {
+    blocks: [Block; SLOTS],
+    /// The next block handed out (modulo [`SLOTS`]); read and written only on first use.
+    next_block: AtomicU64,
+}
+
+thread_local! {
+    /// This thread's block index, or `usize::MAX` before its first count (and after a fork).
+    static BLOCK: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+static AT_FORK: Once = Once::new();
+
+extern "C" fn forget_block_after_fork() {
+    // The child's only thread is the one that forked: it counts into a block of its own.
+    BLOCK.with(|b| b.set(usize::MAX));
+}
+
+/// Connection and byte counters of one server, shared by its threads and processes.
+pub struct Stats {
+    region: NonNull<Region>,
+}
+
+// SAFETY: the region is only reached through atomics, and lives until `Stats` is dropped.
+unsafe impl Send for Stats {}
+// SAFETY: as above.
+unsafe impl Sync for Stats {}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats")
+            .field("accepted", &self.accepted())
+            .field("closed", &self.closed())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Stats {
-    /// Counts an accepted connection.
-    pub fn connection_opened(&self) {
-        self.accepted.fetch_add(1, Ordering::Relaxed);
+    /// Zeroed counters in a fresh shared mapping.
+    pub fn new() -> io::Result<Self> {
+        AT_FORK.call_once(|| {
+            // SAFETY: registers a child handler that only writes this thread's `Cell`
+            // (const-initialised, no destructor: no allocation, no lock).
+            unsafe {
+                libc::pthread_atfork(None, None, Some(forget_block_after_fork));
+            }
+        });
+        let size = std::mem::size_of::<Region>();
+        // SAFETY: an anonymous shared mapping of `size` bytes; no file, no fixed address.
+        let mapped = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // A fresh anonymous mapping is zero-filled and page-aligned: all-zero atomics are
+        // valid zero counters, and a page is aligned for `Region`.
+        let region = NonNull::new(mapped.cast::<Region>()).expect("mmap returned null");
+        Ok(Stats { region })
     }
 
-    /// Counts a finished connection and the bytes it echoed.
-    pub fn connection_closed(&self, bytes: u64) {
-        self.closed.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    fn region(&self) -> &Region {
+        // SAFETY: the mapping is valid for the life of `self` and only holds atomics.
+        unsafe { self.region.as_ref() }
+    }
+
+    /// This thread's block.
+    fn mine(&self) -> &Block {
+        let region = self.region();
+        let index = BLOCK.with(|b| {
+            if b.get() == usize::MAX {
+                let next = region.next_block.fetch_add(1, Ordering::Relaxed) as usize;
+                b.set(next % SLOTS);
+            }
+            b.get()
+        });
+        &region.blocks[index]
+    }
+
+    fn sum(&self, field: impl Fn(&Block) -> &AtomicU64) -> u64 {
+        self.region()
+            .blocks
+            .iter()
+            .map(|b| field(b).load(Ordering::Relaxed))
+            .fold(0u64, u64::wrapping_add)
+    }
+
+    /// Counts an admitted connection on listener `listener`.
+    pub fn connection_opened(&self, listener: usize) {
+        self.mine().accepted[listener.min(MAX_LISTENERS - 1)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts bytes as they arrive from a client (for models that count live).
+    pub fn bytes_received(&self, n: u64) {
+        self.mine().received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts bytes as they are written back to a client (for models that count live).
+    pub fn bytes_sent(&self, n: u64) {
+        self.mine().sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a finished connection by how it ended, with the bytes it received and sent that
+    /// were not counted live.
+    pub fn connection_closed(&self, end: EndKind, received: u64, sent: u64) {
+        let block = self.mine();
+        block.closed[end.index()].fetch_add(1, Ordering::Relaxed);
+        if received > 0 {
+            block.received.fetch_add(received, Ordering::Relaxed);
+        }
+        if sent > 0 {
+            block.sent.fetch_add(sent, Ordering::Relaxed);
+        }
     }
 
     /// Counts a connection that was not served, by reason.
     pub fn connection_refused(&self, reason: Refusal) {
-        self.refused[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.mine().refused[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an `accept()` error of `kind` (would-block and closed listeners are not counted).
+    pub fn accept_error(&self, kind: AcceptError) {
+        if let Some(i) = accept_error_index(kind) {
+            self.mine().accept_errors[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Connections refused so far for `reason`.
     pub fn refused(&self, reason: Refusal) -> u64 {
-        self.refused[reason.index()].load(Ordering::Relaxed)
+        self.sum(|b| &b.refused[reason.index()])
     }
 
-    /// Connections accepted so far.
+    /// Connections admitted so far on listener `listener`.
+    pub fn accepted_on(&self, listener: usize) -> u64 {
+        self.sum(|b| &b.accepted[listener.min(MAX_LISTENERS - 1)])
+    }
+
+    /// Connections admitted so far, on every listener.
     pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
+        (0..MAX_LISTENERS).map(|l| self.accepted_on(l)).sum()
     }
 
-    /// Bytes echoed by finished connections.
+    /// Connections that ended so far with `end`.
+    pub fn closed_with(&self, end: EndKind) -> u64 {
+        self.sum(|b| &b.closed[end.index()])
+    }
+
+    /// Connections that ended so far.
+    pub fn closed(&self) -> u64 {
+        EndKind::ALL.iter().map(|e| self.closed_with(*e)).sum()
+    }
+
+    /// Connections admitted and not yet ended.
+    pub fn active(&self) -> u64 {
+        // Blocks are read one after another: an open counted after its close was read would
+        // show as negative for a moment.
+        self.accepted().saturating_sub(self.closed())
+    }
+
+    /// `accept()` errors of `kind` so far.
+    pub fn accept_errors(&self, kind: AcceptError) -> u64 {
+        accept_error_index(kind).map_or(0, |i| self.sum(|b| &b.accept_errors[i]))
+    }
+
+    /// Bytes received from clients.
+    pub fn received(&self) -> u64 {
+        self.sum(|b| &b.received)
+    }
+
+    /// Bytes sent back to clients.
+    pub fn sent(&self) -> u64 {
+        self.sum(|b| &b.sent)
+    }
+
+    /// Bytes echoed (sent back) so far.
     pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
+        self.sent()
+    }
+}
+
+impl Drop for Stats {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made in `new` with this size and nothing borrows it past
+        // `self` (other processes hold their own mappings of it).
+        unsafe {
+            libc::munmap(self.region.as_ptr().cast(), std::mem::size_of::<Region>());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_sit_on_separate_cache_lines() {
+        assert_eq!(std::mem::size_of::<Block>() % 128, 0);
+        assert_eq!(std::mem::align_of::<Block>(), 128);
+    }
+
+    #[test]
+    fn threads_count_into_their_own_blocks_and_sums_are_exact() {
+        let stats = std::sync::Arc::new(Stats::new().unwrap());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let stats = std::sync::Arc::clone(&stats);
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        stats.connection_opened(t % 2);
+                        stats.connection_closed(EndKind::ClientClosed, 3, 2);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(stats.accepted(), 4000);
+        assert_eq!(stats.accepted_on(0), 2000);
+        assert_eq!(stats.closed_with(EndKind::ClientClosed), 4000);
+        assert_eq!(stats.received(), 12_000);
+        assert_eq!(stats.sent(), 8000);
+        assert_eq!(stats.active(), 0);
+    }
+
+    #[test]
+    fn a_forked_child_counts_into_the_parents_mapping() {
+        let stats = Stats::new().unwrap();
+        stats.connection_opened(0);
+        // SAFETY: the child only does atomic adds and `_exit`s.
+        match unsafe { libc::fork() } {
+            0 => {
+                stats.connection_closed(EndKind::IdleTimeout, 5, 5);
+                // SAFETY: ends the child without running the test harness's teardown.
+                unsafe { libc::_exit(0) }
+            }
+            pid if pid > 0 => {
+                let mut status = 0;
+                // SAFETY: waits for the child just forked.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                assert_eq!(stats.closed_with(EndKind::IdleTimeout), 1);
+                assert_eq!(stats.sent(), 5);
+            }
+            _ => panic!("fork failed"),
+        }
     }
 }

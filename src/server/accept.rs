@@ -24,6 +24,8 @@ pub struct Incoming {
     pub peer: SocketAddr,
     /// What the listener it came from expects.
     pub kind: ListenerKind,
+    /// The index of that listener.
+    pub listener: usize,
 }
 
 /// A connection that passed the lifecycle's first decision: a plain one is admitted; a PROXY
@@ -32,6 +34,7 @@ pub struct Incoming {
 pub struct Screened {
     pub peer: SocketAddr,
     pub kind: ListenerKind,
+    pub listener: usize,
     pub admitted: Option<Admitted>,
 }
 
@@ -44,13 +47,14 @@ impl Incoming {
             lifecycle.check_proxy_peer(self.peer).ok()?;
             None
         } else {
-            Some(lifecycle.admit(self.peer).ok()?)
+            Some(lifecycle.admit(self.listener, self.peer).ok()?)
         };
         Some((
             self.stream,
             Screened {
                 peer: self.peer,
                 kind: self.kind,
+                listener: self.listener,
                 admitted,
             },
         ))
@@ -172,6 +176,7 @@ impl<'a> Acceptor<'a> {
                     stream,
                     peer,
                     kind: self.kinds[index],
+                    listener: index,
                 }))
             }
             Err(e) => match self.lifecycle.accept_error(&e) {

@@ -20,24 +20,26 @@ pub use crate::server::conn::End;
 /// The read buffer of a blocking connection.
 pub const BUFFER_SIZE: usize = 16 * 1024;
 
-/// Echoes until end of stream, an error or the idle timeout; returns the bytes echoed.
-pub fn echo(stream: &mut TcpStream, buf: &mut [u8]) -> (u64, End) {
+/// Echoes until end of stream, an error or the idle timeout; returns the bytes received, the
+/// bytes echoed (fewer when a write failed) and how it ended.
+pub fn echo(stream: &mut TcpStream, buf: &mut [u8]) -> (u64, u64, End) {
     let mut total = 0u64;
     loop {
         let n = match stream.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return (total, classify(e)),
+            Err(e) => return (total, total, classify(e)),
         };
         if let Err(e) = stream.write_all(&buf[..n]) {
-            return (total, classify(e));
+            // How much of this echo went out before the failure is unknown: none is counted.
+            return (total + n as u64, total, classify(e));
         }
         total += n as u64;
     }
     // The client half-closed and has had every byte back: close our side as well.
     let _ = stream.shutdown(Direction::Write);
-    (total, End::ClientClosed)
+    (total, total, End::ClientClosed)
 }
 
 fn classify(e: io::Error) -> End {
@@ -55,7 +57,12 @@ pub fn serve_connection(
     config: &ServerConfig,
     lifecycle: &Lifecycle,
 ) {
-    let Screened { peer, admitted, .. } = screened;
+    let Screened {
+        peer,
+        admitted,
+        listener,
+        ..
+    } = screened;
     if let Some(idle) = config.idle_timeout {
         let set = stream
             .set_read_timeout(Some(idle))
@@ -66,19 +73,20 @@ pub fn serve_connection(
     }
     let (admitted, leftover) = match admitted {
         Some(admitted) => (admitted, Vec::new()),
-        None => match read_proxy_header(stream, peer, lifecycle) {
+        None => match read_proxy_header(stream, listener, peer, lifecycle) {
             Some(admitted) => admitted,
             None => return,
         },
     };
     // What arrived with the header is the start of the stream: echoed first.
     if let Err(e) = stream.write_all(&leftover) {
-        lifecycle.close(admitted, 0, &classify(e));
+        lifecycle.close_counted(admitted, leftover.len() as u64, 0, &classify(e));
         return;
     }
     let mut buf = vec![0u8; BUFFER_SIZE];
-    let (bytes, end) = echo(stream, &mut buf);
-    lifecycle.close(admitted, leftover.len() as u64 + bytes, &end);
+    let (received, sent, end) = echo(stream, &mut buf);
+    let first = leftover.len() as u64;
+    lifecycle.close_counted(admitted, first + received, first + sent, &end);
 }
 
 /// Reads a `+proxy` connection's PROXY header within `--proxy-timeout` (one deadline for the
@@ -87,12 +95,13 @@ pub fn serve_connection(
 /// (counted and logged with the reason): the caller drops it.
 fn read_proxy_header(
     stream: &mut TcpStream,
+    listener: usize,
     peer: SocketAddr,
     lifecycle: &Lifecycle,
 ) -> Option<(Admitted, Vec<u8>)> {
     match proxy::read_header(stream, lifecycle.proxy_timeout()) {
         Ok((header, rest)) => lifecycle
-            .admit_proxied(peer, &header)
+            .admit_proxied(listener, peer, &header)
             .ok()
             .map(|admitted| (admitted, rest)),
         Err(e) => {

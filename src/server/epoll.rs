@@ -152,6 +152,8 @@ enum Peer {
 
 struct AwaitingHeader {
     proxy: SocketAddr,
+    /// The index of the listener it came on.
+    listener: usize,
     reader: HeaderReader,
     deadline: Instant,
 }
@@ -224,6 +226,7 @@ impl Connection {
             return None;
         };
         let proxy = waiting.proxy;
+        let listener = waiting.listener;
         let refuse = |detail: &dyn std::fmt::Display| {
             lifecycle.refuse_because(proxy, Refusal::ProxyHeader, Some(detail));
             Some(Next::Drop)
@@ -241,7 +244,7 @@ impl Connection {
                 Ok(Some((header, rest))) => {
                     self.pending.extend_from_slice(rest);
                     self.pending_sent = 0;
-                    let Ok(admitted) = lifecycle.admit_proxied(proxy, &header) else {
+                    let Ok(admitted) = lifecycle.admit_proxied(listener, proxy, &header) else {
                         return Some(Next::Drop);
                     };
                     self.peer = Peer::Admitted(admitted);
@@ -493,7 +496,7 @@ impl<'a> Worker<'a> {
                 match self.listeners[index].accept() {
                     Ok((stream, peer)) => {
                         accepted += 1;
-                        self.admit(stream, peer, self.kinds[index], permit, now);
+                        self.admit(stream, peer, index, permit, now);
                     }
                     Err(e) => match self.lifecycle.accept_error(&e) {
                         AcceptError::WouldBlock | AcceptError::Closed => break,
@@ -520,10 +523,11 @@ impl<'a> Worker<'a> {
         &mut self,
         mut stream: TcpStream,
         peer: SocketAddr,
-        kind: ListenerKind,
+        listener: usize,
         permit: Permit,
         now: Instant,
     ) {
+        let kind = self.kinds[listener];
         self.lifecycle.configure(&stream, peer);
         // Dropping a refused stream closes it without an echo; dropping the permit frees its
         // slot.
@@ -533,11 +537,12 @@ impl<'a> Worker<'a> {
             }
             Peer::AwaitingHeader(Box::new(AwaitingHeader {
                 proxy: peer,
+                listener,
                 reader: HeaderReader::new(),
                 deadline: now + self.lifecycle.proxy_timeout(),
             }))
         } else {
-            match self.lifecycle.admit(peer) {
+            match self.lifecycle.admit(listener, peer) {
                 Ok(admitted) => Peer::Admitted(admitted),
                 Err(_) => return,
             }

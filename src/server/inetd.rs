@@ -40,10 +40,12 @@ pub fn serve(config: &ServerConfig) -> crate::Result<()> {
     let peer = stream
         .peer_addr()
         .map_err(|e| Error::io("--inetd needs a connected TCP socket on standard input", e))?;
-    let lifecycle = Lifecycle::new(&config.admission, Arc::new(Stats::default()))
+    let stats = Stats::new().map_err(|e| Error::io("cannot set up the counters", e))?;
+    let lifecycle = Lifecycle::new(&config.admission, Arc::new(stats))
         .map_err(|e| Error::io("cannot set up admission control", e))?;
     lifecycle.configure(&stream, peer);
-    let Ok(admitted) = lifecycle.admit(peer) else {
+    // The one connection is listener 0's, in the counters.
+    let Ok(admitted) = lifecycle.admit(0, peer) else {
         // Refused (counted and logged): closing the socket is the answer.
         return Ok(());
     };
@@ -56,7 +58,7 @@ pub fn serve(config: &ServerConfig) -> crate::Result<()> {
         }
     }
     let mut buf = vec![0u8; echo::BUFFER_SIZE];
-    let (bytes, end) = echo::echo(&mut stream, &mut buf);
-    lifecycle.close(admitted, bytes, &end);
+    let (received, sent, end) = echo::echo(&mut stream, &mut buf);
+    lifecycle.close_counted(admitted, received, sent, &end);
     Ok(())
 }

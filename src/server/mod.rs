@@ -24,7 +24,7 @@ pub mod udp;
 pub mod uring;
 
 use std::fmt;
-use std::net::{TcpListener, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -140,6 +140,8 @@ pub struct ServerConfig {
     pub thread_stack: usize,
     /// Who is served, and which peers may send PROXY headers.
     pub admission: AdmissionConfig,
+    /// Where to serve `/metrics` and `/healthz` (`--metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -152,6 +154,7 @@ impl Default for ServerConfig {
             workers: default_workers(),
             thread_stack: 128 * 1024,
             admission: AdmissionConfig::default(),
+            metrics: None,
         }
     }
 }
@@ -199,7 +202,9 @@ impl Server {
         shutdown: Shutdown,
     ) -> crate::Result<Self> {
         assert_eq!(listeners.len(), kinds.len(), "a kind per listener");
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(
+            Stats::new().map_err(|e| crate::Error::io("cannot map the shared counters", e))?,
+        );
         let conn = Lifecycle::new(&config.admission, Arc::clone(&stats))
             .map_err(|e| crate::Error::io("cannot set up admission control", e))?;
         Ok(Server {
@@ -230,6 +235,23 @@ impl Server {
             stats: Arc::clone(&self.stats),
             conn: Arc::clone(&self.conn),
         }
+    }
+
+    /// The index of the listener that accepted `stream`, found by its local address (for a
+    /// model that does not keep track of it); 0 when none matches.
+    pub fn listener_of(&self, stream: &TcpStream) -> usize {
+        let Ok(local) = stream.local_addr() else {
+            return 0;
+        };
+        self.listeners
+            .iter()
+            .position(|listener| {
+                listener.local_addr().is_ok_and(|bound| {
+                    bound.port() == local.port()
+                        && (bound.ip().is_unspecified() || bound.ip() == local.ip())
+                })
+            })
+            .unwrap_or(0)
     }
 
     /// What connections on listener `index` start with.
@@ -301,6 +323,7 @@ pub fn run_with(
         Ok(limit) => tracing::debug!(limit, "open files limit"),
         Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
     }
+    let metrics_listener = config.metrics.map(crate::metrics::bind).transpose()?;
     let (listeners, kinds): (Vec<TcpListener>, Vec<ListenerKind>) = match passed {
         Some(passed) => passed.into_iter().unzip(),
         None => (
@@ -343,6 +366,27 @@ pub fn run_with(
         bound.push((ListenerKind::Udp, addr));
     }
     let server = Server::with_kinds(listeners, kinds, config, shutdown)?.with_udp(udp);
+    // Forked while this process still has one thread (see `metrics`).
+    let _metrics = match metrics_listener {
+        Some(listener) => Some(crate::metrics::spawn(
+            listener,
+            crate::metrics::Exposition {
+                stats: Arc::clone(&server.stats),
+                listeners: server
+                    .listeners
+                    .iter()
+                    .zip(&server.kinds)
+                    .map(|(listener, kind)| match listener.local_addr() {
+                        Ok(addr) => format!("{kind}://{addr}"),
+                        Err(_) => kind.to_string(),
+                    })
+                    .collect(),
+                model,
+            },
+            &server.shutdown,
+        )?),
+        None => None,
+    };
     // Listening sockets complete handshakes (and UDP sockets queue datagrams) from now on,
     // before the model first accepts.
     readiness.announce(&bound);

@@ -136,14 +136,14 @@ async fn run(
     let connections = TaskTracker::new();
 
     let mut acceptors = JoinSet::new();
-    for (listener, kind) in listeners {
+    for (index, (listener, kind)) in listeners.into_iter().enumerate() {
         let listener = TcpListener::from_std(listener)
             .map_err(|e| crate::Error::io("cannot register a listener", e))?;
         let room = watch_readable(limit.room_fd())
             .map_err(|e| crate::Error::io("cannot watch the connection limit", e))?;
         acceptors.spawn(accept_loop(
             listener,
-            kind,
+            (index, kind),
             Arc::clone(&limit),
             room,
             stop_accepting.clone(),
@@ -227,7 +227,8 @@ async fn acquire(limit: &Arc<Limit>, room: &AsyncFd<OwnedFd>) -> io::Result<Perm
 /// Accepts connections on one listener until `stop` is cancelled; a task per connection.
 async fn accept_loop(
     listener: TcpListener,
-    kind: ListenerKind,
+    // Which listener (its index in `--listen` order) and what it expects.
+    (index, kind): (usize, ListenerKind),
     limit: Arc<Limit>,
     room: AsyncFd<OwnedFd>,
     stop: CancellationToken,
@@ -271,11 +272,17 @@ async fn accept_loop(
         // Refused: dropping the stream closes it without an echo; the permit frees its slot.
         if kind.expects_proxy_header() {
             if shared.lifecycle.check_proxy_peer(peer).is_ok() {
-                connections.spawn(serve_proxied(stream, peer, permit, Arc::clone(&shared)));
+                connections.spawn(serve_proxied(
+                    stream,
+                    index,
+                    peer,
+                    permit,
+                    Arc::clone(&shared),
+                ));
             }
             continue;
         }
-        let Ok(admitted) = shared.lifecycle.admit(peer) else {
+        let Ok(admitted) = shared.lifecycle.admit(index, peer) else {
             continue;
         };
         connections.spawn(serve_connection(
@@ -320,6 +327,7 @@ async fn serve_connection(
 /// it names and serves it; a missing, bad or late header closes it (counted and logged).
 async fn serve_proxied(
     mut stream: TcpStream,
+    listener: usize,
     proxy: SocketAddr,
     permit: Permit,
     shared: Arc<Shared>,
@@ -341,7 +349,7 @@ async fn serve_proxied(
             return;
         }
     };
-    let Ok(admitted) = shared.lifecycle.admit_proxied(proxy, &header) else {
+    let Ok(admitted) = shared.lifecycle.admit_proxied(listener, proxy, &header) else {
         return;
     };
     serve_connection(stream, admitted, leftover, permit, shared).await;

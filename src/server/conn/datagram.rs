@@ -161,7 +161,7 @@ mod tests {
             udp: Some(policy),
             ..AdmissionConfig::default()
         };
-        Lifecycle::new(&config, Arc::new(Stats::default())).unwrap()
+        Lifecycle::new(&config, Arc::new(Stats::new().unwrap())).unwrap()
     }
 
     fn from(port: u16) -> SocketAddr {

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use socket2::SockRef;
 
 use crate::net::{classify_accept_error, AcceptError};
-use crate::stats::Stats;
+use crate::stats::{EndKind, Stats};
 use admission::{Admission, AdmissionConfig, Refusal};
 use sources::Slot;
 
@@ -145,12 +145,13 @@ impl Lifecycle {
     }
 
     /// Serve or refuse a new connection from `peer` (for a PROXY listener: the header's
-    /// client). On success the connection is counted as open; on refusal it is counted and
-    /// logged, and the caller closes it without an echo.
-    pub fn admit(&self, peer: SocketAddr) -> Result<Admitted, Refusal> {
+    /// client) that arrived on listener number `listener` (its index in `--listen` order). On
+    /// success the connection is counted as open; on refusal it is counted and logged, and the
+    /// caller closes it without an echo.
+    pub fn admit(&self, listener: usize, peer: SocketAddr) -> Result<Admitted, Refusal> {
         match self.admission.admit(canonical_ip(peer)) {
             Ok(slot) => {
-                self.stats.connection_opened();
+                self.stats.connection_opened(listener);
                 tracing::debug!(%peer, "connection accepted");
                 Ok(Admitted {
                     peer,
@@ -196,10 +197,11 @@ impl Lifecycle {
     /// headers, the proxy itself) is admitted as the connection's peer.
     pub fn admit_proxied(
         &self,
+        listener: usize,
         proxy: SocketAddr,
         header: &proxy::ProxyHeader,
     ) -> Result<Admitted, Refusal> {
-        self.admit(header.source.unwrap_or(proxy))
+        self.admit(listener, header.source.unwrap_or(proxy))
     }
 
     /// On a `+proxy` listener: whether the TCP peer may send a PROXY header; an untrusted one is
@@ -213,12 +215,21 @@ impl Lifecycle {
         }
     }
 
-    /// The end of an admitted connection: its one info line, the counters, its slot back.
+    /// The end of an admitted connection that echoed `bytes` (each one received and sent
+    /// back, none counted live): its one info line, the counters, its slot back.
     pub fn close(&self, admitted: Admitted, bytes: u64, end: &End) {
+        self.close_counted(admitted, bytes, bytes, end);
+    }
+
+    /// [`Lifecycle::close`] for a model that counts the bytes received and sent separately
+    /// (they differ when a connection fails with an echo still unsent).
+    pub fn close_counted(&self, admitted: Admitted, received: u64, sent: u64, end: &End) {
+        let bytes = sent;
         if let Some(slot) = admitted.slot {
             self.admission.release(slot);
         }
-        self.stats.connection_closed(bytes);
+        self.stats
+            .connection_closed(EndKind::of(end), received, sent);
         tracing::info!(
             peer = %admitted.peer,
             bytes,
@@ -244,6 +255,7 @@ impl Lifecycle {
     /// [`ACCEPT_WARNING_INTERVAL`], however many workers see it.
     pub fn accept_error(&self, err: &io::Error) -> AcceptError {
         let kind = classify_accept_error(err);
+        self.stats.accept_error(kind);
         if kind == AcceptError::Exhausted {
             let now = self.epoch.elapsed().as_millis() as u64 + 1;
             let last = self.accept_warned_at.load(Ordering::Relaxed);

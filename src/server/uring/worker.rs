@@ -374,7 +374,8 @@ impl<'a> Worker<'a> {
             }
         };
         self.server.conn.configure(&stream, peer);
-        let Ok(admitted) = self.server.conn.admit(peer) else {
+        let listener = self.server.listener_of(&stream);
+        let Ok(admitted) = self.server.conn.admit(listener, peer) else {
             // Refused: closed without an echo.
             drop(stream);
             self.shared.release(self.id);
