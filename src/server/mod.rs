@@ -236,6 +236,21 @@ impl Server {
     }
 }
 
+/// In the models that serve one connection per worker (iterative, prefork, pool), one slow or
+/// never-reading client per worker stops everyone, by design: fine on loopback, a risk where
+/// other machines can connect, so `serve` says so at start.
+fn warn_if_one_client_can_stall(model: Model, listen: &[ListenSpec]) {
+    if !matches!(model, Model::Iterative | Model::Prefork | Model::Pool) {
+        return;
+    }
+    for spec in listen.iter().filter(|spec| !spec.addr.ip().is_loopback()) {
+        tracing::warn!(
+            "{model} serves one connection per worker: on {}, one slow or never-reading client per worker stops every other client; prefer epoll, async or uring where others can connect",
+            spec.addr
+        );
+    }
+}
+
 /// Binds `listen`, installs the SIGINT/SIGTERM handlers, logs where it listens and runs
 /// `model` until shutdown. Starts no thread before the model runs (fork-based models need a
 /// single-threaded parent).
@@ -309,8 +324,16 @@ pub fn run(model: Model, listen: &[ListenSpec], mut config: ServerConfig) -> cra
             .map_err(|e| crate::Error::io("cannot read the bound address", e))?;
         tracing::info!("listening on {addr} (udp://) with the {model} model");
     }
+    warn_if_one_client_can_stall(model, listen);
     let kinds = listen.iter().map(|spec| spec.kind).collect();
     let server = Server::with_kinds(listeners, kinds, config, shutdown)?.with_udp(udp);
+    if !model.forks() {
+        // The fork models' parents must stay single-threaded: they report from their loop.
+        server
+            .shutdown
+            .report_on_request(Arc::clone(&server.stats))
+            .map_err(|e| crate::Error::io("cannot start the SIGUSR1 reporter", e))?;
+    }
     model.serve(&server)?;
     if server.udp.is_empty() {
         tracing::info!(
