@@ -10,7 +10,9 @@
 //!
 //! Cost: N processes exist all the time, and no fork happens per connection, so it is cheap
 //! per connection; but at most N clients are served at once, and the others wait in the
-//! backlog. The parent's counters do not see the workers' connections (each logs its own line).
+//! backlog. One slow or never-reading client per worker stops everyone, by design (`serve`
+//! warns when this model listens on a non-loopback address). The parent's counters do not see
+//! the workers' connections (each logs its own line).
 //!
 //! Admission: each worker decides for the connections it accepts, against per-source counts in
 //! memory the parent mapped shared before forking, so the workers count together. A refusal
