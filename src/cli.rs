@@ -73,7 +73,7 @@ pub struct ServeArgs {
     /// Does not apply to UDP.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
-    /// On SIGINT/SIGTERM, let live connections finish for up to this long, then close them.
+    /// On SIGINT, SIGTERM or SIGHUP, let live connections finish for up to this long, then close them.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
     /// Worker processes or threads (prefork, pool, epoll, async, uring). Default: one per core.

@@ -130,7 +130,7 @@ pub struct ServerConfig {
     pub max_conns: usize,
     /// A connection that sends nothing (or accepts no echo) for this long is closed.
     pub idle_timeout: Option<Duration>,
-    /// After SIGINT/SIGTERM, live connections may finish for this long, then are closed.
+    /// After SIGINT, SIGTERM or SIGHUP, live connections may finish for this long, then are closed.
     pub shutdown_timeout: Duration,
     /// Worker processes or threads, for the models that have a fixed number of them.
     pub workers: usize,
@@ -170,7 +170,7 @@ pub struct Server {
     pub udp: Vec<UdpSocket>,
     /// What the model obeys.
     pub config: ServerConfig,
-    /// Triggered by SIGINT/SIGTERM (or a test).
+    /// Triggered by SIGINT, SIGTERM or SIGHUP (or a test).
     pub shutdown: Shutdown,
     /// Counters the model updates.
     pub stats: Arc<Stats>,
@@ -251,9 +251,9 @@ fn warn_if_one_client_can_stall(model: Model, listen: &[ListenSpec]) {
     }
 }
 
-/// Binds `listen`, installs the SIGINT/SIGTERM handlers, logs where it listens and runs
-/// `model` until shutdown. Starts no thread before the model runs (fork-based models need a
-/// single-threaded parent).
+/// Binds `listen`, installs the signal handlers (`shutdown.rs`), logs where it listens and runs
+/// `model` until shutdown. Starts no thread before a fork-based model runs (its parent must stay
+/// single-threaded); the other models get a thread that logs the SIGUSR1 status line.
 pub fn run(model: Model, listen: &[ListenSpec], mut config: ServerConfig) -> crate::Result<()> {
     if let Some(spec) = listen.iter().find(|spec| {
         !matches!(
