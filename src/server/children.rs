@@ -25,6 +25,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -32,8 +33,6 @@ use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, getpid, getppid, ForkResult, Pid};
 use signal_hook::consts::SIGCHLD;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
-
 use signal_hook::SigId;
 use Signal::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 
@@ -50,10 +49,10 @@ pub(crate) struct Children {
     exits: ExitSignal,
 }
 
-/// SIGCHLD, turned into a readable socket by signal-hook's async-signal-safe handler.
+/// SIGCHLD, turned into a readable socket by signal-hook's async-signal-safe handler. SIGUSR1
+/// (a report request, see `shutdown.rs`) writes to the same socket, so the parent, which may
+/// start no thread, wakes up for it too.
 #[derive(Debug)]
-/// SIGUSR1 (a report request, see `shutdown.rs`) writes to the same socket, so the parent,
-/// which may start no thread, wakes up for it too.
 struct ExitSignal {
     reader: UnixStream,
     /// The writing ends, owned by the signal handlers' registrations (children close them).

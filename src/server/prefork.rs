@@ -78,7 +78,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
                 .shutdown
                 .listener_fds()
                 .into_iter()
-                .chain([server.shutdown.as_fd()])
+                .chain([server.shutdown.as_fd(), server.shutdown.report_fd()])
                 .collect();
             match children.spawn(&inherited, || run_worker(server)) {
                 Ok(pid) => tracing::debug!(%pid, "worker started"),

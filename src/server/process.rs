@@ -127,7 +127,7 @@ fn fork_connection(
         .iter()
         .map(|listener| listener.as_fd())
         .chain(server.shutdown.listener_fds())
-        .chain([server.shutdown.as_fd()])
+        .chain([server.shutdown.as_fd(), server.shutdown.report_fd()])
         .collect();
     // In the parent the closure is dropped, and the parent's copy of the socket with it.
     let spawned = children.spawn(&inherited, move || serve_in_child(stream, screened, server));
