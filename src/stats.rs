@@ -37,6 +37,11 @@ impl Stats {
         self.refused[reason.index()].load(Ordering::Relaxed)
     }
 
+    /// Connections finished so far.
+    pub fn closed(&self) -> u64 {
+        self.closed.load(Ordering::Relaxed)
+    }
+
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)

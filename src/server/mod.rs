@@ -82,6 +82,11 @@ impl Model {
         }
     }
 
+    /// Whether the model forks processes (so its parent must stay single-threaded).
+    pub fn forks(self) -> bool {
+        matches!(self, Model::Process | Model::Prefork)
+    }
+
     /// Whether the model serves `udp://` listeners.
     pub fn serves_udp(self) -> bool {
         matches!(
