@@ -102,14 +102,14 @@ pub struct ServeArgs {
     /// Does not apply to UDP.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
-    /// On SIGINT/SIGTERM, let live connections finish for up to this long, then close them.
+    /// On SIGINT, SIGTERM or SIGHUP, let live connections finish for up to this long, then close them.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
     /// Worker processes or threads (prefork, pool, epoll, async, uring). Default: one per core.
     #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..4097))]
     pub workers: Option<u64>,
-    /// Stack size of connection threads (thread model), e.g. 128KiB.
-    #[arg(long, value_name = "BYTES", default_value = "128KiB", value_parser = parse_size)]
+    /// Stack size of connection threads (thread model), e.g. 128KiB (from 16KiB to 256MiB).
+    #[arg(long, value_name = "BYTES", default_value = "128KiB", value_parser = parse_thread_stack)]
     pub thread_stack: u64,
     /// Once every listener accepts, write one line per listener to descriptor N ("tcp
     /// 127.0.0.1:4000", "tcp+proxy [::1]:4001": kind and bound address), then close it: for
@@ -218,8 +218,8 @@ impl ServeArgs {
             idle_timeout: self.idle_timeout,
             shutdown_timeout: self.shutdown_timeout,
             workers: self.workers.map_or(defaults.workers, |w| w as usize),
-            // Below 16 KiB a thread cannot even format a log line.
-            thread_stack: (self.thread_stack as usize).max(16 * 1024),
+            // Within THREAD_STACK_RANGE, so it fits a usize.
+            thread_stack: usize::try_from(self.thread_stack).unwrap_or(usize::MAX),
             admission: AdmissionConfig {
                 udp: Some(self.udp.policy()),
                 ..self.admission.config()
@@ -227,6 +227,86 @@ impl ServeArgs {
             metrics: self.metrics,
         }
     }
+}
+
+/// The shortest `--idle-timeout`: below it, ordinary scheduling delays would close clients that
+/// are not idle at all.
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// `--thread-stack` bounds: below 16 KiB a thread cannot even format a log line; above 256 MiB
+/// a few hundred connections would reserve more address space than most machines have.
+pub const THREAD_STACK_RANGE: std::ops::RangeInclusive<u64> = (16 << 10)..=(256 << 20);
+
+/// `bench --rate` bounds, in requests per second: below the minimum the schedule's interval
+/// stops being a time anyone would wait for.
+pub const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.001..=1e9;
+
+/// Parses `--idle-timeout`: a duration of at least [`MIN_IDLE_TIMEOUT`].
+pub fn parse_idle_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text)?;
+    if timeout < MIN_IDLE_TIMEOUT {
+        return Err(format!(
+            "invalid idle timeout '{text}': must be at least {MIN_IDLE_TIMEOUT:?}"
+        ));
+    }
+    Ok(timeout)
+}
+
+/// Parses `--thread-stack`: a size within [`THREAD_STACK_RANGE`].
+pub fn parse_thread_stack(text: &str) -> Result<u64, String> {
+    let size = parse_size(text)?;
+    if !THREAD_STACK_RANGE.contains(&size) {
+        return Err(format!(
+            "invalid thread stack '{text}': must be from 16KiB to 256MiB"
+        ));
+    }
+    Ok(size)
+}
+
+/// Parses `bench --rate`: requests per second within [`RATE_RANGE`].
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if RATE_RANGE.contains(&rate) => Ok(rate),
+        _ => Err(format!(
+            "invalid rate '{text}': expected requests per second, from {} to {}",
+            RATE_RANGE.start(),
+            RATE_RANGE.end()
+        )),
+    }
+}
+
+/// Parses a CPU list (see [`crate::bench::compare::parse_cpu_list`]) whose every CPU this
+/// process may run on, so a pinned child cannot fail later.
+pub fn parse_usable_cpu_list(text: &str) -> Result<crate::bench::compare::CpuList, String> {
+    let list = crate::bench::compare::parse_cpu_list(text)?;
+    // The kernel's own list of the CPUs this process may run on, in the same syntax.
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| format!("cannot read the CPUs this process may use: {e}"))?;
+    let usable = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .and_then(|allowed| crate::bench::compare::parse_cpu_list(allowed.trim()).ok())
+        .ok_or("cannot read the CPUs this process may use from /proc/self/status")?;
+    if let Some(cpu) = list.cpus().iter().find(|cpu| !usable.cpus().contains(cpu)) {
+        return Err(format!(
+            "invalid CPU list '{text}': CPU {cpu} is not available here (available: {usable})"
+        ));
+    }
+    Ok(list)
+}
+
+/// Parses `compare --external NAME=ADDR[@PID]` (see [`crate::bench::compare::parse_external`]);
+/// a PID must name a running process.
+pub fn parse_running_external(text: &str) -> Result<crate::bench::compare::External, String> {
+    let external = crate::bench::compare::parse_external(text)?;
+    if let Some(pid) = external.pid {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(format!(
+                "invalid external server '{text}': no process has PID {pid}"
+            ));
+        }
+    }
+    Ok(external)
 }
 
 /// Parses an address for clap (see [`crate::net::parse_addr`]).
@@ -293,6 +373,28 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn refuses_values_that_cannot_work() {
+        assert!(parse_idle_timeout("0").is_err());
+        assert!(parse_idle_timeout("1ns").is_err());
+        assert_eq!(
+            parse_idle_timeout("100ms").unwrap(),
+            Duration::from_millis(100)
+        );
+        assert!(parse_thread_stack("18446744073709551615").is_err());
+        assert!(parse_thread_stack("1k").is_err());
+        assert_eq!(parse_thread_stack("128KiB").unwrap(), 128 << 10);
+        assert_eq!(parse_rate("2500"), Ok(2500.0));
+        for bad in ["1e-19", "0", "-5", "fast", "NaN", "inf", "2e9"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        assert!(parse_usable_cpu_list("0").is_ok());
+        assert!(parse_usable_cpu_list("1000").is_err());
+        let me = format!("me=127.0.0.1:1@{}", std::process::id());
+        assert!(parse_running_external(&me).is_ok());
+        assert!(parse_running_external("x=127.0.0.1:1@2147483647").is_err());
     }
 
     #[test]

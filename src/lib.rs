@@ -12,8 +12,8 @@
 //!   (`--ready-fd`, `sd_notify`).
 //! - [`net`]: binding listeners (backlog, address reuse), per-connection socket options,
 //!   the open-files limit, and the accept-error classification every model shares.
-//! - [`shutdown`]: the one shutdown signal (SIGINT/SIGTERM or a programmatic trigger) that
-//!   every model obeys.
+//! - [`shutdown`]: the one shutdown signal (SIGINT, SIGTERM, SIGHUP or a programmatic
+//!   trigger) that every model obeys, and the SIGUSR1 status line.
 //! - [`limits`]: the connection limit and the registry of live connections that lets a
 //!   blocking model wait for them to finish and then close them at the shutdown deadline.
 //! - [`stats`]: cheap counters of connections and bytes, in memory shared across forks, a

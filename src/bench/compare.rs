@@ -79,14 +79,14 @@ pub struct CompareArgs {
     #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..4097))]
     pub workers: Option<u64>,
     /// Pin the servers to these CPUs, e.g. 0 or 0-1.
-    #[arg(long, value_name = "CPUS", value_parser = parse_cpu_list)]
+    #[arg(long, value_name = "CPUS", value_parser = crate::cli::parse_usable_cpu_list)]
     pub server_cpus: Option<CpuList>,
     /// Pin the load generator to these CPUs, e.g. 1 or 2,3.
-    #[arg(long, value_name = "CPUS", value_parser = parse_cpu_list)]
+    #[arg(long, value_name = "CPUS", value_parser = crate::cli::parse_usable_cpu_list)]
     pub client_cpus: Option<CpuList>,
     /// Also compare an echo server that is already running: NAME=ADDR, or NAME=ADDR@PID to
     /// measure its CPU time and memory too. Repeatable.
-    #[arg(long, value_name = "NAME=ADDR[@PID]", value_parser = parse_external)]
+    #[arg(long, value_name = "NAME=ADDR[@PID]", value_parser = crate::cli::parse_running_external)]
     pub external: Vec<External>,
     /// Connection churn: every bench run opens a new connection per round trip, so the
     /// report shows what a connection costs each model (a fork, a thread, a task...).

@@ -3,15 +3,20 @@
 //! each wake-up (signals coalesce: one SIGCHLD may stand for many exits, the seeds' defect),
 //! and stopping the children at shutdown.
 //!
-//! Signals around `fork()`: the parent blocks SIGINT and SIGTERM across the call, so a signal
-//! arriving before the child has set its own dispositions waits, instead of running the
-//! parent's handler in the child (which would write to the parent's shutdown socket). In the
-//! child, SIGINT is ignored (Ctrl-C reaches the whole process group; the parent decides and
-//! tells its children), SIGCHLD gets its default action, the parent's descriptors the child
-//! does not use are closed, and `PR_SET_PDEATHSIG` asks for SIGTERM if the parent dies, so the
-//! children of a killed parent shut down within their own deadline rather than linger. What
-//! SIGTERM does in a child is the model's choice: it is still blocked when the model's code
-//! starts in the child.
+//! No child outlives its parent. Signals around `fork()`: the parent blocks the signals it
+//! handles (SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2) across the call, so one arriving before
+//! the child has set its own dispositions waits, instead of running the parent's handler in the
+//! child (which would write to the parent's descriptors). In the child, SIGINT, SIGHUP, SIGUSR1
+//! and SIGUSR2 are ignored (a terminal or `kill -SIG -PGID` reaches the whole process group;
+//! the parent decides and tells its children with SIGTERM), SIGCHLD gets its default action,
+//! the parent's descriptors the child does not use are closed, and `PR_SET_PDEATHSIG` asks for
+//! SIGTERM if the parent dies however it dies (SIGKILL included), so the children of a dead
+//! parent drain within their own deadline. What SIGTERM does in a child is the model's choice
+//! (it is still blocked when the model's code starts), with three rules every model follows:
+//! stop accepting at once ([`release_listeners`]), give the connection at most
+//! `--shutdown-timeout`, or nothing when the parent left through the forced exit of a second
+//! Ctrl-C ([`drain_time`]), and arm the child's own hard deadline ([`arm_backstop`]): a SIGKILL
+//! [`STRAGGLER_GRACE`] after the drain, since a dead parent cannot send it.
 //!
 //! SIGPIPE stays ignored (Rust's runtime ignores it at start and children inherit that).
 
@@ -20,6 +25,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -28,6 +34,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, getpid, getppid, ForkResult, Pid};
 use signal_hook::consts::SIGCHLD;
 use signal_hook::SigId;
+use Signal::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 
 use crate::wake::poll_readable;
 
@@ -42,19 +49,23 @@ pub(crate) struct Children {
     exits: ExitSignal,
 }
 
-/// SIGCHLD, turned into a readable socket by signal-hook's async-signal-safe handler.
+/// SIGCHLD, turned into a readable socket by signal-hook's async-signal-safe handler. SIGUSR1
+/// (a report request, see `shutdown.rs`) writes to the same socket, so the parent, which may
+/// start no thread, wakes up for it too.
 #[derive(Debug)]
 struct ExitSignal {
     reader: UnixStream,
-    /// The writing end, owned by the signal handler's registration (children close it).
-    writer: RawFd,
-    id: SigId,
+    /// The writing ends, owned by the signal handlers' registrations (children close them).
+    writers: [RawFd; 2],
+    ids: [SigId; 2],
 }
 
 impl Drop for ExitSignal {
     fn drop(&mut self) {
-        // Removes the handler, which closes the writing end.
-        signal_hook::low_level::unregister(self.id);
+        // Removes the handlers, which closes the writing ends.
+        for id in self.ids {
+            signal_hook::low_level::unregister(id);
+        }
     }
 }
 
@@ -75,19 +86,27 @@ impl Exited {
 }
 
 impl Children {
-    /// Starts watching SIGCHLD. Starts no thread.
+    /// Starts watching SIGCHLD (and SIGUSR1, see [`ExitSignal`]). Starts no thread.
     pub fn new() -> io::Result<Self> {
         let (reader, writer) = UnixStream::pair()?;
         reader.set_nonblocking(true)?;
         writer.set_nonblocking(true)?;
-        let writer_fd = writer.as_raw_fd();
-        let id = signal_hook::low_level::pipe::register(SIGCHLD, writer)?;
+        let for_reports = writer.try_clone()?;
+        let writers = [writer.as_raw_fd(), for_reports.as_raw_fd()];
+        let exits = signal_hook::low_level::pipe::register(SIGCHLD, writer)?;
+        let reports = match signal_hook::low_level::pipe::register(libc::SIGUSR1, for_reports) {
+            Ok(id) => id,
+            Err(e) => {
+                signal_hook::low_level::unregister(exits);
+                return Err(e);
+            }
+        };
         Ok(Children {
             live: HashMap::new(),
             exits: ExitSignal {
                 reader,
-                writer: writer_fd,
-                id,
+                writers,
+                ids: [exits, reports],
             },
         })
     }
@@ -97,7 +116,7 @@ impl Children {
         self.live.len()
     }
 
-    /// Readable after a child exited; [`Children::reap`] consumes it.
+    /// Readable after a child exited (or SIGUSR1); [`Children::reap`] consumes it.
     pub fn exit_fd(&self) -> BorrowedFd<'_> {
         self.exits.reader.as_fd()
     }
@@ -113,7 +132,7 @@ impl Children {
         child: impl FnOnce() -> i32,
     ) -> io::Result<Pid> {
         let parent = getpid();
-        let previous = shutdown_signals().thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+        let previous = parent_signals().thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
         // SAFETY: the fork-based models run in a single-threaded parent (no runtime, no
         // logging thread, and Shutdown::on_signals starts none), so no other thread can hold a
         // lock or be midway through an allocation that the child's copy of memory would freeze.
@@ -121,7 +140,8 @@ impl Children {
         match forked {
             Ok(ForkResult::Child) => {
                 let mut unused: Vec<RawFd> = inherited.iter().map(|fd| fd.as_raw_fd()).collect();
-                unused.extend([self.exits.reader.as_raw_fd(), self.exits.writer]);
+                unused.push(self.exits.reader.as_raw_fd());
+                unused.extend(self.exits.writers);
                 become_child(parent, &unused);
                 // A panic must not unwind into the parent's code path (the accept loop).
                 let status = panic::catch_unwind(AssertUnwindSafe(child)).unwrap_or(101);
@@ -235,23 +255,29 @@ pub(crate) fn log_exit(exit: &Exited, what: &str) {
     }
 }
 
-fn shutdown_signals() -> SigSet {
+/// The signals the parent handles, blocked across `fork()`.
+fn parent_signals() -> SigSet {
     let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
+    for signal in [SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2] {
+        set.add(signal);
+    }
     set
 }
 
-/// The child's side of `spawn`: dispositions, descriptors, parent-death signal.
+/// The child's side of `spawn`: dispositions, descriptors, parent-death signal, backstop timer.
 fn become_child(parent: Pid, unused: &[RawFd]) {
     // SAFETY: SIG_IGN and SIG_DFL install no handler code. This replaces signal-hook's
     // handlers in the child only; the parent's are untouched.
     unsafe {
-        let _ = signal::signal(Signal::SIGINT, SigHandler::SigIgn);
+        for ignored in [SIGINT, SIGHUP, SIGUSR1, SIGUSR2] {
+            let _ = signal::signal(ignored, SigHandler::SigIgn);
+        }
         let _ = signal::signal(Signal::SIGCHLD, SigHandler::SigDfl);
     }
-    // Ignored now, so a pending Ctrl-C is discarded.
-    let _ = SigSet::from(Signal::SIGINT).thread_unblock();
+    // Ignored now, so pending ones are discarded; SIGTERM stays blocked for the model.
+    let mut ignored = parent_signals();
+    ignored.remove(SIGTERM);
+    let _ = ignored.thread_unblock();
     for &fd in unused {
         // SAFETY: these descriptors belong to objects of the parent's code path (listeners,
         // wake-up sockets) that the child never uses and never drops: it leaves through
@@ -259,11 +285,94 @@ fn become_child(parent: Pid, unused: &[RawFd]) {
         // touches a reused number.
         unsafe { libc::close(fd) };
     }
+    if let Err(e) = create_backstop() {
+        tracing::warn!("cannot create the shutdown backstop timer: {e}");
+    }
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
-        tracing::debug!("cannot set the parent-death signal: {e}");
+        tracing::warn!("cannot set the parent-death signal: {e}");
     }
     if getppid() != parent {
         // The parent died before the line above: act as if the death signal had come.
         let _ = signal::kill(getpid(), Signal::SIGTERM);
+    }
+}
+
+/// How long a child draining its connection may take: `timeout`, or nothing when its parent
+/// left through the forced exit of a second SIGINT. Async-signal-safe.
+pub(crate) fn drain_time(timeout: Duration) -> Duration {
+    if crate::shutdown::forced_exit_started() {
+        Duration::ZERO
+    } else {
+        timeout
+    }
+}
+
+/// The child's hard deadline: a POSIX timer that delivers SIGKILL (which nothing can block or
+/// handle), created at the fork, armed by [`arm_backstop`].
+static BACKSTOP: AtomicPtr<libc::c_void> = AtomicPtr::new(std::ptr::null_mut());
+static BACKSTOP_CREATED: AtomicBool = AtomicBool::new(false);
+
+fn create_backstop() -> io::Result<()> {
+    // SAFETY: a zeroed sigevent is valid; the fields set make it "deliver SIGKILL".
+    let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+    event.sigev_notify = libc::SIGEV_SIGNAL;
+    event.sigev_signo = libc::SIGKILL;
+    let mut timer: libc::timer_t = std::ptr::null_mut();
+    // SAFETY: `event` and `timer` are valid for the call; the timer belongs to this process.
+    if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    BACKSTOP.store(timer, Ordering::SeqCst);
+    BACKSTOP_CREATED.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Arms the child's SIGKILL for `drain` + [`STRAGGLER_GRACE`] from now (a child's shutdown
+/// calls it once; later calls move it). Async-signal-safe: timer_settime(2) only.
+pub(crate) fn arm_backstop(drain: Duration) {
+    if !BACKSTOP_CREATED.load(Ordering::SeqCst) {
+        return;
+    }
+    let after = drain.saturating_add(STRAGGLER_GRACE);
+    let value = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: after.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+            tv_nsec: after.subsec_nanos() as libc::c_long,
+        },
+    };
+    let saved = Errno::last_raw();
+    // SAFETY: the timer was created by `create_backstop` in this process and never deleted;
+    // `value` is a valid itimerspec and the old value is not asked for.
+    unsafe {
+        libc::timer_settime(
+            BACKSTOP.load(Ordering::SeqCst),
+            0,
+            &value,
+            std::ptr::null_mut(),
+        )
+    };
+    Errno::set_raw(saved);
+}
+
+/// Stops this process accepting on `listeners` at once without closing their descriptors
+/// (another thread may be polling them, and a closed number could be reused): each is replaced,
+/// with dup2(2), by a fresh socket that never listens, so `accept()` on it fails with EINVAL
+/// (the acceptor's "stopped listening"). Once every process has done so the listening socket is
+/// gone and its port free, while the other workers of a live parent keep theirs.
+pub(crate) fn release_listeners(listeners: &[RawFd]) {
+    for &fd in listeners {
+        // SAFETY: socket(2) and dup2(2) on descriptors this process owns; dup2 atomically
+        // replaces what `fd` refers to and keeps the number valid for its owner, which closes it.
+        unsafe {
+            let dead = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if dead >= 0 {
+                libc::dup2(dead, fd);
+                libc::close(dead);
+            }
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! This is the seeds' "synchronous blocking I/O" starting point, kept on purpose: it shows the
 //! problem every other model solves. While one client is served, the next waits in the listen
 //! backlog (its connect succeeds, but nothing is echoed). Cost: none beyond one buffer; the
-//! limit is one client. Shutdown: stop accepting, let the current client finish for up to the
+//! limit is one client, so one slow or never-reading client stops everyone, by design (`serve`
+//! warns when this model listens on a non-loopback address). Shutdown: stop accepting, let the current client finish for up to the
 //! shutdown timeout, then close it (a watchdog thread enforces the deadline, since the main
 //! thread is inside the blocking echo loop).
 //!

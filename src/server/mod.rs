@@ -84,6 +84,11 @@ impl Model {
         }
     }
 
+    /// Whether the model forks processes (so its parent must stay single-threaded).
+    pub fn forks(self) -> bool {
+        matches!(self, Model::Process | Model::Prefork)
+    }
+
     /// Whether the model serves `udp://` listeners.
     pub fn serves_udp(self) -> bool {
         matches!(
@@ -132,7 +137,7 @@ pub struct ServerConfig {
     pub max_conns: usize,
     /// A connection that sends nothing (or accepts no echo) for this long is closed.
     pub idle_timeout: Option<Duration>,
-    /// After SIGINT/SIGTERM, live connections may finish for this long, then are closed.
+    /// After SIGINT, SIGTERM or SIGHUP, live connections may finish for this long, then are closed.
     pub shutdown_timeout: Duration,
     /// Worker processes or threads, for the models that have a fixed number of them.
     pub workers: usize,
@@ -175,7 +180,7 @@ pub struct Server {
     pub udp: Vec<UdpSocket>,
     /// What the model obeys.
     pub config: ServerConfig,
-    /// Triggered by SIGINT/SIGTERM (or a test).
+    /// Triggered by SIGINT, SIGTERM or SIGHUP (or a test).
     pub shutdown: Shutdown,
     /// Counters the model updates.
     pub stats: Arc<Stats>,
@@ -257,6 +262,21 @@ impl Server {
     /// What connections on listener `index` start with.
     pub fn kind(&self, index: usize) -> ListenerKind {
         self.kinds[index]
+    }
+}
+
+/// In the models that serve one connection per worker (iterative, prefork, pool), one slow or
+/// never-reading client per worker stops everyone, by design: fine on loopback, a risk where
+/// other machines can connect, so `serve` says so at start.
+fn warn_if_one_client_can_stall(model: Model, listen: &[ListenSpec]) {
+    if !matches!(model, Model::Iterative | Model::Prefork | Model::Pool) {
+        return;
+    }
+    for spec in listen.iter().filter(|spec| !spec.addr.ip().is_loopback()) {
+        tracing::warn!(
+            "{model} serves one connection per worker: on {}, one slow or never-reading client per worker stops every other client; prefer epoll, async or uring where others can connect",
+            spec.addr
+        );
     }
 }
 
@@ -365,6 +385,7 @@ pub fn run_with(
         tracing::info!("listening on {addr} (udp://) with the {model} model");
         bound.push((ListenerKind::Udp, addr));
     }
+    warn_if_one_client_can_stall(model, listen);
     let server = Server::with_kinds(listeners, kinds, config, shutdown)?.with_udp(udp);
     // Forked while this process still has one thread (see `metrics`).
     let _metrics = match metrics_listener {
@@ -387,6 +408,14 @@ pub fn run_with(
         )?),
         None => None,
     };
+    if !model.forks() {
+        // The fork models' parents must stay single-threaded: they report from their loop.
+        // (Started after the metrics process is forked, for the same reason.)
+        server
+            .shutdown
+            .report_on_request(Arc::clone(&server.stats))
+            .map_err(|e| crate::Error::io("cannot start the SIGUSR1 reporter", e))?;
+    }
     // Listening sockets complete handshakes (and UDP sockets queue datagrams) from now on,
     // before the model first accepts.
     readiness.announce(&bound);

@@ -4,7 +4,9 @@
 //! The acceptor admits at most `workers + queue` connections (and never more than
 //! `--max-conns`); beyond that it stops accepting, so further clients wait in the listen
 //! backlog. A queued or backlogged client connects at once but is echoed only when a worker
-//! frees up: the pool bounds threads and memory, at the price of waiting. Shutdown: stop
+//! frees up: the pool bounds threads and memory, at the price of waiting, and one slow or
+//! never-reading client per worker stops everyone, by design (`serve` warns when this model
+//! listens on a non-loopback address). Shutdown: stop
 //! accepting, let queued and live connections finish up to the shutdown timeout, then close
 //! them; the workers then see the queue end and exit.
 //!

@@ -10,7 +10,9 @@
 //!
 //! Cost: N processes exist all the time, and no fork happens per connection, so it is cheap
 //! per connection; but at most N clients are served at once, and the others wait in the
-//! backlog. The parent's counters do not see the workers' connections (each logs its own line).
+//! backlog. One slow or never-reading client per worker stops everyone, by design (`serve`
+//! warns when this model listens on a non-loopback address). The parent's counters do not see
+//! the workers' connections (each logs its own line).
 //!
 //! Admission: each worker decides for the connections it accepts, against per-source counts in
 //! memory the parent mapped shared before forking, so the workers count together. A refusal
@@ -22,8 +24,12 @@
 //! a thread of its own, which triggers the worker's shutdown: it stops accepting, lets its
 //! current client finish for up to `--shutdown-timeout`, then shuts that socket down and exits.
 //! The parent reaps them all, SIGKILLs any still running a second after the deadline, and
-//! exits 0. A worker whose parent dies gets SIGTERM (`PR_SET_PDEATHSIG`) and shuts down the
-//! same way.
+//! exits 0. On SIGTERM a worker first releases its copies of the listeners (`children.rs`), so
+//! once every worker has, the port is free again even when the parent died without stopping
+//! them. A worker whose parent dies, however it dies, gets SIGTERM (`PR_SET_PDEATHSIG`) and
+//! shuts down the same way (at once after the forced exit of a second Ctrl-C), with its own
+//! SIGKILL timer as the backstop. SIGUSR1 makes the parent log a status line; workers ignore
+//! SIGHUP, SIGUSR1 and SIGUSR2 (`shutdown.rs`).
 //!
 //! UDP: each worker also runs the blocking UDP loop on its inherited `udp://` sockets, on a
 //! thread of its own, so N processes share each socket (the kernel hands each datagram to one
@@ -32,14 +38,14 @@
 //! `--udp-rate` buckets are in the shared table, so the workers count together. At shutdown
 //! each worker's UDP loop stops when it gets its SIGTERM.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::limits::Connections;
-use crate::server::children::{Children, Exited};
+use crate::server::children::{self, Children, Exited};
 use crate::server::iterative::serve_one_at_a_time;
 use crate::server::Server;
 use crate::shutdown::Shutdown;
@@ -67,7 +73,14 @@ pub fn serve(server: &Server) -> crate::Result<()> {
             break Ok(());
         }
         while children.len() < workers && restarts.due() {
-            match children.spawn(&[server.shutdown.as_fd()], || run_worker(server)) {
+            // A worker keeps only the listeners it accepts on (it releases them at its shutdown).
+            let inherited: Vec<_> = server
+                .shutdown
+                .listener_fds()
+                .into_iter()
+                .chain([server.shutdown.as_fd(), server.shutdown.report_fd()])
+                .collect();
+            match children.spawn(&inherited, || run_worker(server)) {
                 Ok(pid) => tracing::debug!(%pid, "worker started"),
                 Err(e) => {
                     tracing::warn!("cannot fork a worker: {e}; retrying");
@@ -81,6 +94,9 @@ pub fn serve(server: &Server) -> crate::Result<()> {
             Err(e) => break Err(crate::Error::io("cannot wait for workers", e)),
         };
         if ready[1] {
+            if server.shutdown.take_report_request() {
+                crate::shutdown::log_report(&server.stats, Some(children.len()));
+            }
             for exit in children.reap() {
                 replace(&exit, &mut restarts, &server.shutdown);
             }
@@ -167,17 +183,6 @@ fn run_worker(parent: &Server) -> i32 {
 fn worker(parent: &Server) -> crate::Result<()> {
     let shutdown =
         Shutdown::new().map_err(|e| crate::Error::io("cannot create the shutdown signal", e))?;
-    // SIGTERM is still blocked from the fork, in this thread and so in every thread it starts;
-    // this thread takes it with sigwait (no handler runs), which is fork- and thread-safe.
-    let on_signal = shutdown.clone();
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let sigterm = SigSet::from(Signal::SIGTERM);
-            while sigterm.wait() != Ok(Signal::SIGTERM) {}
-            on_signal.trigger();
-        })
-        .map_err(|e| crate::Error::io("cannot start the signal thread", e))?;
     let listeners = parent
         .listeners
         .iter()
@@ -190,9 +195,45 @@ fn worker(parent: &Server) -> crate::Result<()> {
         .map(|socket| socket.try_clone())
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| crate::Error::io("cannot share the UDP sockets", e))?;
-    let server = parent.worker(listeners, shutdown).with_udp(udp);
     let connections = Connections::new(1)
         .map_err(|e| crate::Error::io("cannot create the connection registry", e))?;
+    // Every descriptor of the listening sockets in this process: the parent's (unused here,
+    // never dropped in a child) and this worker's duplicates.
+    let listening: Vec<RawFd> = parent
+        .listeners
+        .iter()
+        .chain(&listeners)
+        .map(|listener| listener.as_raw_fd())
+        .collect();
+    // SIGTERM is still blocked from the fork, in this thread and so in every thread it starts;
+    // this thread takes it with sigwait (no handler runs), which is fork- and thread-safe.
+    let on_signal = shutdown.clone();
+    let live = connections.clone();
+    let timeout = parent.config.shutdown_timeout;
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sigterm = SigSet::from(Signal::SIGTERM);
+            while sigterm.wait() != Ok(Signal::SIGTERM) {}
+            // Stop accepting at once, even if the parent died without stopping the listeners.
+            children::release_listeners(&listening);
+            let mut drain = children::drain_time(timeout);
+            children::arm_backstop(drain);
+            on_signal.trigger();
+            // Later SIGTERMs (the parent's death signal after its forced exit) cut it short.
+            loop {
+                if drain.is_zero() {
+                    live.close_all();
+                }
+                while sigterm.wait() != Ok(Signal::SIGTERM) {}
+                if !drain.is_zero() && children::drain_time(timeout).is_zero() {
+                    drain = Duration::ZERO;
+                    children::arm_backstop(drain);
+                }
+            }
+        })
+        .map_err(|e| crate::Error::io("cannot start the signal thread", e))?;
+    let server = parent.worker(listeners, shutdown).with_udp(udp);
     let watchdog = connections.close_at_deadline(
         &server.shutdown,
         server.config.shutdown_timeout,

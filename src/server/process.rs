@@ -27,7 +27,10 @@
 //! timer for `--shutdown-timeout`, lets its client finish meanwhile, and when the timer fires
 //! shuts its socket down, which ends the echo loop (one log line) and the child. The parent
 //! reaps them, SIGKILLs any still running a second after the deadline, and exits 0. A child
-//! whose parent dies gets SIGTERM (`PR_SET_PDEATHSIG`) and so ends within its own deadline.
+//! whose parent dies, however it dies, gets SIGTERM (`PR_SET_PDEATHSIG`) and so ends within its
+//! own deadline, or at once after the forced exit of a second Ctrl-C; its own SIGKILL timer
+//! backs that up, since a dead parent sends none (`children.rs`). SIGUSR1 makes the parent log
+//! a status line; children ignore SIGHUP, SIGUSR1 and SIGUSR2 (`shutdown.rs`).
 
 use std::collections::HashMap;
 use std::net::TcpStream;
@@ -41,7 +44,7 @@ use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::unistd::Pid;
 
 use crate::server::accept::{Accepted, Acceptor, Screened};
-use crate::server::children::{log_exit, Children};
+use crate::server::children::{self, log_exit, Children};
 use crate::server::conn::limit::{Limit, Permit};
 use crate::server::conn::sources::Slot;
 use crate::server::{echo, Server};
@@ -83,6 +86,9 @@ pub fn serve(server: &Server) -> crate::Result<()> {
                 }
             }
             Ok(Accepted::Woken) => {
+                if server.shutdown.take_report_request() {
+                    crate::shutdown::log_report(&server.stats, Some(children.len()));
+                }
                 for exit in children.reap() {
                     log_exit(&exit, "connection process");
                     if let Some((_permit, Some(slot))) = held.remove(&exit.pid) {
@@ -121,7 +127,7 @@ fn fork_connection(
         .iter()
         .map(|listener| listener.as_fd())
         .chain(server.shutdown.listener_fds())
-        .chain([server.shutdown.as_fd()])
+        .chain([server.shutdown.as_fd(), server.shutdown.report_fd()])
         .collect();
     // In the parent the closure is dropped, and the parent's copy of the socket with it.
     let spawned = children.spawn(&inherited, move || serve_in_child(stream, screened, server));
@@ -176,13 +182,21 @@ fn close_after_deadline_on_sigterm(stream: &TcpStream, timeout: Duration) -> nix
     SigSet::from(Signal::SIGTERM).thread_unblock()
 }
 
-/// SIGTERM in a child: the connection may go on until the deadline (the first SIGTERM counts).
+/// SIGTERM in a child: the connection may go on until the deadline (the first SIGTERM counts;
+/// none after the forced exit), and the child's SIGKILL backstop is armed.
 extern "C" fn start_drain(_: libc::c_int) {
     if DRAINING.swap(true, Ordering::SeqCst) {
+        // A later SIGTERM (the parent's death signal after its forced exit) cuts it short.
+        if children::drain_time(Duration::MAX).is_zero() {
+            children::arm_backstop(Duration::ZERO);
+            close_connection(0);
+        }
         return;
     }
     let saved = Errno::last_raw();
-    let micros = DRAIN_MICROS.load(Ordering::SeqCst);
+    let allowed = Duration::from_micros(DRAIN_MICROS.load(Ordering::SeqCst));
+    let micros = children::drain_time(allowed).as_micros() as u64;
+    children::arm_backstop(Duration::from_micros(micros));
     if micros == 0 {
         close_connection(0);
     } else {
