@@ -98,9 +98,9 @@ pub struct ServeArgs {
     /// Does not apply to UDP: a datagram is not a connection.
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_conns: u64,
-    /// Close a connection that sends nothing (or accepts no echo) for this long, e.g. 30s.
-    /// Does not apply to UDP.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    /// Close a connection that sends nothing (or accepts no echo) for this long, e.g. 30s (at
+    /// least 100ms). Does not apply to UDP.
+    #[arg(long, value_name = "DURATION", value_parser = parse_idle_timeout)]
     pub idle_timeout: Option<Duration>,
     /// On SIGINT, SIGTERM or SIGHUP, let live connections finish for up to this long, then close them.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
