@@ -274,21 +274,8 @@ impl ForcedExit {
             return Ok(ForcedExit(unsafe { &*existing }));
         }
         let size = std::mem::size_of::<AtomicBool>();
-        // SAFETY: an anonymous shared mapping of `size` bytes; no file, no fixed address.
-        let mapped = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if mapped == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let flag = mapped.cast::<AtomicBool>();
+        let mapped = crate::server::conn::shared_mem::map_shared_zeroed(size)?;
+        let flag = mapped.as_ptr().cast::<AtomicBool>();
         match FORCED_EXIT.compare_exchange(
             std::ptr::null_mut(),
             flag,
@@ -299,7 +286,7 @@ impl ForcedExit {
             Ok(_) => Ok(ForcedExit(unsafe { &*flag })),
             Err(winner) => {
                 // SAFETY: our own mapping, unused; the winner's lives on.
-                unsafe { libc::munmap(mapped, size) };
+                unsafe { libc::munmap(mapped.as_ptr().cast(), size) };
                 // SAFETY: as for `existing` above.
                 Ok(ForcedExit(unsafe { &*winner }))
             }

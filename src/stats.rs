@@ -152,24 +152,11 @@ impl Stats {
                 libc::pthread_atfork(None, None, Some(forget_block_after_fork));
             }
         });
-        let size = std::mem::size_of::<Region>();
-        // SAFETY: an anonymous shared mapping of `size` bytes; no file, no fixed address.
-        let mapped = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if mapped == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
         // A fresh anonymous mapping is zero-filled and page-aligned: all-zero atomics are
         // valid zero counters, and a page is aligned for `Region`.
-        let region = NonNull::new(mapped.cast::<Region>()).expect("mmap returned null");
+        let region =
+            crate::server::conn::shared_mem::map_shared_zeroed(std::mem::size_of::<Region>())?
+                .cast::<Region>();
         Ok(Stats { region })
     }
 

@@ -26,7 +26,7 @@ pub mod admission;
 pub mod datagram;
 pub mod limit;
 pub mod proxy;
-mod shared_mem;
+pub(crate) mod shared_mem;
 pub mod sources;
 
 use std::fmt;

@@ -39,24 +39,32 @@ unsafe impl Zeroable for u64 {}
 // SAFETY: as above.
 unsafe impl Zeroable for u32 {}
 
+/// Maps `size` bytes of anonymous memory shared with every process forked afterwards: zero-filled
+/// and page-aligned, never moved. The one place the project calls mmap for shared state
+/// (per-source table, counters, the forced-exit flag).
+pub(crate) fn map_shared_zeroed(size: usize) -> io::Result<NonNull<u8>> {
+    // SAFETY: an anonymous shared mapping of `size` bytes; no file, no fixed address.
+    let mapped = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(NonNull::new(mapped.cast::<u8>()).expect("mmap never returns null on success"))
+}
+
 impl<T: Zeroable> SharedMutex<T> {
     /// Maps a shared region holding a zeroed `T` and its lock.
     pub(crate) fn new_zeroed() -> io::Result<Self> {
         let size = std::mem::size_of::<Region<T>>();
-        // SAFETY: an anonymous shared mapping of `size` bytes; no file, no fixed address.
-        let mapped = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if mapped == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let mapped = map_shared_zeroed(size)?.as_ptr().cast::<libc::c_void>();
         let region = mapped.cast::<Region<T>>();
         // SAFETY: `region` points to `size` fresh, zero-filled, writable, page-aligned bytes (so
         // aligned for `Region<T>`, and a valid `T` since `T: Zeroable`); the mutex attributes
