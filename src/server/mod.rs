@@ -387,6 +387,11 @@ pub fn run_with(
     }
     warn_if_one_client_can_stall(model, listen);
     let server = Server::with_kinds(listeners, kinds, config, shutdown)?.with_udp(udp);
+    // Listening sockets complete handshakes (and UDP sockets queue datagrams) from now on,
+    // before the model first accepts. Announced and closed before the metrics process is
+    // forked, so that no child holds the ready descriptor open (its reader waits for EOF).
+    readiness.announce(&bound);
+    drop(readiness);
     // Forked while this process still has one thread (see `metrics`).
     let _metrics = match metrics_listener {
         Some(listener) => Some(crate::metrics::spawn(
@@ -416,10 +421,6 @@ pub fn run_with(
             .report_on_request(Arc::clone(&server.stats))
             .map_err(|e| crate::Error::io("cannot start the SIGUSR1 reporter", e))?;
     }
-    // Listening sockets complete handshakes (and UDP sockets queue datagrams) from now on,
-    // before the model first accepts.
-    readiness.announce(&bound);
-    drop(readiness);
     model.serve(&server)?;
     if server.udp.is_empty() {
         tracing::info!(
