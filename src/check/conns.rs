@@ -241,16 +241,7 @@ fn reset_isolation(ctx: &Context) -> Finding {
                 then reset (SO_LINGER 0); A: 'alpha two'; A closed; a new connection C: \
                 'charlie'"
         .to_string();
-    let fail = |summary: String, received: String| {
-        Finding::fail(
-            summary,
-            Evidence {
-                sent: sent.clone(),
-                received,
-                first_difference: None,
-            },
-        )
-    };
+    let fail = |summary: String, received: String| Finding::fail_exchange(&sent, summary, received);
     let mut a = match exchange::connect(ctx.addr) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot connect A: {e}"), e.to_string()),
@@ -352,16 +343,7 @@ fn connect_storm(ctx: &Context) -> Finding {
          {STORM_USED} more from {threads} threads, each sending 32 B, reading the echo and \
          closing; then one more connection"
     );
-    let fail = |summary: String, received: String| {
-        Finding::fail(
-            summary,
-            Evidence {
-                sent: sent.clone(),
-                received,
-                first_difference: None,
-            },
-        )
-    };
+    let fail = |summary: String, received: String| Finding::fail_exchange(&sent, summary, received);
     let started = Instant::now();
     for i in 0..STORM_BARE {
         match exchange::connect(ctx.addr) {

@@ -142,6 +142,19 @@ impl Finding {
             evidence,
         }
     }
+
+    /// A failure of an exchange described by `sent`, where what came back (or the error) is
+    /// `received` and no byte-level difference applies.
+    pub fn fail_exchange(sent: &str, summary: String, received: String) -> Self {
+        Finding::fail(
+            summary,
+            Evidence {
+                sent: sent.to_string(),
+                received,
+                first_difference: None,
+            },
+        )
+    }
 }
 
 /// A named check.

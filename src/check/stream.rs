@@ -86,16 +86,7 @@ fn idle(ctx: &Context) -> Finding {
         "'before the pause' (17 B), waited for its echo, stayed silent for {pause:?}, \
          then 'after the pause' (16 B)"
     );
-    let fail = |summary: String, received: String| {
-        Finding::fail(
-            summary,
-            Evidence {
-                sent: sent.clone(),
-                received,
-                first_difference: None,
-            },
-        )
-    };
+    let fail = |summary: String, received: String| Finding::fail_exchange(&sent, summary, received);
     let mut stream = match exchange::connect(ctx.addr) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot connect: {e}"), e.to_string()),
