@@ -9,17 +9,9 @@
 # usage: [REPEAT=5] [DURATION=3] [OUT=target/benchmarks] scripts/admission-cost.sh
 set -euo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=scripts/wait_for_port.sh
-source "$root/scripts/wait_for_port.sh"
-repeat=${REPEAT:-5}
-duration=${DURATION:-3}
-out=${OUT:-$root/target/benchmarks}
-port=${PORT:-5199}
-mkdir -p "$out"
-
-(cd "$root" && cargo build --release --quiet)
-multiecho="$root/target/release/multiecho"
+default_port=5199
+# shellcheck source=scripts/bench_setup.sh
+source "$(dirname "$0")/bench_setup.sh"
 
 # 10,000 allow rules (single addresses across 10.0.0.0/8), plus loopback so the bench is served.
 rules=(--allow 127.0.0.0/8)

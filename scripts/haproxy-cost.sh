@@ -8,18 +8,10 @@
 # usage: [REPEAT=5] [DURATION=3] [OUT=target/benchmarks] scripts/haproxy-cost.sh
 set -euo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=scripts/wait_for_port.sh
-source "$root/scripts/wait_for_port.sh"
-repeat=${REPEAT:-5}
-duration=${DURATION:-3}
-out=${OUT:-$root/target/benchmarks}
-port=${PORT:-5299}
-mkdir -p "$out"
+default_port=5299
+# shellcheck source=scripts/bench_setup.sh
+source "$(dirname "$0")/bench_setup.sh"
 command -v haproxy >/dev/null || { echo "haproxy is not installed" >&2; exit 1; }
-
-(cd "$root" && cargo build --release --quiet)
-multiecho="$root/target/release/multiecho"
 
 cfg="$out/haproxy-cost.cfg"
 cat >"$cfg" <<CFG

@@ -9,17 +9,9 @@
 # usage: [REPEAT=5] [DURATION=3] [OUT=target/benchmarks] scripts/metrics-cost.sh
 set -euo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=scripts/wait_for_port.sh
-source "$root/scripts/wait_for_port.sh"
-repeat=${REPEAT:-5}
-duration=${DURATION:-3}
-out=${OUT:-$root/target/benchmarks}
-port=${PORT:-5299}
-mkdir -p "$out"
-
-(cd "$root" && cargo build --release --quiet)
-multiecho="$root/target/release/multiecho"
+default_port=5399
+# shellcheck source=scripts/bench_setup.sh
+source "$(dirname "$0")/bench_setup.sh"
 
 taskset -c 0 "$multiecho" -q serve --workers 1 --listen "127.0.0.1:$port" &
 plain=$!
