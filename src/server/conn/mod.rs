@@ -186,7 +186,8 @@ impl Lifecycle {
         {
             match detail {
                 Some(detail) => {
-                    tracing::info!(%peer, reason = %reason, %detail, "connection refused")
+                    // A detail is prose (a parser's error); `?` of its text quotes it.
+                    tracing::info!(%peer, reason = %reason, detail = ?detail.to_string(), "connection refused")
                 }
                 None => tracing::info!(%peer, reason = %reason, "connection refused"),
             }
