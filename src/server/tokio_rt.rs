@@ -1,36 +1,49 @@
-//! `async`: a tokio task per connection on a multi-thread runtime of `--workers` threads.
+//! `async`: a tokio task per connection, on one current-thread tokio runtime per worker
+//! (`--workers` threads), each runtime with its own accept loop on every listener.
 //!
-//! How it works: the model builds its own runtime (not `#[tokio::main]`, so that `main` stays
-//! single-threaded for the fork-based models). Each listener gets an accept task; each accepted
-//! connection gets a task that waits for the socket to become readable, reads into a buffer
-//! owned by the worker *thread* (not the task; borrowed only within one poll), and writes the
-//! echo back at once with `try_write`. Only when the kernel takes less than all of it is the
-//! remainder copied into a task-owned `Vec` and awaited before the next read, so a client that
-//! does not read its echo stops being read (backpressure) and pins at most one read's worth.
+//! How it works: the model builds its runtimes itself (not `#[tokio::main]`, so that `main`
+//! stays single-threaded for the fork-based models). Each worker thread runs a current-thread
+//! runtime with an accept task per listener (all workers accept from the same listening
+//! socket; the kernel hands each connection to one of them), and each accepted connection
+//! gets a task on that worker's runtime. A task waits for the socket to become readable, reads
+//! into a buffer owned by the worker *thread* (not the task; borrowed only within one poll),
+//! and writes the echo back at once with `try_write`. Only when the kernel takes less than all
+//! of it is the remainder copied into a task-owned `Vec` and awaited before the next read, so
+//! a client that does not read its echo stops being read (backpressure) and pins at most one
+//! read's worth.
+//!
+//! Why a runtime per worker rather than one multi-thread runtime: tokio's multi-thread
+//! scheduler keeps a bounded run queue per thread and moves the overflow to a global queue
+//! that a worker looks at only now and then, so with a thousand connections ready at once the
+//! tasks that overflowed wait many turns: their round trips made the tail (BENCHMARKS.md,
+//! "async's tail"). A current-thread runtime's run queue is unbounded and served in order, like
+//! an epoll loop's ready list, and a connection never moves between threads.
 //!
 //! What it costs: an idle connection is a parked task plus its socket; no thread, stack or
 //! buffer. Its future is under 500 bytes; with tokio's task and I/O registration it comes to
-//! about 1.2 KiB, so 10,000 idle connections add about 12 MiB (a bare tokio task waiting on a
-//! socket costs about 1 KiB). A round trip costs a read and a write, plus a share of an
-//! `epoll_wait` and of tokio's scheduling: about the CPU time of a hand-written epoll loop.
+//! about 1.2 KiB (BENCHMARKS.md has the measured figure). A round trip costs a read and a
+//! write, plus a share of an `epoll_wait` and of tokio's scheduling: about the CPU time of a
+//! hand-written epoll loop.
 //!
-//! Limits: `--max-conns` is the lifecycle's `Limit`; an accept task takes a permit *before* accepting,
-//! so clients beyond the limit wait in the listen backlog (connected, not reset) until a
-//! connection closes. `--idle-timeout` is one `tokio::time` timer per connection, pushed back
-//! by every read and every partial write. Running out of descriptors on accept (EMFILE,
-//! ENFILE...) warns once and backs off for [`crate::net::ACCEPT_BACKOFF`] instead of spinning;
-//! an aborted handshake is skipped; any other accept error drains and ends the server.
+//! Limits: `--max-conns` is the lifecycle's `Limit`, shared by the workers; an accept task
+//! takes a permit *before* accepting, so clients beyond the limit wait in the listen backlog
+//! (connected, not reset) until a connection closes. `--idle-timeout` is one `tokio::time`
+//! timer per connection, pushed back by every read and every partial write. Running out of
+//! descriptors on accept (EMFILE, ENFILE...) warns once and backs off for
+//! [`crate::net::ACCEPT_BACKOFF`] instead of spinning; an aborted handshake is skipped; any
+//! other accept error drains and ends the server.
 //!
-//! Shutdown: the server's shutdown descriptor is watched through [`AsyncFd`]. Then the accept
-//! tasks stop, the [`TaskTracker`] is closed and connections may finish for
+//! Shutdown: the first worker's thread also runs the coordinator, which watches the server's
+//! shutdown descriptor through [`AsyncFd`]. Then every accept task stops, the [`TaskTracker`]
+//! of connections (shared by all runtimes) is closed and connections may finish for
 //! `--shutdown-timeout`; those still open are told to close through a [`CancellationToken`],
-//! and the runtime is shut down.
+//! and each runtime is shut down.
 //!
-//! UDP (`udp.rs`): `--workers` tasks per `udp://` socket share one tokio `UdpSocket`; each
-//! waits for readability, receives with `try_io` until `WouldBlock`, and awaits `send_to` for
-//! each admitted datagram's echo. Cost: a `recvmsg` and a `sendto` per datagram plus tokio's
-//! readiness bookkeeping and a share of `epoll_wait`; one 64 KiB buffer per task. At shutdown
-//! the UDP tasks end at once while the TCP connections drain.
+//! UDP (`udp.rs`): each worker's runtime has a task per `udp://` socket, all sharing the one
+//! socket; each waits for readability, receives with `try_io` until `WouldBlock`, and awaits
+//! `send_to` for each admitted datagram's echo. Cost: a `recvmsg` and a `sendto` per datagram
+//! plus tokio's readiness bookkeeping and a share of `epoll_wait`; one 64 KiB buffer per task.
+//! At shutdown the UDP tasks end at once while the TCP connections drain.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -38,14 +51,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Poll};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -74,97 +86,183 @@ thread_local! {
 
 /// Runs the async model.
 pub fn serve(server: &Server) -> crate::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(server.config.workers.max(1))
-        .thread_name("async-worker")
-        .enable_all()
-        .build()
-        .map_err(|e| crate::Error::io("cannot start the tokio runtime", e))?;
-    // The server keeps its listeners; the runtime gets non-blocking duplicates.
-    let listeners = server
-        .listeners
-        .iter()
-        .map(|listener| {
-            let listener = listener.try_clone()?;
-            listener.set_nonblocking(true)?;
-            Ok(listener)
-        })
-        .collect::<io::Result<Vec<_>>>()
-        .map_err(|e| crate::Error::io("cannot prepare the listeners", e))?;
+    let limit = Limit::new(server.config.max_conns)
+        .map_err(|e| crate::Error::io("cannot create the connection limit", e))?;
     let shared = Arc::new(Shared {
         config: server.config.clone(),
         lifecycle: Arc::clone(&server.conn),
+        limit,
+        stop_accepting: CancellationToken::new(),
+        connections: TaskTracker::new(),
         close_connections: CancellationToken::new(),
+        drained: CancellationToken::new(),
+        failure: Mutex::new(None),
     });
-    let listeners = listeners
-        .into_iter()
-        .zip(server.kinds.iter().copied())
-        .collect();
-    let udp_tasks = udp::spawn(&runtime, server)?;
-    let result = runtime.block_on(async {
-        let result = run(listeners, server.shutdown.clone(), shared).await;
-        // They end at the shutdown signal; a TCP failure triggered it too.
-        server.shutdown.trigger();
-        for task in udp_tasks {
-            let _ = task.await;
+    // Every runtime, registration and descriptor is made before any worker accepts, so that
+    // running out of descriptors later (which accept survives) cannot stop a worker starting.
+    let mut workers = (0..server.config.workers.max(1))
+        .map(|_| Worker::prepare(server, &shared))
+        .collect::<crate::Result<Vec<_>>>()?;
+    let first = workers.remove(0);
+    let acceptors = TaskTracker::new();
+    std::thread::scope(|scope| {
+        let mut threads = Vec::new();
+        for (id, worker) in workers.into_iter().enumerate() {
+            let (shared, acceptors) = (Arc::clone(&shared), acceptors.clone());
+            let shutdown = server.shutdown.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("async-worker-{}", id + 1))
+                .spawn_scoped(scope, move || {
+                    worker.run(&shared, &acceptors, &shutdown, false)
+                })
+                .map_err(|e| crate::Error::io("cannot start an async worker thread", e))?;
+            threads.push(thread);
         }
-        result
-    });
-    // Connection tasks have ended by now (or been given up on after the grace period); any
-    // task left is dropped here.
-    runtime.shutdown_timeout(CLOSE_GRACE);
-    result
+        first.run(&shared, &acceptors, &server.shutdown, true);
+        for thread in threads {
+            // A worker that panicked has already printed why; the others drained.
+            let _ = thread.join();
+        }
+        Ok::<(), crate::Error>(())
+    })?;
+    let failure = shared
+        .failure
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    failure.map_or(Ok(()), Err)
 }
 
-/// What every connection task needs.
+/// What every worker and connection task needs.
 struct Shared {
     config: ServerConfig,
     lifecycle: Arc<Lifecycle>,
+    limit: Arc<Limit>,
+    /// Cancelled once shutdown has started: the accept tasks stop.
+    stop_accepting: CancellationToken,
+    /// Every connection task, on whichever runtime it runs.
+    connections: TaskTracker,
     /// Cancelled at the shutdown deadline: connection tasks then close their sockets.
     close_connections: CancellationToken,
+    /// Cancelled once the connections have drained (or were given up on): the runtimes end.
+    drained: CancellationToken,
+    /// The first error that ends the server (a fatal accept error, a runtime that would not
+    /// start), returned by [`serve`].
+    failure: Mutex<Option<crate::Error>>,
 }
 
-/// Accepts until shutdown (or a fatal accept error), then drains the connections.
-async fn run(
-    listeners: Vec<(std::net::TcpListener, ListenerKind)>,
-    shutdown: Shutdown,
-    shared: Arc<Shared>,
-) -> crate::Result<()> {
-    let limit = Limit::new(shared.config.max_conns)
-        .map_err(|e| crate::Error::io("cannot create the connection limit", e))?;
-    let stop_accepting = CancellationToken::new();
-    let connections = TaskTracker::new();
+impl Shared {
+    /// Records why the server must end, and ends it.
+    fn fail(&self, error: crate::Error, shutdown: &Shutdown) {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(error);
+        shutdown.trigger();
+    }
+}
 
-    let mut acceptors = JoinSet::new();
-    for (index, (listener, kind)) in listeners.into_iter().enumerate() {
-        let listener = TcpListener::from_std(listener)
-            .map_err(|e| crate::Error::io("cannot register a listener", e))?;
-        let room = watch_readable(limit.room_fd())
-            .map_err(|e| crate::Error::io("cannot watch the connection limit", e))?;
-        acceptors.spawn(accept_loop(
-            listener,
-            (index, kind),
-            Arc::clone(&limit),
-            room,
-            stop_accepting.clone(),
-            connections.clone(),
-            Arc::clone(&shared),
-        ));
+/// One worker: a current-thread runtime with its accept loops (one per listener, each with
+/// its watch on the limit's room) and its UDP tasks, all registered with that runtime.
+struct Worker {
+    runtime: tokio::runtime::Runtime,
+    listeners: Vec<(TcpListener, (usize, ListenerKind), AsyncFd<OwnedFd>)>,
+    udp_tasks: Vec<tokio::task::JoinHandle<()>>,
+    shutdown_watch: ShutdownWatch,
+}
+
+impl Worker {
+    /// Builds the runtime and registers duplicates of the server's sockets with it.
+    fn prepare(server: &Server, shared: &Shared) -> crate::Result<Worker> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| crate::Error::io("cannot start a tokio runtime", e))?;
+        let _entered = runtime.enter();
+        let mut listeners = Vec::new();
+        for (index, (listener, kind)) in server.listeners.iter().zip(&server.kinds).enumerate() {
+            let registered = listener
+                .try_clone()
+                .and_then(|listener| {
+                    // The server keeps its listener; the runtime gets a non-blocking duplicate.
+                    listener.set_nonblocking(true)?;
+                    TcpListener::from_std(listener)
+                })
+                .map_err(|e| crate::Error::io("cannot register a listener", e))?;
+            let room = watch_readable(shared.limit.room_fd())
+                .map_err(|e| crate::Error::io("cannot watch the connection limit", e))?;
+            listeners.push((registered, (index, *kind), room));
+        }
+        let udp_tasks = udp::spawn(server)?;
+        let shutdown_watch = ShutdownWatch::new(&server.shutdown)
+            .map_err(|e| crate::Error::io("cannot watch the shutdown signal", e))?;
+        Ok(Worker {
+            runtime,
+            listeners,
+            udp_tasks,
+            shutdown_watch,
+        })
     }
 
-    let outcome = tokio::select! {
-        watched = shutdown_requested(&shutdown) => {
-            watched.map_err(|e| crate::Error::io("cannot watch the shutdown signal", e))
-        }
-        Some(ended) = acceptors.join_next() => match ended {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(crate::Error::io("accept failed", e)),
-            Err(e) => Err(crate::Error::io("an accept task failed", io::Error::other(e))),
-        },
-    };
-    stop_accepting.cancel();
-    while acceptors.join_next().await.is_some() {}
+    /// Accepts until shutdown, then runs this runtime's connections until they have drained.
+    /// The worker that `coordinates` also watches for shutdown and drains every runtime.
+    fn run(
+        self,
+        shared: &Arc<Shared>,
+        acceptors: &TaskTracker,
+        shutdown: &Shutdown,
+        coordinates: bool,
+    ) {
+        let Worker {
+            runtime,
+            listeners,
+            udp_tasks,
+            shutdown_watch,
+        } = self;
+        runtime.block_on(async {
+            for (listener, which, room) in listeners {
+                let (shared, shutdown) = (Arc::clone(shared), shutdown.clone());
+                acceptors.spawn(async move {
+                    if let Err(e) = accept_loop(listener, which, room, &shared).await {
+                        shared.fail(crate::Error::io("accept failed", e), &shutdown);
+                    }
+                });
+            }
+            if coordinates {
+                coordinate_shutdown(&shutdown_watch, shutdown, shared, acceptors).await;
+            }
+            for task in udp_tasks {
+                let _ = task.await;
+            }
+            // Connection tasks of this runtime run until the coordinator says they have drained.
+            shared.drained.cancelled().await;
+        });
+        // Connection tasks have ended by now (or been given up on after the grace period); any
+        // task left is dropped here.
+        runtime.shutdown_timeout(CLOSE_GRACE);
+    }
+}
 
+/// Waits for shutdown, stops every accept task, then drains the connections of every runtime.
+async fn coordinate_shutdown(
+    watch: &ShutdownWatch,
+    shutdown: &Shutdown,
+    shared: &Shared,
+    acceptors: &TaskTracker,
+) {
+    if let Err(e) = watch.requested().await {
+        shared.fail(
+            crate::Error::io("cannot watch the shutdown signal", e),
+            shutdown,
+        );
+    }
+    shared.stop_accepting.cancel();
+    // Every worker spawned its accept tasks when it started; one that has not started yet
+    // sees `stop_accepting` cancelled and its tasks end at once.
+    acceptors.close();
+    acceptors.wait().await;
+
+    let connections = &shared.connections;
     connections.close();
     shared
         .lifecycle
@@ -185,22 +283,38 @@ async fn run(
             );
         }
     }
-    outcome
+    shared.drained.cancel();
 }
 
-/// Resolves once shutdown has been triggered. The shutdown descriptor stays readable from then
-/// on, so watching a duplicate of it needs no draining and sees a trigger that came earlier.
-async fn shutdown_requested(shutdown: &Shutdown) -> io::Result<()> {
-    let watched = watch_readable(shutdown.as_fd())?;
-    while !shutdown.is_triggered() {
-        let _ready = watched.readable().await?;
-        if !shutdown.is_triggered() {
-            // Readable but the flag is not set yet: the signal handler is between its two
-            // steps. Look again shortly rather than spin on the still-readable descriptor.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+/// The shutdown descriptor, duplicated and registered with a runtime before anything is served:
+/// made later, the duplicate could fail while the server is out of descriptors.
+struct ShutdownWatch {
+    watched: AsyncFd<OwnedFd>,
+    shutdown: Shutdown,
+}
+
+impl ShutdownWatch {
+    /// Must be called within the runtime that will await it.
+    fn new(shutdown: &Shutdown) -> io::Result<ShutdownWatch> {
+        Ok(ShutdownWatch {
+            watched: watch_readable(shutdown.as_fd())?,
+            shutdown: shutdown.clone(),
+        })
     }
-    Ok(())
+
+    /// Resolves once shutdown has been triggered. The shutdown descriptor stays readable from
+    /// then on, so the watch needs no draining and sees a trigger that came earlier.
+    async fn requested(&self) -> io::Result<()> {
+        while !self.shutdown.is_triggered() {
+            let _ready = self.watched.readable().await?;
+            if !self.shutdown.is_triggered() {
+                // Readable but the flag is not set yet: the signal handler is between its two
+                // steps. Look again shortly rather than spin on the still-readable descriptor.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A duplicate of `fd`, registered with the runtime for readability. Must be called within
@@ -224,23 +338,21 @@ async fn acquire(limit: &Arc<Limit>, room: &AsyncFd<OwnedFd>) -> io::Result<Perm
     }
 }
 
-/// Accepts connections on one listener until `stop` is cancelled; a task per connection.
+/// Accepts connections on one listener until accepting stops; a task per connection.
 async fn accept_loop(
     listener: TcpListener,
     // Which listener (its index in `--listen` order) and what it expects.
     (index, kind): (usize, ListenerKind),
-    limit: Arc<Limit>,
     room: AsyncFd<OwnedFd>,
-    stop: CancellationToken,
-    connections: TaskTracker,
-    shared: Arc<Shared>,
+    shared: &Arc<Shared>,
 ) -> io::Result<()> {
+    let (limit, stop, connections) = (&shared.limit, &shared.stop_accepting, &shared.connections);
     loop {
         // Take a permit before accepting: beyond the limit, clients wait in the backlog.
         let permit = tokio::select! {
             biased;
             () = stop.cancelled() => return Ok(()),
-            permit = acquire(&limit, &room) => permit?,
+            permit = acquire(limit, &room) => permit?,
         };
         let (stream, peer) = loop {
             let accepted = tokio::select! {
@@ -277,7 +389,7 @@ async fn accept_loop(
                     index,
                     peer,
                     permit,
-                    Arc::clone(&shared),
+                    Arc::clone(shared),
                 ));
             }
             continue;
@@ -290,7 +402,7 @@ async fn accept_loop(
             admitted,
             Vec::new(),
             permit,
-            Arc::clone(&shared),
+            Arc::clone(shared),
         ));
     }
 }

@@ -1,5 +1,5 @@
-//! The async model's UDP side: `--workers` tasks per `udp://` socket on the same runtime, all
-//! sharing one tokio `UdpSocket` (one epoll registration).
+//! The async model's UDP side: on each worker's runtime, a task per `udp://` socket; the
+//! workers' tasks share the socket (each runtime registers its own duplicate).
 //!
 //! A task waits for the socket to be readable, then receives with `try_io` (so readiness is
 //! cleared only on `WouldBlock`) up to [`RECEIVE_BUDGET`] datagrams, runs each through the
@@ -12,38 +12,34 @@ use std::sync::Arc;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use super::shutdown_requested;
+use super::ShutdownWatch;
 use crate::server::conn::Lifecycle;
 use crate::server::udp::{is_transient, recv, BUFFER_SIZE, RECEIVE_BUDGET};
 use crate::server::Server;
 
-/// Spawns the UDP tasks on `runtime` (none without UDP sockets).
-pub(super) fn spawn(
-    runtime: &tokio::runtime::Runtime,
-    server: &Server,
-) -> crate::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let _entered = runtime.enter();
+/// Spawns this worker's UDP tasks on the current runtime (none without UDP sockets); must be
+/// called within it.
+pub(super) fn spawn(server: &Server) -> crate::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
     for socket in &server.udp {
         let context = |e| crate::Error::io("cannot register a UDP socket", e);
         let socket = socket.try_clone().map_err(context)?;
         socket.set_nonblocking(true).map_err(context)?;
-        let socket = Arc::new(UdpSocket::from_std(socket).map_err(context)?);
-        for _ in 0..server.config.workers.max(1) {
-            let socket = Arc::clone(&socket);
-            let lifecycle = Arc::clone(&server.conn);
-            let shutdown = server.shutdown.clone();
-            tasks.push(runtime.spawn(async move {
-                let outcome = tokio::select! {
-                    outcome = serve(&socket, &lifecycle) => outcome,
-                    _ = shutdown_requested(&shutdown) => Ok(()),
-                };
-                if let Err(e) = outcome {
-                    tracing::error!("the UDP loop failed: {e}");
-                    shutdown.trigger();
-                }
-            }));
-        }
+        let socket = UdpSocket::from_std(socket).map_err(context)?;
+        let lifecycle = Arc::clone(&server.conn);
+        let shutdown = server.shutdown.clone();
+        let watch = ShutdownWatch::new(&shutdown)
+            .map_err(|e| crate::Error::io("cannot watch the shutdown signal", e))?;
+        tasks.push(tokio::spawn(async move {
+            let outcome = tokio::select! {
+                outcome = serve(&socket, &lifecycle) => outcome,
+                _ = watch.requested() => Ok(()),
+            };
+            if let Err(e) = outcome {
+                tracing::error!("the UDP loop failed: {e}");
+                shutdown.trigger();
+            }
+        }));
     }
     Ok(tasks)
 }
