@@ -52,7 +52,7 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Start the models, benchmark them taking turns, and write a side-by-side report with
     /// charts.
-    Compare(crate::bench::compare::CompareArgs),
+    Compare(crate::compare::CompareArgs),
     /// Check any echo server (or a proxy in front of one) for the classic echo bugs.
     Check(crate::check::CheckArgs),
     /// Merge `bench --json` reports from several load generators into one.
@@ -275,17 +275,17 @@ pub fn parse_rate(text: &str) -> Result<f64, String> {
     }
 }
 
-/// Parses a CPU list (see [`crate::bench::compare::parse_cpu_list`]) whose every CPU this
+/// Parses a CPU list (see [`crate::compare::parse_cpu_list`]) whose every CPU this
 /// process may run on, so a pinned child cannot fail later.
-pub fn parse_usable_cpu_list(text: &str) -> Result<crate::bench::compare::CpuList, String> {
-    let list = crate::bench::compare::parse_cpu_list(text)?;
+pub fn parse_usable_cpu_list(text: &str) -> Result<crate::compare::CpuList, String> {
+    let list = crate::compare::parse_cpu_list(text)?;
     // The kernel's own list of the CPUs this process may run on, in the same syntax.
     let status = std::fs::read_to_string("/proc/self/status")
         .map_err(|e| format!("cannot read the CPUs this process may use: {e}"))?;
     let usable = status
         .lines()
         .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
-        .and_then(|allowed| crate::bench::compare::parse_cpu_list(allowed.trim()).ok())
+        .and_then(|allowed| crate::compare::parse_cpu_list(allowed.trim()).ok())
         .ok_or("cannot read the CPUs this process may use from /proc/self/status")?;
     if let Some(cpu) = list.cpus().iter().find(|cpu| !usable.cpus().contains(cpu)) {
         return Err(format!(
@@ -295,10 +295,10 @@ pub fn parse_usable_cpu_list(text: &str) -> Result<crate::bench::compare::CpuLis
     Ok(list)
 }
 
-/// Parses `compare --external NAME=ADDR[@PID]` (see [`crate::bench::compare::parse_external`]);
+/// Parses `compare --external NAME=ADDR[@PID]` (see [`crate::compare::parse_external`]);
 /// a PID must name a running process.
-pub fn parse_running_external(text: &str) -> Result<crate::bench::compare::External, String> {
-    let external = crate::bench::compare::parse_external(text)?;
+pub fn parse_running_external(text: &str) -> Result<crate::compare::External, String> {
+    let external = crate::compare::parse_external(text)?;
     if let Some(pid) = external.pid {
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             return Err(format!(

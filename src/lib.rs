@@ -40,6 +40,7 @@ pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod client;
+pub mod compare;
 pub mod limits;
 pub mod listen;
 pub mod metrics;

@@ -32,7 +32,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Client(args) => multiecho::client::run(&args),
         Command::Bench(args) => multiecho::bench::run(&args),
-        Command::Compare(args) => multiecho::bench::compare::run(&args),
+        Command::Compare(args) => multiecho::compare::run(&args),
         Command::Check(args) => multiecho::check::run(&args),
         Command::Merge(args) => multiecho::bench::merge::run(&args),
         Command::Completions { shell } => {

@@ -9,7 +9,6 @@
 //! EOF or a reset is counted, reported with its connection and byte offset, and makes the
 //! exit status non-zero. SIGINT/SIGTERM end a run early, with a report.
 
-pub mod compare;
 pub mod generator;
 pub mod histogram;
 pub mod merge;
