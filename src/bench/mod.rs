@@ -226,7 +226,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     })?;
 
     let finished = Instant::now();
-    let mut outcome = Outcome::empty();
+    let mut outcome = Outcome::new();
     for result in results {
         outcome.merge(result.context("the benchmark's event loop failed")?);
     }

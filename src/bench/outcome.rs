@@ -95,7 +95,8 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    pub(super) fn new() -> Self {
+    /// Nothing measured yet: what a thread starts from, and what threads merge into.
+    pub(crate) fn new() -> Self {
         Outcome {
             latency_ns: super::histogram::new_latency(),
             uncorrected_ns: super::histogram::new_latency(),
@@ -148,10 +149,5 @@ impl Outcome {
             self.intervals.push(IntervalOutcome::new());
         }
         &mut self.intervals[index]
-    }
-
-    /// An empty outcome to merge threads into.
-    pub fn empty() -> Self {
-        Outcome::new()
     }
 }
