@@ -92,7 +92,8 @@ impl Config {
     }
 }
 
-/// Everything a run measured. The first eight fields are the contract with `compare`.
+/// Everything a run measured. `compare` reads it back from `bench --json` through this same
+/// type, so a change here that compare cannot read fails to compile or its tests.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// Round trips completed in the measured window (warm-up excluded).

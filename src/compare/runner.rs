@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use super::report::{Figures, Latency, Run};
 use super::{describe, last_line, procfs, CompareArgs};
 use crate::bench::generator::LOAD_STARTED;
+use crate::bench::report::{self as bench_report, Report};
 
 /// How often peak memory is sampled during a point.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
@@ -26,29 +27,10 @@ pub(super) struct Target {
     pub(super) pid: Option<i32>,
 }
 
-/// What `multiecho bench --json` prints (the keys compare relies on).
-#[derive(Debug, serde::Deserialize)]
-struct BenchOutput {
-    requests: f64,
-    duration_secs: f64,
-    requests_per_sec: f64,
-    bytes_per_sec: f64,
-    latency_us: Latency,
-    connections: f64,
-    errors: f64,
-    mismatches: f64,
-    /// The first failure in words (not every load generator says).
-    #[serde(default)]
-    first_error: Option<String>,
-    #[serde(default)]
-    connections_per_sec: Option<f64>,
-    #[serde(default)]
-    connect_latency_us: Option<Latency>,
-}
-
-/// Finds bench's JSON object in its stdout.
-fn parse_bench_output(stdout: &str) -> Result<BenchOutput, String> {
-    let whole = serde_json::from_str::<BenchOutput>(stdout.trim());
+/// Finds bench's JSON object in its stdout: the [`Report`] bench writes, read back through
+/// the same type, so the two cannot disagree on a field.
+fn parse_bench_output(stdout: &str) -> Result<Report, String> {
+    let whole = serde_json::from_str::<Report>(stdout.trim());
     whole.or_else(|e| {
         stdout
             .lines()
@@ -185,7 +167,7 @@ pub(super) fn run_bench(
         _ => None,
     };
     let figures = Figures {
-        requests: output.requests,
+        requests: output.requests as f64,
         duration_secs: output.duration_secs,
         round_trips_per_sec: output.requests_per_sec,
         bytes_per_sec: output.bytes_per_sec,
@@ -195,12 +177,12 @@ pub(super) fn run_bench(
             .map(|cores| cores / output.requests_per_sec * 1e6),
         server_cpu_cores: cpu,
         peak_rss_kib: peak_rss.map(|kib| kib as f64),
-        latency_us: output.latency_us,
-        connections: output.connections,
-        errors: output.errors,
-        mismatches: output.mismatches,
-        connections_per_sec: output.connections_per_sec,
-        connect_p99_us: output.connect_latency_us.map(|l| l.p99),
+        latency_us: latency(&output.latency_us),
+        connections: output.connections as f64,
+        errors: output.errors as f64,
+        mismatches: output.mismatches as f64,
+        connections_per_sec: Some(output.connections_per_sec),
+        connect_p99_us: Some(output.connect_latency_us.p99),
     };
     let mut problems = Vec::new();
     if !status.success() {
@@ -229,6 +211,17 @@ pub(super) fn run_bench(
     Run {
         figures: Some(figures),
         failure,
+    }
+}
+
+/// The percentiles compare reports, from bench's.
+fn latency(bench: &bench_report::Latency) -> Latency {
+    Latency {
+        p50: bench.p50,
+        p90: bench.p90,
+        p99: bench.p99,
+        p999: bench.p999,
+        max: bench.max,
     }
 }
 
@@ -268,16 +261,36 @@ fn read_all_in_background(pipe: Option<impl Read + Send + 'static>) -> thread::J
 mod tests {
     use super::*;
 
+    /// compare reads bench's report through the type bench writes it with.
     #[test]
-    fn reads_bench_output() {
-        let json = r#"{"requests": 10, "duration_secs": 0.5, "requests_per_sec": 20.0,
-            "bytes_per_sec": 1280, "latency_us": {"p50": 1, "p90": 2, "p99": 3, "p999": 4,
-            "max": 5}, "connections": 1, "errors": 0, "mismatches": 0, "extra": "ignored"}"#;
-        let output = parse_bench_output(json).unwrap();
+    fn reads_what_bench_writes() {
+        let mut outcome = crate::bench::generator::Outcome::new();
+        outcome.requests = 10;
+        outcome.bytes = 640;
+        outcome.opened = 1;
+        outcome.latency_ns.record(3_000).unwrap();
+        let config = bench_report::Config {
+            addr: "127.0.0.1:4000".into(),
+            conns: 1,
+            size: 64,
+            pipeline: 1,
+            threads: 1,
+            warmup_secs: 0.0,
+            duration_secs: Some(0.5),
+            requests: None,
+            rate: None,
+            source_addrs: 1,
+            requests_per_conn: None,
+            interval_secs: None,
+        };
+        let written = Report::new(&outcome, 0.5, 0.0, config);
+        let output = parse_bench_output(&written.to_json()).unwrap();
+        assert_eq!(output.requests, 10);
         assert_eq!(output.requests_per_sec, 20.0);
-        assert_eq!(output.latency_us.p99, 3.0);
-        let noisy = format!("warming up\n{}\n", json.replace('\n', " "));
-        assert_eq!(parse_bench_output(&noisy).unwrap().requests, 10.0);
+        assert_eq!(output.latency_us, written.latency_us);
+        let one_line = serde_json::to_string(&written).unwrap();
+        let noisy = format!("warming up\n{one_line}\n");
+        assert_eq!(parse_bench_output(&noisy).unwrap().requests, 10);
         assert!(parse_bench_output("oops").is_err());
     }
 }
