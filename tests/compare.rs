@@ -269,6 +269,38 @@ fn bad_options_get_one_clear_line() {
     assert!(!out.exists(), "nothing written for bad options");
 }
 
+/// compare loads every point with bench, so a value bench refuses must stop compare before
+/// it starts a server, with the same error, instead of failing every run of the sweep.
+#[test]
+fn refuses_what_bench_refuses() {
+    let out = out_dir("bench-refuses");
+    for (flag, value) in [
+        ("--conns", "1000000"),
+        ("--size", "2GiB"),
+        ("--threads", "1025"),
+    ] {
+        let bench = Command::new(BIN)
+            .args(["bench", "127.0.0.1:9", flag, value])
+            .output()
+            .expect("run multiecho bench");
+        let compare = compare(&["--models", "thread", flag, value], &out);
+        assert!(!bench.status.success(), "bench {flag} {value}");
+        assert!(!compare.status.success(), "compare {flag} {value}");
+        // clap's line: "error: invalid value 'V' for '--flag <NAME>': REASON". The same
+        // parser gives the same reason; only the value's name may differ.
+        let reason = |output: &Output| {
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            let line = stderr.lines().next().unwrap_or_default().to_string();
+            line.split_once(" for '")
+                .and_then(|(_, rest)| rest.split_once("': "))
+                .map_or(line.clone(), |(_, reason)| reason.to_string())
+        };
+        assert_eq!(reason(&bench), reason(&compare), "{flag} {value}");
+        assert!(reason(&bench).contains(value), "{}", text(&bench));
+    }
+    assert!(!out.exists(), "nothing written for bad options");
+}
+
 #[test]
 fn external_servers_and_pinning() {
     let external = common::Server::start("thread", &[]);

@@ -44,10 +44,10 @@ pub struct BenchArgs {
     pub target: crate::listen::ListenSpec,
     /// Connections to open.
     #[arg(short, long, value_name = "N", default_value_t = 50,
-          value_parser = clap::value_parser!(u64).range(1..1_000_000))]
+          value_parser = crate::cli::parse::conns())]
     pub conns: u64,
     /// Bytes per message, e.g. 512, 4k, 1MiB.
-    #[arg(short, long, value_name = "BYTES", default_value = "512", value_parser = parse_message_size)]
+    #[arg(short, long, value_name = "BYTES", default_value = "512", value_parser = crate::cli::parse::parse_message_size)]
     pub size: u64,
     /// Measure for this long, e.g. 10s (default 10s unless --requests is given).
     #[arg(short, long, value_name = "DURATION", value_parser = crate::cli::parse_duration,
@@ -70,11 +70,11 @@ pub struct BenchArgs {
     #[arg(short, long, value_name = "R", value_parser = crate::cli::parse_rate)]
     pub rate: Option<f64>,
     /// Event-loop threads (default: one per core).
-    #[arg(short, long, value_name = "T", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(short, long, value_name = "T", value_parser = crate::cli::parse::threads())]
     pub threads: Option<u64>,
     /// Report throughput and latency percentiles for every interval of this length too,
     /// e.g. 1s, so drift during a run shows.
-    #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::cli::parse::parse_interval)]
     pub interval: Option<Duration>,
     /// Connection churn: a new connection for every round trip (--requests-per-conn 1).
     #[arg(long, conflicts_with = "requests_per_conn")]
@@ -89,7 +89,7 @@ pub struct BenchArgs {
     pub udp_timeout: Duration,
     /// udp://: fail (non-zero exit) if more than this percentage of the datagrams were lost.
     /// Without it loss, duplicates and reordering are reported, not failures.
-    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    #[arg(long, value_name = "PERCENT", value_parser = crate::cli::parse::parse_percent)]
     pub max_loss: Option<f64>,
     /// Print one JSON object on stdout instead of the text report.
     #[arg(long)]
@@ -97,30 +97,6 @@ pub struct BenchArgs {
     /// Write a line to stderr when the load starts (for `compare`'s CPU window).
     #[arg(long, hide = true)]
     pub announce_start: bool,
-}
-
-fn parse_message_size(text: &str) -> Result<u64, String> {
-    match crate::cli::parse_size(text)? {
-        0 => Err("a message is at least 1 byte".into()),
-        n if n > 1 << 30 => Err(format!("invalid size '{text}': at most 1GiB per message")),
-        n => Ok(n),
-    }
-}
-
-fn parse_interval(text: &str) -> Result<Duration, String> {
-    match crate::cli::parse_duration(text)? {
-        d if d < Duration::from_millis(10) => {
-            Err(format!("invalid interval '{text}': at least 10ms"))
-        }
-        d => Ok(d),
-    }
-}
-
-fn parse_percent(text: &str) -> Result<f64, String> {
-    match text.trim().trim_end_matches('%').parse::<f64>() {
-        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
-        _ => Err(format!("invalid percentage '{text}': expected 0 to 100")),
-    }
 }
 
 /// Runs `multiecho bench`: prints the report, then fails if any byte was wrong or missing.
@@ -423,12 +399,5 @@ mod tests {
         assert!(many.iter().all(|ip| ip.is_loopback()));
         let remote: SocketAddr = "[::1]:4000".parse().unwrap();
         assert!(source_addresses(remote, 200_000).is_empty());
-    }
-
-    #[test]
-    fn rejects_bad_sizes() {
-        assert_eq!(parse_message_size("4k"), Ok(4096));
-        assert!(parse_message_size("0").is_err());
-        assert!(parse_message_size("2GiB").is_err());
     }
 }

@@ -49,7 +49,7 @@ pub struct CheckArgs {
           value_parser = clap::value_parser!(u64).range(2..=10_000))]
     pub max_conns: u64,
     /// The largest payload of the `sizes` check, e.g. 1MiB (at most 64MiB).
-    #[arg(long, value_name = "BYTES", default_value = "64MiB", value_parser = parse_max_size)]
+    #[arg(long, value_name = "BYTES", default_value = "64MiB", value_parser = crate::cli::parse::parse_max_payload)]
     pub max_size: u64,
     /// How long the `idle` check leaves a connection silent before using it again.
     #[arg(long, value_name = "DURATION", default_value = "2s",
@@ -60,14 +60,6 @@ pub struct CheckArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s",
           value_parser = crate::cli::parse_duration)]
     pub time_limit: Duration,
-}
-
-fn parse_max_size(text: &str) -> Result<u64, String> {
-    match crate::cli::parse_size(text)? {
-        0 => Err("the largest payload is at least 1 byte".into()),
-        n if n > 64 << 20 => Err(format!("invalid size '{text}': at most 64MiB")),
-        n => Ok(n),
-    }
 }
 
 /// Where a check's sockets go and the bounds they keep to.

@@ -1,5 +1,7 @@
-//! The command line: clap derive structs for each subcommand, and the parsers for sizes,
-//! durations and addresses that turn text into configuration with one clear error line.
+//! The command line: clap derive structs for each subcommand; the parsers that turn text
+//! into sizes, durations and addresses with one clear error line are in [`parse`].
+
+pub mod parse;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -7,6 +9,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use ipnet::IpNet;
+
+pub use parse::{
+    parse_addr, parse_duration, parse_idle_timeout, parse_rate, parse_size, parse_thread_stack,
+    parse_usable_cpu_list, MIN_IDLE_TIMEOUT, RATE_RANGE, THREAD_STACK_RANGE,
+};
 
 use crate::listen::ListenSpec;
 use crate::server::conn::admission::{default_trusted_proxies, parse_prefix, AdmissionConfig};
@@ -229,172 +236,40 @@ impl ServeArgs {
     }
 }
 
-/// The shortest `--idle-timeout`: below it, ordinary scheduling delays would close clients that
-/// are not idle at all.
-pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_millis(100);
-
-/// `--thread-stack` bounds: below 16 KiB a thread cannot even format a log line; above 256 MiB
-/// a few hundred connections would reserve more address space than most machines have.
-pub const THREAD_STACK_RANGE: std::ops::RangeInclusive<u64> = (16 << 10)..=(256 << 20);
-
-/// `bench --rate` bounds, in requests per second: below the minimum the schedule's interval
-/// stops being a time anyone would wait for.
-pub const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.001..=1e9;
-
-/// Parses `--idle-timeout`: a duration of at least [`MIN_IDLE_TIMEOUT`].
-pub fn parse_idle_timeout(text: &str) -> Result<Duration, String> {
-    let timeout = parse_duration(text)?;
-    if timeout < MIN_IDLE_TIMEOUT {
-        return Err(format!(
-            "invalid idle timeout '{text}': must be at least {MIN_IDLE_TIMEOUT:?}"
-        ));
-    }
-    Ok(timeout)
-}
-
-/// Parses `--thread-stack`: a size within [`THREAD_STACK_RANGE`].
-pub fn parse_thread_stack(text: &str) -> Result<u64, String> {
-    let size = parse_size(text)?;
-    if !THREAD_STACK_RANGE.contains(&size) {
-        return Err(format!(
-            "invalid thread stack '{text}': must be from 16KiB to 256MiB"
-        ));
-    }
-    Ok(size)
-}
-
-/// Parses `bench --rate`: requests per second within [`RATE_RANGE`].
-pub fn parse_rate(text: &str) -> Result<f64, String> {
-    match text.trim().parse::<f64>() {
-        Ok(rate) if RATE_RANGE.contains(&rate) => Ok(rate),
-        _ => Err(format!(
-            "invalid rate '{text}': expected requests per second, from {} to {}",
-            RATE_RANGE.start(),
-            RATE_RANGE.end()
-        )),
-    }
-}
-
-/// Parses a CPU list (see [`crate::compare::parse_cpu_list`]) whose every CPU this
-/// process may run on, so a pinned child cannot fail later.
-pub fn parse_usable_cpu_list(text: &str) -> Result<crate::compare::CpuList, String> {
-    let list = crate::compare::parse_cpu_list(text)?;
-    // The kernel's own list of the CPUs this process may run on, in the same syntax.
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| format!("cannot read the CPUs this process may use: {e}"))?;
-    let usable = status
-        .lines()
-        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
-        .and_then(|allowed| crate::compare::parse_cpu_list(allowed.trim()).ok())
-        .ok_or("cannot read the CPUs this process may use from /proc/self/status")?;
-    if let Some(cpu) = list.cpus().iter().find(|cpu| !usable.cpus().contains(cpu)) {
-        return Err(format!(
-            "invalid CPU list '{text}': CPU {cpu} is not available here (available: {usable})"
-        ));
-    }
-    Ok(list)
-}
-
-/// Parses `compare --external NAME=ADDR[@PID]` (see [`crate::compare::parse_external`]);
-/// a PID must name a running process.
-pub fn parse_running_external(text: &str) -> Result<crate::compare::External, String> {
-    let external = crate::compare::parse_external(text)?;
-    if let Some(pid) = external.pid {
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            return Err(format!(
-                "invalid external server '{text}': no process has PID {pid}"
-            ));
-        }
-    }
-    Ok(external)
-}
-
-/// Parses an address for clap (see [`crate::net::parse_addr`]).
-pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
-    crate::net::parse_addr(text)
-}
-
-/// Parses a duration: `30s`, `500ms`, `2m`, or a bare number of seconds (`1.5`).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if let Ok(secs) = text.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs).map_err(|_| {
-            format!("invalid duration '{text}': must be a non-negative number of seconds")
-        });
-    }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("invalid duration '{text}': {e} (examples: 30s, 500ms, 2m)"))
-}
-
-/// Parses a byte size: `512`, `4k`, `4KiB`, `1m`, `1MiB`, `2GiB` (binary multiples; `kb`/`KB`
-/// are taken as KiB too, as most echo tools do).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("invalid size '{text}': expected a number such as 512, 4k or 1MiB"))?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "invalid size '{text}': unknown unit '{unit}' (use k, KiB, m, MiB, g or GiB)"
-            ))
-        }
-    };
-    value
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("invalid size '{text}': too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512").unwrap(), 512);
-        assert_eq!(parse_size("4k").unwrap(), 4096);
-        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
-        assert!(parse_size("12 parsecs").is_err());
-        assert!(parse_size("").is_err());
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("multiecho").chain(args.iter().copied()))
     }
 
+    /// compare runs bench with its connection counts, sizes and threads: it must refuse,
+    /// before it starts a server, every value bench would refuse run by run, and accept the
+    /// values bench accepts.
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_duration("-1").is_err());
-        assert!(parse_duration("soon").is_err());
-    }
-
-    #[test]
-    fn refuses_values_that_cannot_work() {
-        assert!(parse_idle_timeout("0").is_err());
-        assert!(parse_idle_timeout("1ns").is_err());
-        assert_eq!(
-            parse_idle_timeout("100ms").unwrap(),
-            Duration::from_millis(100)
-        );
-        assert!(parse_thread_stack("18446744073709551615").is_err());
-        assert!(parse_thread_stack("1k").is_err());
-        assert_eq!(parse_thread_stack("128KiB").unwrap(), 128 << 10);
-        assert_eq!(parse_rate("2500"), Ok(2500.0));
-        for bad in ["1e-19", "0", "-5", "fast", "NaN", "inf", "2e9"] {
-            assert!(parse_rate(bad).is_err(), "{bad}");
+    fn compare_accepts_what_bench_accepts() {
+        let cases: [(&str, &[&str]); 3] = [
+            ("--conns", &["0", "1", "999999", "1000000", "-1", "many"]),
+            ("--size", &["0", "1", "1GiB", "1073741825", "2GiB", "4 parsecs"]),
+            ("--threads", &["0", "1", "1024", "1025", "x"]),
+        ];
+        for (flag, values) in cases {
+            assert!(parse(&["bench", flag, "1"]).is_ok(), "bench {flag} 1");
+            assert!(parse(&["compare", flag, "1"]).is_ok(), "compare {flag} 1");
+            for &value in values {
+                let bench = parse(&["bench", flag, value]).map(|_| ());
+                let compare = parse(&["compare", flag, value]).map(|_| ());
+                assert_eq!(
+                    bench.is_ok(),
+                    compare.is_ok(),
+                    "{flag} {value}: bench {bench:?}, compare {compare:?}"
+                );
+            }
         }
-        assert!(parse_usable_cpu_list("0").is_ok());
-        assert!(parse_usable_cpu_list("1000").is_err());
-        let me = format!("me=127.0.0.1:1@{}", std::process::id());
-        assert!(parse_running_external(&me).is_ok());
-        assert!(parse_running_external("x=127.0.0.1:1@2147483647").is_err());
+        // And in a list, each value is checked.
+        assert!(parse(&["compare", "--conns", "1,1000000"]).is_err());
+        assert!(parse(&["compare", "--size", "64,2GiB"]).is_err());
     }
 
     #[test]

@@ -52,11 +52,11 @@ pub struct CompareArgs {
     pub models: Vec<Model>,
     /// Connection counts to sweep, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,50,500",
-          value_parser = clap::value_parser!(u32).range(1..))]
-    pub conns: Vec<u32>,
+          value_parser = crate::cli::parse::conns())]
+    pub conns: Vec<u64>,
     /// Message sizes to sweep, comma-separated (e.g. 64,4k,16KiB).
     #[arg(long, value_delimiter = ',', default_value = "64,512,16384",
-          value_parser = parse_message_size)]
+          value_parser = crate::cli::parse::parse_message_size)]
     pub size: Vec<u64>,
     /// Measured time per point, e.g. 5, 500ms, 10s.
     #[arg(long, value_name = "DURATION", default_value = "5",
@@ -72,8 +72,8 @@ pub struct CompareArgs {
           value_parser = clap::value_parser!(u32).range(1..1001))]
     pub repeat: u32,
     /// Load-generator threads (passed to bench as --threads).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub threads: Option<u32>,
+    #[arg(long, value_name = "N", value_parser = crate::cli::parse::threads())]
+    pub threads: Option<u64>,
     /// Worker processes or threads for the models that take them (prefork, pool, epoll,
     /// async, uring).
     #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..4097))]
@@ -86,7 +86,7 @@ pub struct CompareArgs {
     pub client_cpus: Option<CpuList>,
     /// Also compare an echo server that is already running: NAME=ADDR, or NAME=ADDR@PID to
     /// measure its CPU time and memory too. Repeatable.
-    #[arg(long, value_name = "NAME=ADDR[@PID]", value_parser = crate::cli::parse_running_external)]
+    #[arg(long, value_name = "NAME=ADDR[@PID]", value_parser = crate::cli::parse::parse_running_external)]
     pub external: Vec<External>,
     /// Connection churn: every bench run opens a new connection per round trip, so the
     /// report shows what a connection costs each model (a fork, a thread, a task...).
@@ -121,40 +121,6 @@ pub struct External {
     pub name: String,
     pub addr: SocketAddr,
     pub pid: Option<i32>,
-}
-
-/// Parses `NAME=ADDR` or `NAME=ADDR@PID`.
-pub fn parse_external(text: &str) -> Result<External, String> {
-    let (name, rest) = text
-        .split_once('=')
-        .filter(|(name, _)| !name.trim().is_empty())
-        .ok_or_else(|| format!("invalid external server '{text}': expected NAME=ADDR[@PID]"))?;
-    let (addr, pid) = match rest.rsplit_once('@') {
-        Some((addr, pid)) => {
-            let pid = pid
-                .parse::<i32>()
-                .ok()
-                .filter(|pid| *pid > 0)
-                .ok_or_else(|| format!("invalid external server '{text}': bad PID '{pid}'"))?;
-            (addr, Some(pid))
-        }
-        None => (rest, None),
-    };
-    let addr = crate::net::parse_addr(addr)
-        .map_err(|e| format!("invalid external server '{text}': {e}"))?;
-    Ok(External {
-        name: name.trim().to_string(),
-        addr,
-        pid,
-    })
-}
-
-/// Parses a message size; a size of zero measures nothing.
-fn parse_message_size(text: &str) -> Result<u64, String> {
-    match crate::cli::parse_size(text)? {
-        0 => Err(format!("invalid size '{text}': must be at least 1 byte")),
-        size => Ok(size),
-    }
 }
 
 /// Whether the model takes `--workers`.
@@ -589,24 +555,5 @@ mod tests {
     #[test]
     fn distinct_keeps_first_order() {
         assert_eq!(distinct([1, 50, 1, 500, 50]), [1, 50, 500]);
-    }
-
-    #[test]
-    fn external_servers() {
-        let plain = parse_external("c-epoll=127.0.0.1:7000").unwrap();
-        assert_eq!(plain.name, "c-epoll");
-        assert_eq!(plain.addr, "127.0.0.1:7000".parse().unwrap());
-        assert_eq!(plain.pid, None);
-        let with_pid = parse_external("socat=[::1]:9@4321").unwrap();
-        assert_eq!(with_pid.addr, "[::1]:9".parse().unwrap());
-        assert_eq!(with_pid.pid, Some(4321));
-        for bad in [
-            "127.0.0.1:7000",
-            "=127.0.0.1:1",
-            "x=nowhere",
-            "x=127.0.0.1:1@pid",
-        ] {
-            assert!(parse_external(bad).is_err(), "{bad}");
-        }
     }
 }
