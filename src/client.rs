@@ -50,24 +50,15 @@ pub const MAX_IN_FLIGHT: usize = 64 * 1024;
 /// closed first (see [`split_client`]): ample for a thread that is a read away from it.
 const SENDER_GRACE: Duration = Duration::from_secs(1);
 
-/// `multiecho client`.
-#[derive(Debug, clap::Args)]
-pub struct ClientArgs {
-    /// Server address: HOST:PORT, [V6]:PORT or PORT (loopback), or udp://HOST:PORT to send
-    /// each line as one datagram.
-    #[arg(value_name = "ADDR", default_value = crate::net::DEFAULT_LISTEN)]
-    pub addr: String,
-    /// A port given as a second argument, nc style (`client HOST PORT`): caught only to
-    /// point at HOST:PORT. (Parsing ADDR after clap lets the hint see both.)
-    #[arg(hide = true)]
-    pub nc_style_port: Option<String>,
-    /// Send and receive at the same time (the seeds' echo_mpclient): lines go out without
-    /// waiting for their echo. At a terminal, a line `q` or `Q` ends the input.
-    #[arg(long)]
+/// What `multiecho client` does (validated from its command line by `cli`).
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// The server: `tcp://` (the line or split client) or `udp://` (a datagram per line).
+    pub target: ListenSpec,
+    /// The split client (`--split`, TCP only) instead of the line client.
     pub split: bool,
-    /// Give up connecting after this long, e.g. 5s (default: the system's own timeout). For
-    /// udp://, how long each echo may take before its datagram counts as lost (default 1s).
-    #[arg(long, value_name = "DURATION", value_parser = crate::cli::parse_duration)]
+    /// TCP: how long connecting may take (default: the system's own timeout). UDP: how long
+    /// each echo may take before its datagram counts as lost.
     pub timeout: Option<Duration>,
 }
 
@@ -75,24 +66,20 @@ pub struct ClientArgs {
 ///
 /// Errors from stdout are returned as plain `io::Error` (so the caller can treat a broken
 /// pipe as a normal end); errors on the connection are described, never bare.
-pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
-    let target = args.address()?;
-    let addr = target.addr;
-    match target.kind {
+pub fn run(config: &ClientConfig) -> anyhow::Result<()> {
+    let addr = config.target.addr;
+    match config.target.kind {
         ListenerKind::Tcp => {}
         ListenerKind::Udp => {
-            if args.split {
-                anyhow::bail!("--split is for TCP; a udp:// target gets a datagram per line");
-            }
-            let timeout = args.timeout.unwrap_or(udp::DEFAULT_TIMEOUT);
+            let timeout = config.timeout.unwrap_or(udp::DEFAULT_TIMEOUT);
             return udp::line_client(addr, timeout, io::stdin().lock(), io::stdout().lock());
         }
         kind => anyhow::bail!("the client speaks tcp:// and udp://, not {kind}://"),
     }
-    let stream = connect(addr, args.timeout)?;
+    let stream = connect(addr, config.timeout)?;
     let interactive = io::stdin().is_terminal();
     if interactive {
-        let how_to_end = if args.split {
+        let how_to_end = if config.split {
             "type q or Ctrl-D to finish"
         } else {
             "press Ctrl-D to finish"
@@ -105,30 +92,10 @@ pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
         Some(terminal) => Box::new(io::BufReader::new(terminal)),
         None => Box::new(io::BufReader::new(io::stdin())),
     };
-    if args.split {
+    if config.split {
         split_client(stream, addr, input, io::stdout(), interactive)
     } else {
         line_client(stream, addr, input, io::stdout().lock())
-    }
-}
-
-impl ClientArgs {
-    /// The server's address; `HOST PORT` as two arguments gets a pointer to `HOST:PORT`.
-    pub fn address(&self) -> anyhow::Result<ListenSpec> {
-        if let Some(port) = &self.nc_style_port {
-            let host = self.addr.trim();
-            // An IPv6 address needs brackets before its port.
-            let joined = if host.contains(':') && !host.starts_with('[') {
-                format!("[{host}]:{port}")
-            } else {
-                format!("{host}:{port}")
-            };
-            anyhow::bail!(
-                "the address is one argument, HOST:PORT, not HOST PORT: try \
-                 `multiecho client {joined}`"
-            );
-        }
-        crate::listen::parse(&self.addr).map_err(|e| anyhow!(e))
     }
 }
 

@@ -30,7 +30,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             multiecho::server::run_with(args.model, &args.listen, args.config(), readiness)
                 .with_context(|| format!("the {} server failed", args.model))
         }
-        Command::Client(args) => multiecho::client::run(&args),
+        Command::Client(args) => multiecho::client::run(&args.config()?),
         Command::Bench(args) => multiecho::bench::run(&args),
         Command::Compare(args) => multiecho::compare::run(&args),
         Command::Check(args) => multiecho::check::run(&args),

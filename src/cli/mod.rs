@@ -2,12 +2,14 @@
 //! parsers that turn text into sizes, durations and addresses with one clear error line are
 //! in [`parse`], and the flag groups several subcommands flatten in are in `groups`.
 
+mod client;
 mod groups;
 pub mod parse;
 mod serve;
 
 use clap::{Parser, Subcommand};
 
+pub use client::ClientArgs;
 pub use groups::{ChurnArgs, PinningArgs, TargetArgs, WorkersArgs};
 pub use parse::{
     parse_addr, parse_duration, parse_idle_timeout, parse_rate, parse_size, parse_thread_stack,
@@ -49,7 +51,7 @@ pub enum Command {
     /// Run the echo server.
     Serve(ServeArgs),
     /// Talk to an echo server from the terminal (the seeds' clients).
-    Client(crate::client::ClientArgs),
+    Client(ClientArgs),
     /// Load an echo server and verify every byte it sends back.
     Bench(crate::bench::BenchArgs),
     /// Start the models, benchmark them taking turns, and write a side-by-side report with
