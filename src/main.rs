@@ -31,7 +31,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("the {} server failed", args.model))
         }
         Command::Client(args) => multiecho::client::run(&args.config()?),
-        Command::Bench(args) => multiecho::bench::run(&args),
+        Command::Bench(args) => multiecho::bench::run(&args.plan()?),
         Command::Compare(args) => multiecho::compare::run(&args),
         Command::Check(args) => multiecho::check::run(&args),
         Command::Merge(args) => multiecho::bench::merge::run(&args),

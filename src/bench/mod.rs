@@ -33,83 +33,52 @@ use verify::Messages;
 /// How long the first, probing connect may take before the server counts as unreachable.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Measured time when neither `--duration` nor `--requests` is given.
-const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 
-/// `multiecho bench`.
-#[derive(Debug, clap::Args)]
-pub struct BenchArgs {
-    /// Server address: HOST:PORT, [V6]:PORT or PORT (loopback), or udp://HOST:PORT for UDP
-    /// echo (then --conns is the number of flows, each with its own source port).
-    #[arg(value_parser = crate::listen::parse, default_value = crate::net::DEFAULT_LISTEN)]
+/// One run of `multiecho bench`, validated from its command line by `cli`.
+#[derive(Clone, Debug)]
+pub struct BenchPlan {
+    /// The server: `tcp://` or `udp://`.
     pub target: crate::listen::ListenSpec,
-    /// Connections to open.
-    #[arg(short, long, value_name = "N", default_value_t = 50,
-          value_parser = crate::cli::parse::conns())]
-    pub conns: u64,
-    /// Bytes per message, e.g. 512, 4k, 1MiB.
-    #[arg(short, long, value_name = "BYTES", default_value = "512", value_parser = crate::cli::parse::parse_message_size)]
-    pub size: u64,
-    /// Measure for this long, e.g. 10s (default 10s unless --requests is given).
-    #[arg(short, long, value_name = "DURATION", value_parser = crate::cli::parse_duration,
-          conflicts_with = "requests")]
+    /// Connections to open (for UDP, flows: a socket each).
+    pub conns: usize,
+    /// Bytes per message (for UDP, per datagram).
+    pub size: usize,
+    /// The measured window; `None`: until `requests` round trips are done.
     pub duration: Option<Duration>,
-    /// Measure this many round trips in total instead of a duration.
-    #[arg(short = 'n', long, value_name = "N",
-          value_parser = clap::value_parser!(u64).range(1..))]
+    /// Round trips to measure in total, instead of a duration.
     pub requests: Option<u64>,
-    /// Load the server this long before measuring; warm-up round trips are not counted.
-    #[arg(long, value_name = "DURATION", default_value = "0s",
-          value_parser = crate::cli::parse_duration)]
+    /// Load before the measured window, not counted.
     pub warmup: Duration,
     /// Messages in flight per connection.
-    #[arg(short, long, value_name = "DEPTH", default_value_t = 1,
-          value_parser = clap::value_parser!(u64).range(1..=65_536))]
-    pub pipeline: u64,
-    /// Open loop: send R requests per second in total on a fixed schedule; latency runs from
-    /// the scheduled time, so queueing is not hidden.
-    #[arg(short, long, value_name = "R", value_parser = crate::cli::parse_rate)]
+    pub pipeline: usize,
+    /// Open loop: requests per second in total, on a fixed schedule.
     pub rate: Option<f64>,
-    /// Event-loop threads (default: one per core).
-    #[arg(short, long, value_name = "T", value_parser = crate::cli::parse::threads())]
-    pub threads: Option<u64>,
-    /// Report throughput and latency percentiles for every interval of this length too,
-    /// e.g. 1s, so drift during a run shows.
-    #[arg(long, value_name = "DURATION", value_parser = crate::cli::parse::parse_interval)]
+    /// Event-loop threads; `None`: one per core.
+    pub threads: Option<usize>,
+    /// Also report figures per interval of this length.
     pub interval: Option<Duration>,
-    /// Connection churn: a new connection for every round trip (--requests-per-conn 1).
-    #[arg(long, conflicts_with = "requests_per_conn")]
-    pub churn: bool,
-    /// Connection churn: close each connection after N round trips and open a new one;
-    /// reports connections per second and connect latency.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Churn: round trips per connection before it is closed and a new one opened.
     pub requests_per_conn: Option<u64>,
-    /// udp://: a datagram whose echo is not back within this long counts as lost.
-    #[arg(long, value_name = "DURATION", default_value = "200ms",
-          value_parser = crate::cli::parse_duration)]
+    /// UDP: a datagram whose echo is not back within this long counts as lost.
     pub udp_timeout: Duration,
-    /// udp://: fail (non-zero exit) if more than this percentage of the datagrams were lost.
-    /// Without it loss, duplicates and reordering are reported, not failures.
-    #[arg(long, value_name = "PERCENT", value_parser = crate::cli::parse::parse_percent)]
+    /// UDP: fail if more than this percentage of the datagrams were lost.
     pub max_loss: Option<f64>,
-    /// Print one JSON object on stdout instead of the text report.
-    #[arg(long)]
+    /// One JSON object ([`Report`]) on stdout instead of the text report.
     pub json: bool,
-    /// Write a line to stderr when the load starts (for `compare`'s CPU window).
-    #[arg(long, hide = true)]
+    /// Write [`generator::LOAD_STARTED`] to stderr when the load starts (for `compare`).
     pub announce_start: bool,
 }
 
 /// Runs `multiecho bench`: prints the report, then fails if any byte was wrong or missing.
-pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let addr = args.target.addr;
-    match args.target.kind {
+pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
+    let addr = plan.target.addr;
+    match plan.target.kind {
         crate::listen::ListenerKind::Tcp => {}
-        crate::listen::ListenerKind::Udp => return udp::run(args, addr),
+        crate::listen::ListenerKind::Udp => return udp::run(plan, addr),
         kind => bail!("bench speaks tcp:// and udp://, not {kind}://"),
     }
-    let conns = usize::try_from(args.conns).context("--conns is too large")?;
-    let size = usize::try_from(args.size).context("--size is too large")?;
-    let pipeline = args.pipeline as usize;
+    let (conns, size, pipeline) = (plan.conns, plan.size, plan.pipeline);
 
     let open_files = crate::net::raise_open_files_limit().context("cannot raise RLIMIT_NOFILE")?;
     if conns as u64 + 64 > open_files {
@@ -124,46 +93,40 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
     let sources = source_addresses(addr, conns);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut threads = args.threads.map_or(cores, |t| t as usize).min(conns);
-    let duration = match (args.duration, args.requests) {
-        (None, None) => Some(DEFAULT_DURATION),
-        (duration, _) => duration,
-    };
-    if let Some(requests) = args.requests {
+    let mut threads = plan.threads.unwrap_or(cores).min(conns);
+    let duration = plan.duration;
+    if let Some(requests) = plan.requests {
         threads = threads.min(usize::try_from(requests).unwrap_or(usize::MAX));
     }
     let threads = threads.max(1);
     let seed = seed();
-    let requests_per_conn = match (args.churn, args.requests_per_conn) {
-        (true, _) => Some(1),
-        (false, n) => n,
-    };
-    let plan = Plan {
+    let requests_per_conn = plan.requests_per_conn;
+    let generator_plan = Plan {
         addr,
         messages: Messages::new(seed, size),
         pipeline,
-        warmup: args.warmup,
+        warmup: plan.warmup,
         duration,
         sources: sources.clone(),
-        announce_start: args.announce_start,
-        interval: args.interval,
+        announce_start: plan.announce_start,
+        interval: plan.interval,
         requests_per_conn,
         id_stride: conns as u64,
     };
-    let shares = split(conns, args.requests, args.rate, threads);
+    let shares = split(conns, plan.requests, plan.rate, threads);
     let config = Config {
         addr: addr.to_string(),
         conns,
         size,
         pipeline,
         threads,
-        warmup_secs: args.warmup.as_secs_f64(),
+        warmup_secs: plan.warmup.as_secs_f64(),
         duration_secs: duration.map(|d| d.as_secs_f64()),
-        requests: args.requests,
-        rate: args.rate,
+        requests: plan.requests,
+        rate: plan.rate,
         source_addrs: sources.len().max(1),
         requests_per_conn,
-        interval_secs: args.interval.map(|d| d.as_secs_f64()),
+        interval_secs: plan.interval.map(|d| d.as_secs_f64()),
     };
 
     let shared = Shared::new(threads);
@@ -178,7 +141,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .into_iter()
             .enumerate()
             .map(|(i, share)| {
-                let (plan, shared) = (&plan, &shared);
+                let (plan, shared) = (&generator_plan, &shared);
                 std::thread::Builder::new()
                     .name(format!("bench-{i}"))
                     .spawn_scoped(scope, move || generator::run_thread(plan, share, shared))
@@ -190,7 +153,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             bail!("cannot start the benchmark threads");
         }
         let handles: Vec<_> = handles.into_iter().flatten().collect();
-        show_progress(args, conns, &shared, &handles);
+        show_progress(plan, conns, &shared, &handles);
         let mut results = Vec::new();
         for handle in handles {
             match handle.join() {
@@ -217,7 +180,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     let start = shared.start.get().copied().unwrap_or_else(Instant::now);
-    let measure_start = start + args.warmup;
+    let measure_start = start + plan.warmup;
     let duration_secs = match duration {
         // Shorter than asked when interrupted or when every connection failed early.
         Some(d) => d
@@ -236,7 +199,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .as_secs_f64();
     let mut report = Report::new(&outcome, duration_secs, window_start_unix, config);
     report.interrupted = shared.interrupted.load(Ordering::Relaxed);
-    let text = if args.json {
+    let text = if plan.json {
         report.to_json() + "\n"
     } else {
         report.to_text()
@@ -328,7 +291,7 @@ fn seed() -> u64 {
 
 /// Shows a progress bar on a terminal until every thread finished; plain output otherwise.
 fn show_progress<T>(
-    args: &BenchArgs,
+    plan: &BenchPlan,
     conns: usize,
     shared: &Shared,
     handles: &[std::thread::ScopedJoinHandle<'_, T>],
@@ -337,10 +300,10 @@ fn show_progress<T>(
         return; // Plain output: the report says it all.
     }
     let all_done = || handles.iter().all(|h| h.is_finished());
-    let bar = match args.requests {
+    let bar = match plan.requests {
         Some(n) => indicatif::ProgressBar::new(n),
         None => indicatif::ProgressBar::new(
-            (args.warmup + args.duration.unwrap_or(DEFAULT_DURATION)).as_millis() as u64,
+            (plan.warmup + plan.duration.unwrap_or(DEFAULT_DURATION)).as_millis() as u64,
         ),
     };
     bar.set_style(
@@ -353,11 +316,11 @@ fn show_progress<T>(
         let phase = match shared.start.get() {
             None => "connecting",
             Some(start) => {
-                match args.requests {
+                match plan.requests {
                     Some(_) => bar.set_position(completed),
                     None => bar.set_position(start.elapsed().as_millis() as u64),
                 }
-                if start.elapsed() < args.warmup {
+                if start.elapsed() < plan.warmup {
                     "warming up"
                 } else {
                     "measuring"

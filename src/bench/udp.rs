@@ -27,7 +27,7 @@ use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
 
 use super::report::Latency;
-use super::BenchArgs;
+use super::BenchPlan;
 use crate::payload::Rng;
 
 /// Flow and sequence number.
@@ -166,30 +166,14 @@ struct Plan {
     quota: Option<u64>,
 }
 
-/// Runs the UDP bench; prints the report; fails on a mismatch or too much loss.
-pub fn run(args: &BenchArgs, addr: SocketAddr) -> anyhow::Result<()> {
-    let size = usize::try_from(args.size).unwrap_or(usize::MAX);
-    if !(HEADER..=MAX_SIZE).contains(&size) {
-        bail!(
-            "--size for udp:// must be {HEADER} to {MAX_SIZE} bytes (flow, sequence number, fill)"
-        );
-    }
-    if !args.warmup.is_zero() {
-        bail!("--warmup is not supported for udp:// targets yet");
-    }
-    if args.interval.is_some() {
-        bail!("--interval is not supported for udp:// targets yet");
-    }
-    if args.churn || args.requests_per_conn.is_some() {
-        bail!("--churn and --requests-per-conn are for TCP: a UDP flow has no connection");
-    }
-    let flows = args.conns as usize;
+/// Runs the UDP bench; prints the report; fails on a mismatch or too much loss. The plan's
+/// flags were checked against UDP (datagram size, no warm-up, no churn) when it was made.
+pub fn run(plan: &BenchPlan, addr: SocketAddr) -> anyhow::Result<()> {
+    let size = plan.size;
+    let flows = plan.conns;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = args.threads.map_or(cores, |t| t as usize).clamp(1, flows);
-    let duration = match (args.duration, args.requests) {
-        (None, None) => Some(super::DEFAULT_DURATION),
-        (duration, _) => duration,
-    };
+    let threads = plan.threads.unwrap_or(cores).clamp(1, flows);
+    let duration = plan.duration;
     let interrupted = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register_conditional_default(signal, Arc::clone(&interrupted))
@@ -204,20 +188,20 @@ pub fn run(args: &BenchArgs, addr: SocketAddr) -> anyhow::Result<()> {
                 let mine: Vec<u64> = (0..flows as u64)
                     .filter(|f| *f as usize % threads == t)
                     .collect();
-                let plan = Plan {
+                let thread_plan = Plan {
                     addr,
                     seed,
                     size,
-                    pipeline: args.pipeline as usize,
-                    timeout: args.udp_timeout,
+                    pipeline: plan.pipeline,
+                    timeout: plan.udp_timeout,
                     end: duration.map(|d| start + d),
-                    quota: args
+                    quota: plan
                         .requests
                         .map(|n| n / threads as u64 + u64::from((t as u64) < n % threads as u64)),
                 };
-                let rate = args.rate.map(|r| r * mine.len() as f64 / flows as f64);
+                let rate = plan.rate.map(|r| r * mine.len() as f64 / flows as f64);
                 let interrupted = &interrupted;
-                scope.spawn(move || run_thread(&plan, &mine, rate, interrupted))
+                scope.spawn(move || run_thread(&thread_plan, &mine, rate, interrupted))
             })
             .collect();
         handles
@@ -259,13 +243,13 @@ pub fn run(args: &BenchArgs, addr: SocketAddr) -> anyhow::Result<()> {
             addr: format!("udp://{addr}"),
             flows,
             size,
-            pipeline: args.pipeline as usize,
-            rate: args.rate,
-            udp_timeout_ms: args.udp_timeout.as_secs_f64() * 1e3,
+            pipeline: plan.pipeline,
+            rate: plan.rate,
+            udp_timeout_ms: plan.udp_timeout.as_secs_f64() * 1e3,
             threads,
         },
     };
-    let text = if args.json {
+    let text = if plan.json {
         serde_json::to_string(&report).context("cannot encode the report")? + "\n"
     } else {
         to_text(&report)
@@ -284,7 +268,7 @@ pub fn run(args: &BenchArgs, addr: SocketAddr) -> anyhow::Result<()> {
             report.first_error.as_deref().unwrap_or("unknown")
         );
     }
-    if let Some(max) = args.max_loss {
+    if let Some(max) = plan.max_loss {
         if loss_percent > max {
             bail!("{loss_percent:.2}% of the datagrams were lost, more than --max-loss {max}%");
         }

@@ -2,6 +2,7 @@
 //! parsers that turn text into sizes, durations and addresses with one clear error line are
 //! in [`parse`], and the flag groups several subcommands flatten in are in `groups`.
 
+mod bench;
 mod client;
 mod groups;
 pub mod parse;
@@ -9,6 +10,7 @@ mod serve;
 
 use clap::{Parser, Subcommand};
 
+pub use bench::BenchArgs;
 pub use client::ClientArgs;
 pub use groups::{ChurnArgs, PinningArgs, TargetArgs, WorkersArgs};
 pub use parse::{
@@ -53,7 +55,7 @@ pub enum Command {
     /// Talk to an echo server from the terminal (the seeds' clients).
     Client(ClientArgs),
     /// Load an echo server and verify every byte it sends back.
-    Bench(crate::bench::BenchArgs),
+    Bench(BenchArgs),
     /// Start the models, benchmark them taking turns, and write a side-by-side report with
     /// charts.
     Compare(crate::compare::CompareArgs),

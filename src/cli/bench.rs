@@ -1,0 +1,125 @@
+//! `multiecho bench`'s flags, and their validation into a [`BenchPlan`]: every check of the
+//! flags against each other and against the target's protocol happens here, before any
+//! connection is opened.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Args;
+
+use super::groups::{ChurnArgs, TargetArgs};
+use super::parse::{
+    conns, parse_duration, parse_interval, parse_message_size, parse_percent, parse_rate, threads,
+};
+use crate::bench::udp::{HEADER, MAX_SIZE};
+use crate::bench::{BenchPlan, DEFAULT_DURATION};
+use crate::listen::ListenerKind;
+
+/// `multiecho bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Connections to open (for udp://, flows).
+    #[arg(short, long, value_name = "N", default_value_t = 50, value_parser = conns())]
+    pub conns: u64,
+    /// Bytes per message, e.g. 512, 4k, 1MiB.
+    #[arg(short, long, value_name = "BYTES", default_value = "512", value_parser = parse_message_size)]
+    pub size: u64,
+    /// Measure for this long, e.g. 10s (default 10s unless --requests is given).
+    #[arg(short, long, value_name = "DURATION", value_parser = parse_duration,
+          conflicts_with = "requests")]
+    pub duration: Option<Duration>,
+    /// Measure this many round trips in total instead of a duration.
+    #[arg(short = 'n', long, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: Option<u64>,
+    /// Load the server this long before measuring; warm-up round trips are not counted.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Messages in flight per connection.
+    #[arg(short, long, value_name = "DEPTH", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub pipeline: u64,
+    /// Open loop: send R requests per second in total on a fixed schedule; latency runs from
+    /// the scheduled time, so queueing is not hidden.
+    #[arg(short, long, value_name = "R", value_parser = parse_rate)]
+    pub rate: Option<f64>,
+    /// Event-loop threads (default: one per core).
+    #[arg(short, long, value_name = "T", value_parser = threads())]
+    pub threads: Option<u64>,
+    /// Report throughput and latency percentiles for every interval of this length too,
+    /// e.g. 1s, so drift during a run shows.
+    #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
+    pub interval: Option<Duration>,
+    #[command(flatten)]
+    pub churn: ChurnArgs,
+    /// udp://: a datagram whose echo is not back within this long counts as lost.
+    #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = parse_duration)]
+    pub udp_timeout: Duration,
+    /// udp://: fail (non-zero exit) if more than this percentage of the datagrams were lost.
+    /// Without it loss, duplicates and reordering are reported, not failures.
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    pub max_loss: Option<f64>,
+    /// Print one JSON object on stdout instead of the text report.
+    #[arg(long)]
+    pub json: bool,
+    /// Write a line to stderr when the load starts (for `compare`'s CPU window).
+    #[arg(long, hide = true)]
+    pub announce_start: bool,
+}
+
+impl BenchArgs {
+    /// The run these flags describe, or the one reason it cannot be run.
+    pub fn plan(&self) -> anyhow::Result<BenchPlan> {
+        let target = self.target.spec("bench")?;
+        // Within the parsers' ranges (connections, 1 GiB, 1,024 threads), so they fit a usize.
+        let size = self.size as usize;
+        let requests_per_conn = self.churn.requests_per_conn();
+        match target.kind {
+            ListenerKind::Tcp => {}
+            ListenerKind::Udp => {
+                if !(HEADER..=MAX_SIZE).contains(&size) {
+                    bail!(
+                        "--size for udp:// must be {HEADER} to {MAX_SIZE} bytes (flow, sequence \
+                         number, fill)"
+                    );
+                }
+                if !self.warmup.is_zero() {
+                    bail!("--warmup is not supported for udp:// targets yet");
+                }
+                if self.interval.is_some() {
+                    bail!("--interval is not supported for udp:// targets yet");
+                }
+                if requests_per_conn.is_some() {
+                    bail!(
+                        "--churn and --requests-per-conn are for TCP: a UDP flow has no \
+                         connection"
+                    );
+                }
+            }
+            kind => bail!("bench speaks tcp:// and udp://, not {kind}://"),
+        }
+        let duration = match (self.duration, self.requests) {
+            (None, None) => Some(DEFAULT_DURATION),
+            (duration, _) => duration,
+        };
+        Ok(BenchPlan {
+            target,
+            conns: self.conns as usize,
+            size,
+            duration,
+            requests: self.requests,
+            warmup: self.warmup,
+            pipeline: self.pipeline as usize,
+            rate: self.rate,
+            threads: self.threads.map(|t| t as usize),
+            interval: self.interval,
+            requests_per_conn,
+            udp_timeout: self.udp_timeout,
+            max_loss: self.max_loss,
+            json: self.json,
+            announce_start: self.announce_start,
+        })
+    }
+}
