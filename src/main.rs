@@ -32,7 +32,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Client(args) => multiecho::client::run(&args.config()?),
         Command::Bench(args) => multiecho::bench::run(&args.plan()?),
-        Command::Compare(args) => multiecho::compare::run(&args),
+        Command::Compare(args) => multiecho::compare::run(&args.plan()),
         Command::Check(args) => multiecho::check::run(&args),
         Command::Merge(args) => multiecho::bench::merge::run(&args),
         Command::Completions { shell } => {

@@ -4,6 +4,7 @@
 
 mod bench;
 mod client;
+mod compare;
 mod groups;
 pub mod parse;
 mod serve;
@@ -12,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 pub use bench::BenchArgs;
 pub use client::ClientArgs;
+pub use compare::CompareArgs;
 pub use groups::{ChurnArgs, PinningArgs, TargetArgs, WorkersArgs};
 pub use parse::{
     parse_addr, parse_duration, parse_idle_timeout, parse_rate, parse_size, parse_thread_stack,
@@ -58,7 +60,7 @@ pub enum Command {
     Bench(BenchArgs),
     /// Start the models, benchmark them taking turns, and write a side-by-side report with
     /// charts.
-    Compare(crate::compare::CompareArgs),
+    Compare(CompareArgs),
     /// Check any echo server (or a proxy in front of one) for the classic echo bugs.
     Check(crate::check::CheckArgs),
     /// Merge `bench --json` reports from several load generators into one.

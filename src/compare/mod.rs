@@ -44,75 +44,38 @@ use progress::Progress;
 use runner::{run_bench, Target};
 use server::ServerProcess;
 
-/// `multiecho compare`.
-#[derive(Debug, clap::Args)]
-pub struct CompareArgs {
-    /// Models to compare, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Model::ALL)]
+/// A comparison, validated from its command line by `cli`: every list without repeats, in
+/// the order given.
+#[derive(Clone, Debug)]
+pub struct ComparePlan {
+    /// The models to start and compare.
     pub models: Vec<Model>,
-    /// Connection counts to sweep, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,50,500",
-          value_parser = crate::cli::parse::conns())]
-    pub conns: Vec<u64>,
-    /// Message sizes to sweep, comma-separated (e.g. 64,4k,16KiB).
-    #[arg(long, value_delimiter = ',', default_value = "64,512,16384",
-          value_parser = crate::cli::parse::parse_message_size)]
-    pub size: Vec<u64>,
-    /// Measured time per point, e.g. 5, 500ms, 10s.
-    #[arg(long, value_name = "DURATION", default_value = "5",
-          value_parser = crate::cli::parse_duration)]
+    /// Connection counts to sweep.
+    pub conns: Vec<usize>,
+    /// Message sizes to sweep, in bytes.
+    pub sizes: Vec<u64>,
+    /// Measured time per run.
     pub duration: Duration,
-    /// Unmeasured warm-up before each point's measured time.
-    #[arg(long, value_name = "DURATION", default_value = "1",
-          value_parser = crate::cli::parse_duration)]
+    /// Unmeasured warm-up before each run's measured time.
     pub warmup: Duration,
-    /// Run each point N times and report the median of each figure. The servers take turns:
-    /// each round gives every server one run at the point.
-    #[arg(long, value_name = "N", default_value_t = 1,
-          value_parser = clap::value_parser!(u32).range(1..1001))]
+    /// Runs per point and server; the report gives their medians.
     pub repeat: u32,
-    /// Load-generator threads (passed to bench as --threads).
-    #[arg(long, value_name = "N", value_parser = crate::cli::parse::threads())]
-    pub threads: Option<u64>,
-    /// Worker processes or threads for the models that take them (prefork, pool, epoll,
-    /// async, uring).
-    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..4097))]
+    /// bench's `--threads`; `None`: bench's default.
+    pub threads: Option<usize>,
+    /// `--workers` for the models that take them; `None`: their default.
     pub workers: Option<u64>,
-    /// Pin the servers to these CPUs, e.g. 0 or 0-1.
-    #[arg(long, value_name = "CPUS", value_parser = crate::cli::parse_usable_cpu_list)]
+    /// CPUs the servers are pinned to.
     pub server_cpus: Option<CpuList>,
-    /// Pin the load generator to these CPUs, e.g. 1 or 2,3.
-    #[arg(long, value_name = "CPUS", value_parser = crate::cli::parse_usable_cpu_list)]
+    /// CPUs the load generator is pinned to.
     pub client_cpus: Option<CpuList>,
-    /// Also compare an echo server that is already running: NAME=ADDR, or NAME=ADDR@PID to
-    /// measure its CPU time and memory too. Repeatable.
-    #[arg(long, value_name = "NAME=ADDR[@PID]", value_parser = crate::cli::parse::parse_running_external)]
+    /// Servers already running, compared too.
     pub external: Vec<External>,
-    /// Connection churn: every bench run opens a new connection per round trip, so the
-    /// report shows what a connection costs each model (a fork, a thread, a task...).
-    #[arg(long, conflicts_with = "requests_per_conn")]
-    pub churn: bool,
-    /// Connection churn: a new connection every N round trips.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Churn: bench opens a new connection every this many round trips.
     pub requests_per_conn: Option<u64>,
-    /// Directory to write report.json, report.md and the charts into.
-    #[arg(long, value_name = "DIR", default_value = "compare-report")]
+    /// Where report.json, report.md and the charts go.
     pub out: PathBuf,
-    /// Measure nothing: rewrite report.md and the charts of an earlier comparison from the
-    /// report.json in DIR (after a change to how they are drawn).
-    #[arg(long, value_name = "DIR", hide = true)]
+    /// Measure nothing: redraw the report in this directory from its report.json.
     pub redraw: Option<PathBuf>,
-}
-
-impl CompareArgs {
-    /// Round trips per connection when churning (`--churn` is 1).
-    pub fn requests_per_conn(&self) -> Option<u64> {
-        if self.churn {
-            Some(1)
-        } else {
-            self.requests_per_conn
-        }
-    }
 }
 
 /// An echo server compare does not start: `NAME=ADDR[@PID]`.
@@ -132,43 +95,43 @@ fn takes_workers(model: Model) -> bool {
 }
 
 /// Runs `multiecho compare`.
-pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
-    if let Some(dir) = &args.redraw {
+pub fn run(plan: &ComparePlan) -> anyhow::Result<()> {
+    if let Some(dir) = &plan.redraw {
         for file in redraw(dir)? {
             println!("{}", file.display());
         }
         return Ok(());
     }
     let exe = std::env::current_exe().context("cannot find the multiecho executable")?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    std::fs::create_dir_all(&plan.out)
+        .with_context(|| format!("cannot create {}", plan.out.display()))?;
 
     let settings = report::Settings {
-        conns: distinct(args.conns.iter().map(|&c| c as usize)),
-        sizes: distinct(args.size.iter().copied()),
-        duration_secs: args.duration.as_secs_f64(),
-        warmup_secs: args.warmup.as_secs_f64(),
-        repeat: args.repeat,
-        bench_threads: args.threads.map(|t| t as usize),
-        workers: args.workers,
-        server_cpus: args.server_cpus.as_ref().map(ToString::to_string),
-        client_cpus: args.client_cpus.as_ref().map(ToString::to_string),
-        requests_per_conn: args.requests_per_conn(),
+        conns: plan.conns.clone(),
+        sizes: plan.sizes.clone(),
+        duration_secs: plan.duration.as_secs_f64(),
+        warmup_secs: plan.warmup.as_secs_f64(),
+        repeat: plan.repeat,
+        bench_threads: plan.threads,
+        workers: plan.workers,
+        server_cpus: plan.server_cpus.as_ref().map(ToString::to_string),
+        client_cpus: plan.client_cpus.as_ref().map(ToString::to_string),
+        requests_per_conn: plan.requests_per_conn,
     };
-    let models = distinct(args.models.iter().copied());
+    let models = &plan.models;
 
-    let runs_per_server = (settings.conns.len() * settings.sizes.len()) as u64 * args.repeat as u64;
-    let servers = (models.len() + args.external.len()) as u64;
+    let runs_per_server = (settings.conns.len() * settings.sizes.len()) as u64 * plan.repeat as u64;
+    let servers = (models.len() + plan.external.len()) as u64;
     let progress = Progress::new(servers * runs_per_server);
     // If one fails to start, dropping the others kills them.
-    let mut contenders = start_all(&exe, &models, args, &progress, runs_per_server)?;
+    let mut contenders = start_all(&exe, models, plan, &progress, runs_per_server)?;
     let mut report = Report {
         environment: environment(),
         settings,
         servers: Vec::new(),
         noise: None,
     };
-    let swept = sweep(&exe, args, &mut contenders, &mut report, &progress);
+    let swept = sweep(&exe, plan, &mut contenders, &mut report, &progress);
     // Stopped even when the sweep failed (a report it could not write, say).
     for contender in &mut contenders {
         contender.stop(&progress);
@@ -176,7 +139,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     progress.finish();
     swept?;
     report.servers = contenders.into_iter().map(|c| c.result).collect();
-    let files = write_report(&report, &args.out)?;
+    let files = write_report(&report, &plan.out)?;
     for file in files {
         println!("{}", file.display());
     }
@@ -210,7 +173,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         }
         anyhow::bail!(
             "report written to {}, but {} (see report.md)",
-            args.out.display(),
+            plan.out.display(),
             problems.join("; ")
         );
     }
@@ -224,7 +187,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         };
         eprintln!(
             "compare: {failed_points} {points} saw errors; see Problems in {}",
-            args.out.join("report.md").display()
+            plan.out.join("report.md").display()
         );
     }
     Ok(())
@@ -245,17 +208,6 @@ fn end_with_parent(command: &mut std::process::Command) {
             }
         });
     }
-}
-
-/// `items` in their first order, without repeats.
-fn distinct<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
-    let mut out = Vec::new();
-    for item in items {
-        if !out.contains(&item) {
-            out.push(item);
-        }
-    }
-    out
 }
 
 /// Writes report.json, the charts and report.md into `dir`; returns their paths.
@@ -331,13 +283,13 @@ impl Contender {
     fn start_model(
         exe: &Path,
         model: Model,
-        args: &CompareArgs,
+        plan: &ComparePlan,
         progress: &Progress,
         runs_per_server: u64,
     ) -> anyhow::Result<Contender> {
         let mut contender = Contender::new(model.name().to_string(), "model");
         progress.say(&format!("starting the {model} server"));
-        match ServerProcess::start(exe, model, args)? {
+        match ServerProcess::start(exe, model, plan)? {
             Ok(server) => {
                 contender.result.address = Some(server.addr.to_string());
                 contender.target = Some(Target {
@@ -372,22 +324,22 @@ impl Contender {
     fn run_once(
         &mut self,
         exe: &Path,
-        args: &CompareArgs,
+        plan: &ComparePlan,
         (conns, size): (usize, u64),
         round: u32,
         progress: &Progress,
     ) {
         let Some(target) = self.target else { return };
         let name = &self.result.name;
-        progress.start_run(name, conns, size, round, args.repeat);
+        progress.start_run(name, conns, size, round, plan.repeat);
         let run = match self.process.as_mut().and_then(ServerProcess::exit_reason) {
             Some(reason) => Run {
                 figures: None,
                 failure: Some(reason),
             },
-            None => run_bench(exe, &target, conns, size, args),
+            None => run_bench(exe, &target, conns, size, plan),
         };
-        progress.finish_run(name, conns, size, round, args.repeat, &run);
+        progress.finish_run(name, conns, size, round, plan.repeat, &run);
         self.runs.push(run);
     }
 
@@ -418,16 +370,16 @@ impl Contender {
 fn start_all(
     exe: &Path,
     models: &[Model],
-    args: &CompareArgs,
+    plan: &ComparePlan,
     progress: &Progress,
     runs_per_server: u64,
 ) -> anyhow::Result<Vec<Contender>> {
     let mut contenders = Vec::new();
     for &model in models {
-        let contender = Contender::start_model(exe, model, args, progress, runs_per_server)?;
+        let contender = Contender::start_model(exe, model, plan, progress, runs_per_server)?;
         contenders.push(contender);
     }
-    contenders.extend(args.external.iter().map(Contender::external));
+    contenders.extend(plan.external.iter().map(Contender::external));
     Ok(contenders)
 }
 
@@ -435,17 +387,17 @@ fn start_all(
 /// each point.
 fn sweep(
     exe: &Path,
-    args: &CompareArgs,
+    plan: &ComparePlan,
     contenders: &mut [Contender],
     report: &mut Report,
     progress: &Progress,
 ) -> anyhow::Result<()> {
     for &size in &report.settings.sizes {
         for &conns in &report.settings.conns {
-            measure_point(exe, args, contenders, (conns, size), progress);
+            measure_point(exe, plan, contenders, (conns, size), progress);
             // A long sweep interrupted later still leaves the figures so far.
             report.servers = contenders.iter().map(|c| c.result.clone()).collect();
-            write_report(report, &args.out)?;
+            write_report(report, &plan.out)?;
         }
     }
     Ok(())
@@ -456,14 +408,14 @@ fn sweep(
 /// speed over the minutes of a sweep hits all servers alike instead of whichever ran last.
 fn measure_point(
     exe: &Path,
-    args: &CompareArgs,
+    plan: &ComparePlan,
     contenders: &mut [Contender],
     point: (usize, u64),
     progress: &Progress,
 ) {
-    for round in 1..=args.repeat {
+    for round in 1..=plan.repeat {
         for contender in contenders.iter_mut() {
-            contender.run_once(exe, args, point, round, progress);
+            contender.run_once(exe, plan, point, round, progress);
         }
     }
     for contender in contenders {
@@ -550,10 +502,5 @@ mod tests {
             json
         );
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn distinct_keeps_first_order() {
-        assert_eq!(distinct([1, 50, 1, 500, 50]), [1, 50, 500]);
     }
 }

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::report::{Figures, Latency, Run};
-use super::{describe, last_line, procfs, CompareArgs};
+use super::{describe, last_line, procfs, ComparePlan};
 use crate::bench::generator::LOAD_STARTED;
 use crate::bench::report::{self as bench_report, Report};
 
@@ -48,7 +48,7 @@ pub(super) fn run_bench(
     target: &Target,
     conns: usize,
     size: u64,
-    args: &CompareArgs,
+    plan: &ComparePlan,
 ) -> Run {
     let failed = |failure: String| Run {
         figures: None,
@@ -59,21 +59,21 @@ pub(super) fn run_bench(
         .arg("bench")
         .arg(target.addr.to_string())
         .args(["--conns", &conns.to_string(), "--size", &size.to_string()])
-        .args(["--duration", &args.duration.as_secs_f64().to_string()])
-        .args(["--warmup", &args.warmup.as_secs_f64().to_string()])
+        .args(["--duration", &plan.duration.as_secs_f64().to_string()])
+        .args(["--warmup", &plan.warmup.as_secs_f64().to_string()])
         .arg("--json")
         .arg("--announce-start")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if let Some(threads) = args.threads {
+    if let Some(threads) = plan.threads {
         command.args(["--threads", &threads.to_string()]);
     }
-    if let Some(n) = args.requests_per_conn() {
+    if let Some(n) = plan.requests_per_conn {
         command.args(["--requests-per-conn", &n.to_string()]);
     }
-    if let Some(cpus) = &args.client_cpus {
+    if let Some(cpus) = &plan.client_cpus {
         cpus.pin(&mut command);
     }
     super::end_with_parent(&mut command);
@@ -90,7 +90,7 @@ pub(super) fn run_bench(
     let window = || {
         load_started
             .get()
-            .map(|&at: &Instant| (at + args.warmup, at + args.warmup + args.duration))
+            .map(|&at: &Instant| (at + plan.warmup, at + plan.warmup + plan.duration))
     };
     let mut cpu_before: Option<(Instant, f64)> = None;
     let mut cpu_after: Option<(Instant, f64)> = None;
@@ -100,7 +100,7 @@ pub(super) fn run_bench(
             .map(|s| (Instant::now(), s))
     };
     // Bench gives up on connecting by itself; this only catches one that hangs.
-    let give_up = started + args.warmup + args.duration + BENCH_GRACE;
+    let give_up = started + plan.warmup + plan.duration + BENCH_GRACE;
     let status = loop {
         if let Some(pid) = target.pid {
             if let Some(rss) = procfs::rss_kib(pid) {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{describe, takes_workers, CompareArgs, StopOutcome};
+use super::{describe, takes_workers, ComparePlan, StopOutcome};
 use crate::activation::{parse_ready_lines, ReadyPipe};
 use crate::server::Model;
 
@@ -40,7 +40,7 @@ impl ServerProcess {
     pub(super) fn start(
         exe: &Path,
         model: Model,
-        args: &CompareArgs,
+        plan: &ComparePlan,
     ) -> anyhow::Result<Result<ServerProcess, String>> {
         let mut command = Command::new(exe);
         command
@@ -51,17 +51,17 @@ impl ServerProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if let Some(workers) = args.workers.filter(|_| takes_workers(model)) {
+        if let Some(workers) = plan.workers.filter(|_| takes_workers(model)) {
             command.args(["--workers", &workers.to_string()]);
         }
-        if let Some(cpus) = &args.server_cpus {
+        if let Some(cpus) = &plan.server_cpus {
             cpus.pin(&mut command);
         }
         super::end_with_parent(&mut command);
         let ready = ReadyPipe::new().context("cannot create the readiness pipe")?;
         ready.pass_to(&mut command);
         let mut child = command.spawn().with_context(|| {
-            let pinned = args
+            let pinned = plan
                 .server_cpus
                 .as_ref()
                 .map(|cpus| format!(" pinned to CPUs {cpus}"))
