@@ -1,5 +1,6 @@
-//! The `multiecho` binary: parse the command line, set up logging, run the subcommand, and
-//! turn any error into one line on stderr and a non-zero exit status.
+//! The `multiecho` binary: parse the command line and validate it into a plan
+//! (`multiecho::cli`), set up logging, run the subcommand, and turn any error into one line
+//! on stderr and a non-zero exit status.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -33,8 +34,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Client(args) => multiecho::client::run(&args.config()?),
         Command::Bench(args) => multiecho::bench::run(&args.plan()?),
         Command::Compare(args) => multiecho::compare::run(&args.plan()),
-        Command::Check(args) => multiecho::check::run(&args),
-        Command::Merge(args) => multiecho::bench::merge::run(&args),
+        Command::Check(args) => multiecho::check::run(&args.plan()),
+        Command::Merge(args) => multiecho::bench::merge::run(&args.files, args.json),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             // Generated whole first: clap_complete panics on a write error such as EPIPE.

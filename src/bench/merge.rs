@@ -15,21 +15,11 @@ use anyhow::{bail, Context};
 use super::histogram;
 use super::report::{Interval, Latency, Report};
 
-/// `multiecho merge`.
-#[derive(Debug, clap::Args)]
-pub struct MergeArgs {
-    /// `multiecho bench --json` reports, one per load generator (at least two).
-    #[arg(value_name = "FILE", required = true, num_args = 1..)]
-    pub files: Vec<PathBuf>,
-    /// Print the merged report as JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// Runs `multiecho merge`: prints the merged report; fails if any run had errors.
-pub fn run(args: &MergeArgs) -> anyhow::Result<()> {
+/// Runs `multiecho merge` on `files`: prints the merged report (as JSON with `json`); fails
+/// if any run had errors.
+pub fn run(files: &[PathBuf], json: bool) -> anyhow::Result<()> {
     let mut reports = Vec::new();
-    for file in &args.files {
+    for file in files {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read {}", file.display()))?;
         let report: Report = serde_json::from_str(&text).with_context(|| {
@@ -41,7 +31,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<()> {
         reports.push((file.display().to_string(), report));
     }
     let merged = merge(&reports)?;
-    let text = if args.json {
+    let text = if json {
         merged.to_json() + "\n"
     } else {
         merged.to_text()

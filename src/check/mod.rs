@@ -26,39 +26,26 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 
-/// `multiecho check`.
-#[derive(Debug, clap::Args)]
-pub struct CheckArgs {
-    /// The server to check: HOST:PORT or tcp://HOST:PORT.
-    #[arg(value_name = "TARGET")]
+/// What `multiecho check` does, validated from its command line by `cli`.
+#[derive(Debug, Clone)]
+pub struct CheckPlan {
+    /// The server to check: HOST:PORT or tcp://HOST:PORT (see [`parse_target`]).
     pub target: String,
-    /// Print one JSON object on stdout instead of the table.
-    #[arg(long)]
+    /// One JSON object on stdout instead of the table.
     pub json: bool,
-    /// Run only this check (repeat for several). `--list` names them.
-    #[arg(long, value_name = "NAME")]
+    /// Run only these checks (all when empty).
     pub only: Vec<String>,
-    /// Do not run this check (repeat for several).
-    #[arg(long, value_name = "NAME")]
+    /// Do not run these checks.
     pub skip: Vec<String>,
-    /// List the checks and what each one does, then exit.
-    #[arg(long)]
+    /// List the checks instead of running them.
     pub list: bool,
-    /// Open at most N connections at once (the `concurrent` check opens this many).
-    #[arg(long, value_name = "N", default_value_t = 500,
-          value_parser = clap::value_parser!(u64).range(2..=10_000))]
-    pub max_conns: u64,
-    /// The largest payload of the `sizes` check, e.g. 1MiB (at most 64MiB).
-    #[arg(long, value_name = "BYTES", default_value = "64MiB", value_parser = crate::cli::parse::parse_max_payload)]
-    pub max_size: u64,
-    /// How long the `idle` check leaves a connection silent before using it again.
-    #[arg(long, value_name = "DURATION", default_value = "2s",
-          value_parser = crate::cli::parse_duration)]
+    /// At most this many connections open at once.
+    pub max_conns: usize,
+    /// The largest payload of the `sizes` check.
+    pub max_size: usize,
+    /// How long the `idle` check leaves a connection silent.
     pub idle_pause: Duration,
-    /// Bound the whole battery: no check starts, and no exchange waits, past this long;
-    /// checks not run count as failed.
-    #[arg(long, value_name = "DURATION", default_value = "60s",
-          value_parser = crate::cli::parse_duration)]
+    /// The whole battery's time limit.
     pub time_limit: Duration,
 }
 
@@ -200,9 +187,9 @@ pub fn parse_target(text: &str) -> anyhow::Result<SocketAddr> {
 }
 
 /// Chooses the checks `--only` and `--skip` leave, refusing unknown names.
-fn select(args: &CheckArgs) -> anyhow::Result<Vec<Check>> {
+fn select(plan: &CheckPlan) -> anyhow::Result<Vec<Check>> {
     let checks = battery();
-    for name in args.only.iter().chain(&args.skip) {
+    for name in plan.only.iter().chain(&plan.skip) {
         if !checks.iter().any(|c| c.name == name) {
             let known: Vec<&str> = checks.iter().map(|c| c.name).collect();
             bail!("no check named '{name}' (the checks: {})", known.join(", "));
@@ -210,38 +197,38 @@ fn select(args: &CheckArgs) -> anyhow::Result<Vec<Check>> {
     }
     Ok(checks
         .into_iter()
-        .filter(|c| args.only.is_empty() || args.only.iter().any(|n| n == c.name))
-        .filter(|c| !args.skip.iter().any(|n| n == c.name))
+        .filter(|c| plan.only.is_empty() || plan.only.iter().any(|n| n == c.name))
+        .filter(|c| !plan.skip.iter().any(|n| n == c.name))
         .collect())
 }
 
-/// Runs the checks `args` select against its target.
-pub fn run_battery(args: &CheckArgs) -> anyhow::Result<CheckReport> {
-    let addr = parse_target(&args.target)?;
-    let checks = select(args)?;
+/// Runs the checks `plan` selects against its target.
+pub fn run_battery(plan: &CheckPlan) -> anyhow::Result<CheckReport> {
+    let addr = parse_target(&plan.target)?;
+    let checks = select(plan)?;
     let open_files = crate::net::raise_open_files_limit().context("cannot raise RLIMIT_NOFILE")?;
-    if args.max_conns + 64 > open_files {
+    if plan.max_conns as u64 + 64 > open_files {
         bail!(
             "--max-conns {} needs more open files than the limit allows ({open_files})",
-            args.max_conns
+            plan.max_conns
         );
     }
     let context = Context {
         addr,
-        max_conns: args.max_conns as usize,
-        max_size: args.max_size as usize,
-        idle_pause: args.idle_pause,
-        deadline: Instant::now() + args.time_limit,
+        max_conns: plan.max_conns,
+        max_size: plan.max_size,
+        idle_pause: plan.idle_pause,
+        deadline: Instant::now() + plan.time_limit,
     };
     // One connect first, so an unreachable target is one clear error, not a table of failures.
     exchange::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
     let started = Instant::now();
     let mut results = Vec::new();
     for check in checks {
-        let (finding, secs) = if started.elapsed() >= args.time_limit {
+        let (finding, secs) = if started.elapsed() >= plan.time_limit {
             let finding = Finding {
                 verdict: Verdict::NotRun,
-                summary: format!("the time limit ({:?}) ran out first", args.time_limit),
+                summary: format!("the time limit ({:?}) ran out first", plan.time_limit),
                 evidence: Evidence::default(),
             };
             (finding, 0.0)
@@ -318,16 +305,16 @@ impl CheckReport {
 }
 
 /// Runs `multiecho check`: prints the report; fails unless every check passed.
-pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
+pub fn run(plan: &CheckPlan) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
-    if args.list {
+    if plan.list {
         for check in battery() {
             writeln!(stdout, "{:16} {}", check.name, check.about)?;
         }
         return Ok(());
     }
-    let report = run_battery(args)?;
-    let text = if args.json {
+    let report = run_battery(plan)?;
+    let text = if plan.json {
         serde_json::to_string_pretty(&report).expect("a report always serializes") + "\n"
     } else {
         report.to_text()
@@ -341,7 +328,7 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
             .filter(|c| c.verdict != Verdict::Pass)
             .map(|c| c.name)
             .collect();
-        if !args.json && std::io::stdout().is_terminal() {
+        if !plan.json && std::io::stdout().is_terminal() {
             // The table already said it; keep the error line short.
             bail!("{} checks failed", failed.len());
         }

@@ -1,20 +1,33 @@
-//! The command line: clap derive structs for each subcommand (`serve`'s in `serve`); the
-//! parsers that turn text into sizes, durations and addresses with one clear error line are
-//! in [`parse`], and the flag groups several subcommands flatten in are in `groups`.
+//! The command line, as one layer: every clap type and value parser of multiecho, and the
+//! validation of each subcommand's flags into the typed plan the library runs
+//! ([`ServerConfig`](crate::ServerConfig), [`ClientConfig`](crate::client::ClientConfig),
+//! [`BenchPlan`](crate::bench::BenchPlan), [`ComparePlan`](crate::compare::ComparePlan),
+//! [`CheckPlan`](crate::check::CheckPlan)), as ripgrep turns its low args into high args.
+//!
+//! One file per subcommand holds its flags and their validation; [`parse`] holds the value
+//! parsers and `groups` the flag groups several subcommands flatten in (the target, the
+//! worker count, churn, CPU pinning), so two subcommands that take the same value accept the
+//! same values. Nothing outside `cli` imports from it but `main.rs`: the modules it
+//! configures know nothing of clap. A value clap rejects gets clap's error; a combination
+//! the plan rejects gets one `multiecho: error:` line; both exit non-zero.
 
 mod bench;
+mod check;
 mod client;
 mod compare;
 mod groups;
+mod merge;
 pub mod parse;
 mod serve;
 
 use clap::{Parser, Subcommand};
 
 pub use bench::BenchArgs;
+pub use check::CheckArgs;
 pub use client::ClientArgs;
 pub use compare::CompareArgs;
 pub use groups::{ChurnArgs, PinningArgs, TargetArgs, WorkersArgs};
+pub use merge::MergeArgs;
 pub use parse::{
     parse_addr, parse_duration, parse_idle_timeout, parse_rate, parse_size, parse_thread_stack,
     parse_usable_cpu_list, MIN_IDLE_TIMEOUT, RATE_RANGE, THREAD_STACK_RANGE,
@@ -62,9 +75,9 @@ pub enum Command {
     /// charts.
     Compare(CompareArgs),
     /// Check any echo server (or a proxy in front of one) for the classic echo bugs.
-    Check(crate::check::CheckArgs),
+    Check(CheckArgs),
     /// Merge `bench --json` reports from several load generators into one.
-    Merge(crate::bench::merge::MergeArgs),
+    Merge(MergeArgs),
     /// Print a shell completion script: multiecho completions bash > /etc/bash_completion.d/multiecho
     Completions {
         /// The shell to complete for.
@@ -93,6 +106,24 @@ mod tests {
         Cli::try_parse_from(std::iter::once("multiecho").chain(args.iter().copied()))
     }
 
+    #[test]
+    fn serve_defaults() {
+        let cli = parse(&["serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.model, Model::Epoll);
+        assert_eq!(
+            args.listen,
+            vec![ListenSpec::tcp(
+                crate::net::parse_addr("127.0.0.1:4000").unwrap()
+            )]
+        );
+        let config = args.config();
+        assert_eq!(config.backlog, 1024);
+        assert_eq!(config.idle_timeout, None);
+    }
+
     /// compare runs bench with its connection counts, sizes and threads: it must refuse,
     /// before it starts a server, every value bench would refuse run by run, and accept the
     /// values bench accepts.
@@ -100,7 +131,10 @@ mod tests {
     fn compare_accepts_what_bench_accepts() {
         let cases: [(&str, &[&str]); 3] = [
             ("--conns", &["0", "1", "999999", "1000000", "-1", "many"]),
-            ("--size", &["0", "1", "1GiB", "1073741825", "2GiB", "4 parsecs"]),
+            (
+                "--size",
+                &["0", "1", "1GiB", "1073741825", "2GiB", "4 parsecs"],
+            ),
             ("--threads", &["0", "1", "1024", "1025", "x"]),
         ];
         for (flag, values) in cases {
@@ -122,21 +156,93 @@ mod tests {
     }
 
     #[test]
-    fn serve_defaults() {
-        let cli = Cli::try_parse_from(["multiecho", "serve"]).unwrap();
-        let Command::Serve(args) = cli.command else {
+    fn shared_groups_keep_their_flags() {
+        let Command::Compare(compare) =
+            parse(&["compare", "-w", "3", "--churn", "--server-cpus", "0"])
+                .unwrap()
+                .command
+        else {
+            panic!("not compare")
+        };
+        let plan = compare.plan();
+        assert_eq!(plan.workers, Some(3));
+        assert_eq!(plan.requests_per_conn, Some(1));
+        assert_eq!(plan.server_cpus.map(|c| c.to_string()), Some("0".into()));
+        assert!(parse(&["bench", "--churn", "--requests-per-conn", "2"]).is_err());
+        assert!(parse(&["serve", "--workers", "4097"]).is_err());
+        let Command::Serve(serve) = parse(&["serve", "-w", "2"]).unwrap().command else {
             panic!("not serve")
         };
-        assert_eq!(args.model, Model::Epoll);
-        assert_eq!(
-            args.listen,
-            vec![ListenSpec::tcp(
-                crate::net::parse_addr("127.0.0.1:4000").unwrap()
-            )]
-        );
-        let config = args.config();
-        assert_eq!(config.backlog, 1024);
-        assert_eq!(config.idle_timeout, None);
+        assert_eq!(serve.config().workers, 2);
+    }
+
+    /// What the plans refuse: one line each, naming what is wrong.
+    #[test]
+    fn plans_refuse_combinations_that_cannot_work() {
+        let bench_error = |args: &[&str]| {
+            let Command::Bench(bench) = parse(args).unwrap().command else {
+                panic!("not bench")
+            };
+            bench.plan().unwrap_err().to_string()
+        };
+        let client_error = |args: &[&str]| {
+            let Command::Client(client) = parse(args).unwrap().command else {
+                panic!("not client")
+            };
+            client.config().unwrap_err().to_string()
+        };
+        for (err, expected) in [
+            (
+                bench_error(&["bench", "udp://127.0.0.1:7", "--size", "8"]),
+                "--size for udp://",
+            ),
+            (
+                bench_error(&["bench", "udp://127.0.0.1:7", "--churn"]),
+                "--churn and --requests-per-conn are for TCP",
+            ),
+            (
+                bench_error(&["bench", "udp://127.0.0.1:7", "--warmup", "1s"]),
+                "--warmup is not supported for udp://",
+            ),
+            (
+                bench_error(&["bench", "tcp+proxy://127.0.0.1:7"]),
+                "bench speaks tcp:// and udp://",
+            ),
+            (
+                bench_error(&["bench", "127.0.0.1", "4000"]),
+                "`multiecho bench 127.0.0.1:4000`",
+            ),
+            (
+                bench_error(&["bench", "nowhere"]),
+                "invalid address 'nowhere'",
+            ),
+            (
+                client_error(&["client", "udp://127.0.0.1:7", "--split"]),
+                "--split is for TCP",
+            ),
+            (
+                client_error(&["client", "::1", "4000"]),
+                "`multiecho client [::1]:4000`",
+            ),
+        ] {
+            assert!(err.contains(expected), "{expected}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn bench_plan_defaults() {
+        let Command::Bench(bench) = parse(&["bench"]).unwrap().command else {
+            panic!("not bench")
+        };
+        let plan = bench.plan().unwrap();
+        assert_eq!(plan.conns, 50);
+        assert_eq!(plan.size, 512);
+        assert_eq!(plan.duration, Some(crate::bench::DEFAULT_DURATION));
+        let Command::Bench(bench) = parse(&["bench", "-n", "100"]).unwrap().command else {
+            panic!("not bench")
+        };
+        assert_eq!(bench.plan().unwrap().duration, None);
     }
 
     #[test]
