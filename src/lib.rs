@@ -2,10 +2,14 @@
 //! the clients from the seed study notes, and a load generator that verifies every byte.
 //!
 //! The binary (`src/main.rs`) is a thin shell over this library: it parses the command line
-//! ([`cli`]), sets up logging and calls into the modules below. Tests drive the same calls.
+//! and validates it into a plan ([`cli`]), sets up logging and calls into the modules below
+//! with that plan. Tests drive the same calls.
 //!
 //! # Layout
-//! - [`cli`]: the command line (clap derive) and its validation into configurations.
+//! - [`cli`]: the command line as one layer: every clap type and value parser, the flag groups
+//!   subcommands share, and the validation of each subcommand's flags into the typed plan
+//!   the modules below run ([`ServerConfig`], [`client::ClientConfig`], [`bench::BenchPlan`],
+//!   [`compare::ComparePlan`], [`check::CheckPlan`]). Only `main.rs` imports from it.
 //! - [`listen`]: listener specs (`HOST:PORT` or `tcp://`, `tcp+proxy://`, `udp://`, `tls://`,
 //!   `tls+proxy://` URLs) and the kind each bound socket carries.
 //! - [`activation`]: sockets passed by a service manager (`LISTEN_FDS`), and readiness
@@ -27,7 +31,10 @@
 //!   (`server/echo.rs`).
 //! - [`client`]: the seeds' line client and split-I/O client.
 //! - [`payload`]: deterministic pseudo-random content for load generation and tests.
-//! - [`bench`]: the verifying load generator, and `compare` with its report and charts.
+//! - [`bench`]: the verifying load generator, its JSON report, and `merge`.
+//! - [`compare`]: starts servers and bench runs as child processes, takes turns between them,
+//!   and writes the side-by-side report and charts; it reads bench's JSON through bench's own
+//!   [`bench::report::Report`].
 //! - [`check`]: the conformance battery for any echo server or proxy.
 
 // The models rely on Linux's epoll edge semantics, io_uring, accept4, SO_* options and
