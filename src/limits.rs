@@ -40,14 +40,9 @@ impl Connections {
         })
     }
 
-    /// How many connections are live.
-    pub fn len(&self) -> usize {
+    /// How many connections are live (for the draining log line).
+    fn len(&self) -> usize {
         self.lock().len()
-    }
-
-    /// Whether no connection is live.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// A slot under the limit, to take before accepting; `None` while full.
