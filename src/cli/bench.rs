@@ -20,7 +20,7 @@ use crate::listen::ListenerKind;
 pub struct BenchArgs {
     #[command(flatten)]
     pub target: TargetArgs,
-    /// Connections to open (for udp://, flows).
+    /// Connections to open (for udp://, flows, each with its own source port).
     #[arg(short, long, value_name = "N", default_value_t = 50, value_parser = conns())]
     pub conns: u64,
     /// Bytes per message, e.g. 512, 4k, 1MiB.

@@ -13,8 +13,7 @@ use crate::listen::ListenSpec;
 #[derive(Debug, Args)]
 pub struct TargetArgs {
     /// Server address: HOST:PORT, [V6]:PORT or PORT (loopback), or udp://HOST:PORT for UDP
-    /// echo (a datagram per line for client; for bench, --conns flows, each with its own
-    /// source port).
+    /// echo (client: a datagram per line).
     #[arg(value_name = "ADDR", default_value = crate::net::DEFAULT_LISTEN)]
     pub addr: String,
     /// A port given as a second argument, nc style (`client HOST PORT`): caught only to
