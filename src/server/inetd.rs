@@ -58,7 +58,7 @@ pub fn serve(config: &ServerConfig) -> crate::Result<()> {
         }
     }
     let mut buf = vec![0u8; echo::BUFFER_SIZE];
-    let (received, sent, end) = echo::echo(&mut stream, &mut buf);
-    lifecycle.close_counted(admitted, received, sent, &end);
+    let (echoed, end) = echo::echo(&mut stream, &mut buf, &lifecycle);
+    lifecycle.close(admitted, echoed, &end);
     Ok(())
 }

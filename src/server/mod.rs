@@ -432,8 +432,8 @@ pub fn run_with(
         tracing::info!(
             connections = server.stats.accepted(),
             bytes = server.stats.bytes(),
-            datagrams = server.conn.datagrams_echoed(),
-            datagram_bytes = server.conn.datagram_bytes(),
+            datagrams = server.stats.datagrams_echoed(),
+            datagram_bytes = server.stats.datagram_bytes_sent(),
             "server stopped"
         );
         server.conn.log_datagram_refusals();
