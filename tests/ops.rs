@@ -472,6 +472,100 @@ fn udp_models_serve_a_datagram_socket_passed_by_systemd_socket_activate() {
     }
 }
 
+/// `--inetd=tcp+proxy` under `systemd-socket-activate --inetd -a`: each connection's PROXY
+/// header (v1 and v2 written by hand, and v2 from a real HAProxy with `send-proxy-v2`) is
+/// consumed and its client becomes the peer; the rest is echoed byte-exact with half-close. A
+/// connection without a header is closed without an echo, with one refusal line.
+#[test]
+fn inetd_mode_reads_proxy_headers() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let child = socket_activate(
+        &["-l", &addr.to_string(), "-a", "--inetd"],
+        &["--inetd=tcp+proxy"],
+    );
+    let mut v1 = connect_when_listening(addr);
+    v1.write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 80\r\n")
+        .unwrap();
+    let payload = multiecho::payload::bytes(9, 100_000);
+    assert_same(&round_trip(v1, &payload), &payload, "after a v1 header");
+
+    // v2: signature, version 2 PROXY, TCP over IPv4, 12 address bytes: 198.51.100.9:4444 to
+    // 127.0.0.1:80.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend_from_slice(&[198, 51, 100, 9, 127, 0, 0, 1]);
+    v2.extend_from_slice(&4444u16.to_be_bytes());
+    v2.extend_from_slice(&80u16.to_be_bytes());
+    v2.extend_from_slice(b"after a v2 header\n");
+    assert_same(
+        &round_trip(connect(addr), &v2),
+        b"after a v2 header\n",
+        "after a v2 header",
+    );
+
+    let mut bare = connect(addr);
+    bare.write_all(b"no header here\r\n").unwrap();
+    assert!(
+        refused_without_echo(&mut bare),
+        "a connection without a header"
+    );
+    drop(bare);
+
+    let mut via_haproxy_port = None;
+    if have("haproxy") {
+        let haproxy = common::haproxy::Haproxy::start(common::haproxy::HaproxyConfig {
+            send_proxy: common::haproxy::SendProxy::V2,
+            backend: addr,
+            health_check: false,
+        });
+        let client = connect(haproxy.frontend());
+        via_haproxy_port = Some(client.local_addr().unwrap().port());
+        let payload = multiecho::payload::bytes(10, 50_000);
+        assert_same(&round_trip(client, &payload), &payload, "through HAProxy");
+    }
+
+    let deadline = Instant::now() + PATIENCE;
+    while !live_children(child.id()).is_empty() {
+        assert!(Instant::now() < deadline, "inetd children did not exit");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut child = child;
+    signal(child.id(), libc::SIGTERM);
+    let (_, log) = wait_with_timeout(&mut child);
+    for peer in ["peer=192.0.2.7:5555", "peer=198.51.100.9:4444"] {
+        assert!(log.contains(peer), "no {peer} in the log:\n{log}");
+    }
+    if let Some(port) = via_haproxy_port {
+        // HAProxy's header names the test's client, not HAProxy's own connection.
+        let peer = format!("peer=127.0.0.1:{port}");
+        assert!(log.contains(&peer), "no {peer} in the log:\n{log}");
+    }
+    let served = 2 + usize::from(via_haproxy_port.is_some());
+    assert_eq!(
+        log.matches("connection closed").count(),
+        served,
+        "log:\n{log}"
+    );
+    assert_eq!(log.matches("connection refused").count(), 1, "log:\n{log}");
+    assert!(log.contains("proxy-header"), "log:\n{log}");
+    assert!(log.contains("bytes=100000"), "log:\n{log}");
+}
+
+/// `--inetd` takes tcp or tcp+proxy, nothing else: one clear error.
+#[test]
+fn inetd_mode_refuses_other_kinds() {
+    let out = Command::new(BIN)
+        .args(["serve", "--inetd=udp"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid inetd connection kind 'udp': use tcp (the default) or tcp+proxy"),
+        "{err}"
+    );
+}
+
 /// `--ready-fd` gets one `KIND ADDR` line per listener, with the ports the kernel chose, and
 /// each of them accepts as soon as the line is read.
 #[test]
