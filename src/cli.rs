@@ -118,9 +118,13 @@ pub struct ServeArgs {
     pub ready_fd: Option<i32>,
     /// Serve exactly one connection, already accepted, on standard input, then exit: for
     /// inetd, xinetd (nowait) and systemd Accept=yes sockets. Logs go to stderr. --model and
-    /// --listen do not apply.
-    #[arg(long, conflicts_with = "ready_fd")]
-    pub inetd: bool,
+    /// --listen do not apply. --inetd=tcp+proxy: the connection begins with a PROXY protocol
+    /// v1 or v2 header (from HAProxy or another load balancer, a --trusted-proxy) naming the
+    /// real client, as on a tcp+proxy:// listener.
+    #[arg(long, value_name = "KIND", num_args = 0..=1, require_equals = true,
+          default_missing_value = "tcp", value_parser = crate::server::inetd::parse_kind,
+          conflicts_with = "ready_fd")]
+    pub inetd: Option<crate::listen::ListenerKind>,
     /// Serve Prometheus metrics at http://ADDR/metrics and a health check at /healthz (200
     /// while serving, 503 once shutdown has started), e.g. 127.0.0.1:9100.
     #[arg(long, value_name = "ADDR")]

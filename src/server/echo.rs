@@ -20,26 +20,28 @@ pub use crate::server::conn::End;
 /// The read buffer of a blocking connection.
 pub const BUFFER_SIZE: usize = 16 * 1024;
 
-/// Echoes until end of stream, an error or the idle timeout; returns the bytes received, the
-/// bytes echoed (fewer when a write failed) and how it ended.
-pub fn echo(stream: &mut TcpStream, buf: &mut [u8]) -> (u64, u64, End) {
+/// Echoes until end of stream, an error or the idle timeout, counting the bytes in
+/// `lifecycle` as they flow; returns the bytes echoed and how it ended.
+pub fn echo(stream: &mut TcpStream, buf: &mut [u8], lifecycle: &Lifecycle) -> (u64, End) {
     let mut total = 0u64;
     loop {
         let n = match stream.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return (total, total, classify(e)),
+            Err(e) => return (total, classify(e)),
         };
+        lifecycle.received(n);
         if let Err(e) = stream.write_all(&buf[..n]) {
             // How much of this echo went out before the failure is unknown: none is counted.
-            return (total + n as u64, total, classify(e));
+            return (total, classify(e));
         }
+        lifecycle.sent(n);
         total += n as u64;
     }
     // The client half-closed and has had every byte back: close our side as well.
     let _ = stream.shutdown(Direction::Write);
-    (total, total, End::ClientClosed)
+    (total, End::ClientClosed)
 }
 
 fn classify(e: io::Error) -> End {
@@ -79,14 +81,15 @@ pub fn serve_connection(
         },
     };
     // What arrived with the header is the start of the stream: echoed first.
+    lifecycle.received(leftover.len());
     if let Err(e) = stream.write_all(&leftover) {
-        lifecycle.close_counted(admitted, leftover.len() as u64, 0, &classify(e));
+        lifecycle.close(admitted, 0, &classify(e));
         return;
     }
+    lifecycle.sent(leftover.len());
     let mut buf = vec![0u8; BUFFER_SIZE];
-    let (received, sent, end) = echo(stream, &mut buf);
-    let first = leftover.len() as u64;
-    lifecycle.close_counted(admitted, first + received, first + sent, &end);
+    let (echoed, end) = echo(stream, &mut buf, lifecycle);
+    lifecycle.close(admitted, leftover.len() as u64 + echoed, &end);
 }
 
 /// Reads a `+proxy` connection's PROXY header within `--proxy-timeout` (one deadline for the

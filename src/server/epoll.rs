@@ -181,7 +181,7 @@ impl Connection {
             }
         }
         if !self.pending.is_empty() {
-            match self.flush(now) {
+            match self.flush(now, lifecycle) {
                 Ok(true) => {}
                 Ok(false) => return Next::Wait,
                 Err(e) => return Next::Close(End::Failed(e)),
@@ -200,10 +200,12 @@ impl Connection {
                 Err(e) => return Next::Close(End::Failed(e)),
             };
             self.last_active = now;
+            lifecycle.received(read);
             let written = match write_some(&self.stream, &buffer[..read]) {
                 Ok(written) => written,
                 Err(e) => return Next::Close(End::Failed(e)),
             };
+            lifecycle.sent(written);
             self.bytes += written as u64;
             if written < read {
                 // Backpressure: keep the rest and stop reading until it is flushed.
@@ -247,6 +249,7 @@ impl Connection {
                     let Ok(admitted) = lifecycle.admit_proxied(listener, proxy, &header) else {
                         return Some(Next::Drop);
                     };
+                    lifecycle.received(self.pending.len());
                     self.peer = Peer::Admitted(admitted);
                     return None;
                 }
@@ -256,9 +259,10 @@ impl Connection {
     }
 
     /// Writes pending echo; returns whether all of it is out.
-    fn flush(&mut self, now: Instant) -> io::Result<bool> {
+    fn flush(&mut self, now: Instant, lifecycle: &Lifecycle) -> io::Result<bool> {
         let written = write_some(&self.stream, &self.pending[self.pending_sent..])?;
         if written > 0 {
+            lifecycle.sent(written);
             self.last_active = now;
             self.bytes += written as u64;
             self.pending_sent += written;

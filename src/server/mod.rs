@@ -312,21 +312,34 @@ pub fn run_with(
     let (udp_specs, tcp_specs): (Vec<ListenSpec>, Vec<ListenSpec>) = listen
         .iter()
         .partition(|spec| spec.kind == ListenerKind::Udp);
-    if !udp_specs.is_empty() && !model.serves_udp() {
+    // A passed datagram socket is a udp:// listener like one in --listen.
+    let first_udp = match &passed {
+        Some(passed) => passed
+            .datagram
+            .first()
+            .map(|socket| match socket.local_addr() {
+                Ok(addr) => format!("udp://{addr}, passed in LISTEN_FDS"),
+                Err(_) => "a UDP socket passed in LISTEN_FDS".to_string(),
+            }),
+        None => udp_specs.first().map(ToString::to_string),
+    };
+    if let Some(first_udp) = first_udp.as_ref().filter(|_| !model.serves_udp()) {
         // uring: another rewrite is under way; it refuses UDP until then.
         return Err(crate::Error::Unsupported(format!(
-            "the {model} model does not serve udp:// listeners ({}); these models do: {}",
-            udp_specs[0],
+            "the {model} model does not serve udp:// listeners ({first_udp}); these models do: {}",
             Model::udp_models()
         )));
     }
-    if udp_specs.is_empty() {
+    if first_udp.is_none() {
         // No UDP listener: no datagram rules (and no per-source table kept for them).
         config.admission.udp = None;
     }
     let listen = &tcp_specs[..];
     let expects_proxy = match &passed {
-        Some(passed) => passed.iter().any(|(_, kind)| kind.expects_proxy_header()),
+        Some(passed) => passed
+            .stream
+            .iter()
+            .any(|(_, kind)| kind.expects_proxy_header()),
         None => listen.iter().any(|spec| spec.kind.expects_proxy_header()),
     };
     if model == Model::Uring && expects_proxy {
@@ -344,16 +357,24 @@ pub fn run_with(
         Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
     }
     let metrics_listener = config.metrics.map(crate::metrics::bind).transpose()?;
-    let (listeners, kinds): (Vec<TcpListener>, Vec<ListenerKind>) = match passed {
-        Some(passed) => passed.into_iter().unzip(),
-        None => (
-            listen
-                .iter()
-                .map(|spec| crate::net::bind(spec.addr, config.backlog))
-                .collect::<crate::Result<Vec<_>>>()?,
-            listen.iter().map(|spec| spec.kind).collect(),
-        ),
-    };
+    let (listeners, kinds, udp): (Vec<TcpListener>, Vec<ListenerKind>, Vec<UdpSocket>) =
+        match passed {
+            Some(passed) => {
+                let (listeners, kinds) = passed.stream.into_iter().unzip();
+                (listeners, kinds, passed.datagram)
+            }
+            None => (
+                listen
+                    .iter()
+                    .map(|spec| crate::net::bind(spec.addr, config.backlog))
+                    .collect::<crate::Result<Vec<_>>>()?,
+                listen.iter().map(|spec| spec.kind).collect(),
+                udp_specs
+                    .iter()
+                    .map(|spec| udp::bind(spec.addr))
+                    .collect::<crate::Result<Vec<_>>>()?,
+            ),
+        };
     let shutdown = Shutdown::on_signals()
         .map_err(|e| crate::Error::io("cannot install signal handlers", e))?;
     readiness
@@ -363,7 +384,7 @@ pub fn run_with(
     shutdown
         .stop_listening_on_trigger(&listeners)
         .map_err(|e| crate::Error::io("cannot prepare the listeners for shutdown", e))?;
-    let mut bound = Vec::with_capacity(listeners.len() + udp_specs.len());
+    let mut bound = Vec::with_capacity(listeners.len() + udp.len());
     for (listener, &kind) in listeners.iter().zip(&kinds) {
         let addr = listener
             .local_addr()
@@ -374,10 +395,6 @@ pub fn run_with(
         }
         bound.push((kind, addr));
     }
-    let udp = udp_specs
-        .iter()
-        .map(|spec| udp::bind(spec.addr))
-        .collect::<crate::Result<Vec<_>>>()?;
     for socket in &udp {
         let addr = socket
             .local_addr()
@@ -432,8 +449,8 @@ pub fn run_with(
         tracing::info!(
             connections = server.stats.accepted(),
             bytes = server.stats.bytes(),
-            datagrams = server.conn.datagrams_echoed(),
-            datagram_bytes = server.conn.datagram_bytes(),
+            datagrams = server.stats.datagrams_echoed(),
+            datagram_bytes = server.stats.datagram_bytes_sent(),
             "server stopped"
         );
         server.conn.log_datagram_refusals();

@@ -421,9 +421,11 @@ async fn serve_connection(
         () = shared.close_connections.cancelled() => End::Shutdown,
         ended = async {
             // What came with the PROXY header is the start of the stream: echoed first.
+            shared.lifecycle.received(leftover.len());
             stream.write_all(&leftover).await.map_err(End::Failed)?;
+            shared.lifecycle.sent(leftover.len());
             bytes += leftover.len() as u64;
-            echo_until_end(&mut stream, &mut bytes, shared.config.idle_timeout).await
+            echo_until_end(&mut stream, &mut bytes, shared.config.idle_timeout, &shared.lifecycle).await
         } => {
             match ended {
                 Ok(()) => End::ClientClosed,
@@ -485,7 +487,8 @@ async fn read_header(
 }
 
 /// Echoes until the client half-closes (then closes our side too), an error, or the idle
-/// timeout. Counts echoed bytes in `echoed` as they go, so a cancelled echo still reports them.
+/// timeout. Counts echoed bytes in `echoed` as they go, so a cancelled echo still reports them,
+/// and in `lifecycle`'s counters.
 ///
 /// This future is what an idle connection costs, so whatever only some connections need (the
 /// idle timer, a pending echo) is boxed rather than stored in it.
@@ -493,6 +496,7 @@ async fn echo_until_end(
     stream: &mut TcpStream,
     echoed: &mut u64,
     idle: Option<Duration>,
+    lifecycle: &Lifecycle,
 ) -> Result<(), End> {
     let mut timer = IdleTimer::new(idle);
     loop {
@@ -504,9 +508,14 @@ async fn echo_until_end(
         timer.restart();
         match step {
             Ok(Step::Ended) => break,
-            Ok(Step::Echoed(n)) => *echoed += n as u64,
+            Ok(Step::Echoed(n)) => {
+                lifecycle.echoed(n);
+                *echoed += n as u64;
+            }
             Ok(Step::Pending { read, rest }) => {
-                Box::pin(write_rest(stream, &rest, &mut timer)).await?;
+                lifecycle.received(read);
+                lifecycle.sent(read - rest.len());
+                Box::pin(write_rest(stream, &rest, &mut timer, lifecycle)).await?;
                 *echoed += read as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -602,7 +611,12 @@ fn echo_now(stream: &TcpStream, data: &[u8]) -> io::Result<Step> {
 
 /// Writes `rest` in full, waiting for the socket to become writable; any progress restarts the
 /// idle timer.
-async fn write_rest(stream: &TcpStream, mut rest: &[u8], timer: &mut IdleTimer) -> Result<(), End> {
+async fn write_rest(
+    stream: &TcpStream,
+    mut rest: &[u8],
+    timer: &mut IdleTimer,
+    lifecycle: &Lifecycle,
+) -> Result<(), End> {
     while !rest.is_empty() {
         tokio::select! {
             biased;
@@ -611,6 +625,7 @@ async fn write_rest(stream: &TcpStream, mut rest: &[u8], timer: &mut IdleTimer) 
         }
         match stream.try_write(rest) {
             Ok(n) => {
+                lifecycle.sent(n);
                 rest = &rest[n..];
                 timer.restart();
             }

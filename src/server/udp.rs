@@ -147,7 +147,7 @@ pub fn serve_blocking(
                     Err(e) if is_transient(&e) => continue,
                     Err(e) => return Err(e),
                 };
-                if lifecycle.admit_datagram(received.source, received.truncated) {
+                if lifecycle.admit_datagram(&received) {
                     echo(socket, &buf[..received.len], received.source, lifecycle);
                 }
             }

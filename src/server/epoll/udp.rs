@@ -138,7 +138,7 @@ fn serve_some(endpoint: &mut Endpoint, buf: &mut [u8], lifecycle: &Lifecycle) ->
             Err(e) if is_transient(&e) => continue,
             Err(e) => return Err(e),
         };
-        if !lifecycle.admit_datagram(received.source, received.truncated) {
+        if !lifecycle.admit_datagram(&received) {
             continue;
         }
         let data = &buf[..received.len];

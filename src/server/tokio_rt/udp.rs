@@ -56,7 +56,7 @@ async fn serve(socket: &UdpSocket, lifecycle: &Lifecycle) -> io::Result<()> {
                     Err(e) if is_transient(&e) => continue,
                     Err(e) => return Err(e),
                 };
-            if !lifecycle.admit_datagram(received.source, received.truncated) {
+            if !lifecycle.admit_datagram(&received) {
                 continue;
             }
             let data = &buf[..received.len];

@@ -1,8 +1,8 @@
 //! A worker: one thread driving one ring. It owns the connection table, the accepts, the
 //! timers and the buffer pool, and carries out what each connection's state machine
 //! ([`super::connection`]) asks for. The lifecycle hooks each have one call site: admission
-//! in [`Worker::start_connection`] (right after accept or hand-over), the close record in
-//! [`Worker::finish`].
+//! in [`Worker::start_connection`] (right after accept or hand-over), the byte counts in
+//! `received` and `sent` (each completion), the close record in [`Worker::finish`].
 
 use std::collections::VecDeque;
 use std::io;
@@ -429,9 +429,13 @@ impl<'a> Worker<'a> {
             .filter(|slot| slot.generation & 0xFF_FFFF == generation)
             .and_then(|slot| slot.live.as_mut())
         {
-            Some(live) => live
-                .connection
-                .received(recv, multishot, &self.pool, now, &mut actions),
+            Some(live) => {
+                if result > 0 {
+                    self.server.conn.received(result as usize);
+                }
+                live.connection
+                    .received(recv, multishot, &self.pool, now, &mut actions)
+            }
             // Cannot happen (a slot is freed only with no operation in flight), but a buffer
             // must never be lost.
             None => actions.extend(bid.map(Action::GiveBack)),
@@ -448,6 +452,9 @@ impl<'a> Worker<'a> {
             .filter(|slot| slot.generation & 0xFF_FFFF == generation)
             .and_then(|slot| slot.live.as_mut())
         {
+            if result > 0 {
+                self.server.conn.sent(result as usize);
+            }
             live.connection.sent(result, &self.pool, now, &mut actions);
         }
         self.apply(index, actions);
