@@ -530,8 +530,9 @@ fn a_udp_sweep_of_the_models_that_serve_it_and_an_external_udp_server() {
             median["round_trips_per_sec"].as_f64().unwrap() > 0.0,
             "{name}: {context}"
         );
+        // Measured (a short window at low load may round to no CPU tick at all).
         assert!(
-            median["server_cpu_us_per_round_trip"].as_f64().unwrap() > 0.0,
+            median["server_cpu_us_per_round_trip"].as_f64().unwrap() >= 0.0,
             "{name}: {context}"
         );
         for key in ["lost_percent", "duplicates", "reordered"] {
