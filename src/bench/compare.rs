@@ -95,6 +95,15 @@ pub struct CompareArgs {
     /// Connection churn: a new connection every N round trips.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub requests_per_conn: Option<u64>,
+    /// Compare UDP echo: the models that serve `udp://` listen on one too (with
+    /// `--udp-rate 0`: every flow comes from this machine), the others are skipped, and
+    /// `--external` servers are UDP echo servers. `--conns` counts flows; the report adds
+    /// the datagrams lost, duplicated and reordered.
+    #[arg(long, conflicts_with_all = ["churn", "requests_per_conn"])]
+    pub udp: bool,
+    /// Messages (datagrams with --udp) in flight per connection (bench's --pipeline).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub pipeline: Option<u64>,
     /// Directory to write report.json, report.md and the charts into.
     #[arg(long, value_name = "DIR", default_value = "compare-report")]
     pub out: PathBuf,
@@ -188,6 +197,8 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         server_cpus: args.server_cpus.as_ref().map(ToString::to_string),
         client_cpus: args.client_cpus.as_ref().map(ToString::to_string),
         requests_per_conn: args.requests_per_conn(),
+        udp: args.udp,
+        pipeline: args.pipeline,
     };
     let models = distinct(args.models.iter().copied());
 
@@ -370,6 +381,12 @@ impl Contender {
         runs_per_server: u64,
     ) -> anyhow::Result<Contender> {
         let mut contender = Contender::new(model.name().to_string(), "model");
+        if args.udp && !model.serves_udp() {
+            let reason = format!("no udp:// (these models serve it: {})", Model::udp_models());
+            progress.skip(runs_per_server);
+            contender.result.skipped = Some(reason);
+            return Ok(contender);
+        }
         progress.say(&format!("starting the {model} server"));
         match ServerProcess::start(exe, model, args)? {
             Ok(server) => {

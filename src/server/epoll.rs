@@ -37,10 +37,12 @@
 //! A worker that fails fatally triggers the shutdown so that the others stop too.
 //!
 //! UDP (`udp.rs`): `--workers` more event loops, each with its own `Poll` and a duplicate of
-//! every `udp://` socket, receive until `WouldBlock` and echo each admitted datagram at once
-//! (a full send buffer holds the echo and pauses reading that socket). Cost: a `recvmsg` and a
-//! `sendto` per datagram plus a share of `epoll_wait`, one 64 KiB buffer per loop, no
-//! allocation unless the send buffer is full; every loop wakes on a burst. At shutdown the UDP
+//! every `udp://` socket, receive in batches (`recvmmsg`) until `WouldBlock` and echo each
+//! batch's admitted datagrams with one `sendmmsg` (a full send buffer holds the unsent echoes
+//! and pauses reading that socket). Cost: a `recvmmsg` and a `sendmmsg` per batch of up to 64
+//! plus a share of `epoll_wait`, a batch of 64 slots of 64 KiB per socket per loop (touched as
+//! far as datagrams fill them), no copy when the send buffer is full; every loop wakes on a
+//! burst. At shutdown the UDP
 //! loops stop at once while the TCP workers drain.
 
 use std::io::{self, ErrorKind, Read, Write};

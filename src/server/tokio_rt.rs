@@ -40,10 +40,12 @@
 //! and each runtime is shut down.
 //!
 //! UDP (`udp.rs`): each worker's runtime has a task per `udp://` socket, all sharing the one
-//! socket; each waits for readability, receives with `try_io` until `WouldBlock`, and awaits
-//! `send_to` for each admitted datagram's echo. Cost: a `recvmsg` and a `sendto` per datagram
-//! plus tokio's readiness bookkeeping and a share of `epoll_wait`; one 64 KiB buffer per task.
-//! At shutdown the UDP tasks end at once while the TCP connections drain.
+//! socket; each waits for readability, receives in batches (`recvmmsg` through `try_io`) until
+//! `WouldBlock`, and sends each batch's admitted echoes with one `sendmmsg` (awaiting
+//! writability if the send buffer is full). Cost: a `recvmmsg` and a `sendmmsg` per batch of
+//! up to 64 plus tokio's readiness bookkeeping and a share of `epoll_wait`; a batch of 64
+//! slots of 64 KiB per task (touched as far as datagrams fill them). At shutdown
+//! the UDP tasks end at once while the TCP connections drain.
 
 use std::cell::RefCell;
 use std::future::Future;

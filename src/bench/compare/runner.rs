@@ -34,6 +34,8 @@ struct BenchOutput {
     requests_per_sec: f64,
     bytes_per_sec: f64,
     latency_us: Latency,
+    /// Not in a UDP bench's output (its flows are in `config`).
+    #[serde(default)]
     connections: f64,
     errors: f64,
     mismatches: f64,
@@ -44,6 +46,13 @@ struct BenchOutput {
     connections_per_sec: Option<f64>,
     #[serde(default)]
     connect_latency_us: Option<Latency>,
+    /// What the network did to the datagrams (UDP only).
+    #[serde(default)]
+    loss_percent: Option<f64>,
+    #[serde(default)]
+    duplicates: Option<f64>,
+    #[serde(default)]
+    reordered: Option<f64>,
 }
 
 /// Finds bench's JSON object in its stdout.
@@ -73,9 +82,14 @@ pub(super) fn run_bench(
         failure: Some(failure),
     };
     let mut command = Command::new(exe);
+    let url = if args.udp {
+        format!("udp://{}", target.addr)
+    } else {
+        target.addr.to_string()
+    };
     command
         .arg("bench")
-        .arg(target.addr.to_string())
+        .arg(url)
         .args(["--conns", &conns.to_string(), "--size", &size.to_string()])
         .args(["--duration", &args.duration.as_secs_f64().to_string()])
         .args(["--warmup", &args.warmup.as_secs_f64().to_string()])
@@ -87,6 +101,9 @@ pub(super) fn run_bench(
         .stderr(Stdio::piped());
     if let Some(threads) = args.threads {
         command.args(["--threads", &threads.to_string()]);
+    }
+    if let Some(n) = args.pipeline {
+        command.args(["--pipeline", &n.to_string()]);
     }
     if let Some(n) = args.requests_per_conn() {
         command.args(["--requests-per-conn", &n.to_string()]);
@@ -201,6 +218,9 @@ pub(super) fn run_bench(
         mismatches: output.mismatches,
         connections_per_sec: output.connections_per_sec,
         connect_p99_us: output.connect_latency_us.map(|l| l.p99),
+        lost_percent: output.loss_percent,
+        duplicates: output.duplicates,
+        reordered: output.reordered,
     };
     let mut problems = Vec::new();
     if !status.success() {

@@ -1,6 +1,7 @@
-//! The `multiecho serve` child of a comparison: started on a free loopback port, its stderr
-//! drained on a thread (so it never blocks) into its last lines, probed with one round trip,
-//! and stopped with SIGTERM (it must exit 0).
+//! The `multiecho serve` child of a comparison: started on a free loopback port (and, with
+//! `--udp`, a UDP one: its address is the server's), its stderr drained on a thread (so it
+//! never blocks) into its last lines, probed with one round trip, and stopped with SIGTERM (it
+//! must exit 0).
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
@@ -15,6 +16,7 @@ use anyhow::Context;
 
 use super::{describe, takes_workers, CompareArgs, StopOutcome};
 use crate::activation::{parse_ready_lines, ReadyPipe};
+use crate::listen::ListenerKind;
 use crate::server::Model;
 
 /// How long a model may take to say where it listens.
@@ -51,6 +53,9 @@ impl ServerProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if args.udp {
+            command.args(["--listen", "udp://127.0.0.1:0", "--udp-rate", "0"]);
+        }
         if let Some(workers) = args.workers.filter(|_| takes_workers(model)) {
             command.args(["--workers", &workers.to_string()]);
         }
@@ -71,7 +76,12 @@ impl ServerProcess {
         let ready = ready.into_reader();
         let log = Arc::new(Mutex::new(VecDeque::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
-        thread::spawn(move || read_ready_fd(ready, ready_tx));
+        let kind = if args.udp {
+            ListenerKind::Udp
+        } else {
+            ListenerKind::Tcp
+        };
+        thread::spawn(move || read_ready_fd(ready, kind, ready_tx));
         let stderr = child.stderr.take().expect("stderr is piped");
         let log_reader = {
             let log = Arc::clone(&log);
@@ -90,7 +100,12 @@ impl ServerProcess {
                 server.addr = addr;
                 // A model that cannot run may still bind and log its address before it
                 // fails, so only a round trip shows it really serves.
-                match probe(addr) {
+                let probed = if args.udp {
+                    probe_udp(addr)
+                } else {
+                    probe(addr)
+                };
+                match probed {
                     Ok(()) => Ok(Ok(server)),
                     Err(e) => Ok(Err(server.not_serving(&e))),
                 }
@@ -253,6 +268,21 @@ fn probe(addr: SocketAddr) -> std::io::Result<()> {
     Ok(())
 }
 
+/// One datagram to `addr`: does something there echo it?
+fn probe_udp(addr: SocketAddr) -> std::io::Result<()> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    socket.connect(addr)?;
+    socket.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let hello = b"multiecho compare probe";
+    socket.send(hello)?;
+    let mut back = [0; 64];
+    let n = socket.recv(&mut back)?;
+    if &back[..n] != hello {
+        return Err(std::io::Error::other("it sent back different bytes"));
+    }
+    Ok(())
+}
+
 /// Keeps the server's last log lines.
 fn drain_log(stderr: impl Read, log: &Mutex<VecDeque<String>>) {
     let mut reader = BufReader::new(stderr);
@@ -272,18 +302,15 @@ fn drain_log(stderr: impl Read, log: &Mutex<VecDeque<String>>) {
     }
 }
 
-/// Reports the first listener's address from the server's `--ready-fd`, which it closes once
-/// every listener accepts; sends nothing (drops the sender) if it closed it empty.
-fn read_ready_fd(ready: std::fs::File, tx: mpsc::Sender<SocketAddr>) {
+/// Reports the first `kind` listener's address from the server's `--ready-fd`, which it closes
+/// once every listener accepts; sends nothing (drops the sender) if it closed it without one.
+fn read_ready_fd(ready: std::fs::File, kind: ListenerKind, tx: mpsc::Sender<SocketAddr>) {
     let mut text = String::new();
     if BufReader::new(ready).read_to_string(&mut text).is_err() {
         return;
     }
-    if let Some(&(_, addr)) = parse_ready_lines(&text)
-        .ok()
-        .as_deref()
-        .and_then(<[_]>::first)
-    {
+    let listeners = parse_ready_lines(&text).unwrap_or_default();
+    if let Some(&(_, addr)) = listeners.iter().find(|(k, _)| *k == kind) {
         let _ = tx.send(addr);
     }
 }
