@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod haproxy;
+pub mod in_process;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
