@@ -271,7 +271,7 @@ fn bad_options_get_one_clear_line() {
 
 #[test]
 fn external_servers_and_pinning() {
-    let external = common::Server::start("thread", &[]);
+    let external = common::ServerBuilder::new("thread").start();
     let with_pid = format!("mine={}@{}", external.addr, external.pid());
     let without_pid = format!("anon={}", external.addr);
     let out = out_dir("external");
@@ -352,7 +352,7 @@ fn runs_in_order(stderr: &str) -> Vec<String> {
 
 #[test]
 fn servers_take_turns_at_each_point() {
-    let external = common::Server::start("thread", &[]);
+    let external = common::ServerBuilder::new("thread").start();
     let ext = format!("ext={}", external.addr);
     let out = out_dir("interleave");
     let output = compare(

@@ -15,7 +15,7 @@ use common::*;
 /// A server's log in a pipe (as in a log file or the journal) carries no terminal colour codes.
 #[test]
 fn logs_in_a_pipe_have_no_colour() {
-    let server = Server::start("thread", &[]);
+    let server = ServerBuilder::new("thread").start();
     let echoed = round_trip(connect(server.addr), b"plain\n");
     assert_same(&echoed, b"plain\n", "echo");
     server.wait_for_log("the close line", |log| log.contains("connection closed"));
@@ -29,7 +29,9 @@ fn logs_in_a_pipe_have_no_colour() {
 /// `--log-format json` writes one JSON object per line, with the event's fields at the top.
 #[test]
 fn json_logs_are_one_object_per_line() {
-    let server = Server::start("epoll", &["--log-format", "json"]);
+    let server = ServerBuilder::new("epoll")
+        .args(&["--log-format", "json"])
+        .start();
     let echoed = round_trip(connect(server.addr), b"json\n");
     assert_same(&echoed, b"json\n", "echo");
     server.wait_for_log("the close event", |log| log.contains("connection closed"));
@@ -127,17 +129,7 @@ fn stop_activated(mut child: Child) -> String {
 
 /// Waits up to [`PATIENCE`] for `child` to exit; its status and stderr.
 fn wait_with_timeout(child: &mut Child) -> (ExitStatus, String) {
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("the process did not exit in time");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
+    let status = common::wait_or_kill(child, "the process");
     let mut err = String::new();
     if let Some(mut stderr) = child.stderr.take() {
         let _ = stderr.read_to_string(&mut err);
@@ -150,7 +142,7 @@ fn wait_with_timeout(child: &mut Child) -> (ExitStatus, String) {
 #[test]
 fn every_model_serves_a_socket_passed_by_systemd_socket_activate() {
     for model in MODELS {
-        if model == "uring" && start_or_skip("uring", &[]).is_none() {
+        if model == "uring" && ServerBuilder::new("uring").start_or_skip().is_none() {
             skip_or_fail("io_uring is not available here");
             continue;
         }
@@ -239,11 +231,10 @@ fn inetd_mode_serves_one_connection_per_process() {
     }
     // In accept mode systemd-socket-activate does not exec multiecho: SIGTERM just ends it.
     // SIGTERM ends its children too, so first wait for each to finish its connection.
-    let deadline = Instant::now() + PATIENCE;
-    while !live_children(child.id()).is_empty() {
-        assert!(Instant::now() < deadline, "inetd children did not exit");
-        thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        wait_until(PATIENCE, || live_children(child.id()).is_empty()),
+        "inetd children did not exit"
+    );
     let mut child = child;
     signal(child.id(), libc::SIGTERM);
     let (_, log) = wait_with_timeout(&mut child);
@@ -286,13 +277,10 @@ fn inetd_mode_refuses_a_terminal() {
 /// --listen is bound instead.
 #[test]
 fn listen_pid_of_another_process_is_ignored_with_a_warning() {
-    let server = Server::try_start_with(
-        "epoll",
-        &[],
-        None,
-        &[("LISTEN_PID", "1"), ("LISTEN_FDS", "1")],
-    )
-    .unwrap_or_else(|log| panic!("did not start: {log}"));
+    let server = ServerBuilder::new("epoll")
+        .envs(&[("LISTEN_PID", "1"), ("LISTEN_FDS", "1")])
+        .try_start()
+        .unwrap_or_else(|log| panic!("did not start: {log}"));
     let echoed = round_trip(connect(server.addr), b"own socket\n");
     assert_same(&echoed, b"own socket\n", "echo on --listen");
     let log = server.log();
@@ -570,10 +558,9 @@ fn inetd_mode_refuses_other_kinds() {
 /// each of them accepts as soon as the line is read.
 #[test]
 fn ready_fd_names_every_listener() {
-    let server = Server::start(
-        "async",
-        &["--listen", "tcp+proxy://127.0.0.1:0", "--listen", "[::1]:0"],
-    );
+    let server = ServerBuilder::new("async")
+        .args(&["--listen", "tcp+proxy://127.0.0.1:0", "--listen", "[::1]:0"])
+        .start();
     let kinds: Vec<&str> = server.listeners.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(kinds, ["tcp", "tcp+proxy", "tcp"]);
     assert!(server.listeners.iter().all(|(_, a)| a.port() != 0));

@@ -283,11 +283,8 @@ fn end_with_parent(command: &mut std::process::Command) {
     // system call (async-signal-safe, no allocation, no locks).
     unsafe {
         command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                .map_err(std::io::Error::from)
         });
     }
 }
