@@ -263,6 +263,24 @@ impl Server {
     pub fn kind(&self, index: usize) -> ListenerKind {
         self.kinds[index]
     }
+
+    /// How often a model that sweeps its connections (epoll, uring) looks for idle ones and
+    /// for late PROXY headers: often enough that one is closed within a quarter of its timeout
+    /// after it expires. `None` without an idle timeout and without a `+proxy` listener.
+    pub fn sweep_every(&self) -> Option<Duration> {
+        let idle = self.config.idle_timeout.map(sweep_period);
+        let header = self
+            .kinds
+            .iter()
+            .any(|kind| kind.expects_proxy_header())
+            .then(|| sweep_period(self.config.admission.proxy_timeout));
+        idle.into_iter().chain(header).min()
+    }
+}
+
+/// A quarter of `timeout`, between 5 ms and 1 s.
+fn sweep_period(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
 }
 
 /// In the models that serve one connection per worker (iterative, prefork, pool), one slow or
@@ -456,4 +474,25 @@ pub fn run_with(
         server.conn.log_datagram_refusals();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_period_is_a_fraction_of_the_timeout() {
+        assert_eq!(
+            sweep_period(Duration::from_secs(2)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            sweep_period(Duration::from_millis(1)),
+            Duration::from_millis(5)
+        );
+        assert_eq!(
+            sweep_period(Duration::from_secs(60)),
+            Duration::from_secs(1)
+        );
+    }
 }
