@@ -24,7 +24,7 @@ pub mod udp;
 pub mod uring;
 
 use std::fmt;
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -242,23 +242,6 @@ impl Server {
         }
     }
 
-    /// The index of the listener that accepted `stream`, found by its local address (for a
-    /// model that does not keep track of it); 0 when none matches.
-    pub fn listener_of(&self, stream: &TcpStream) -> usize {
-        let Ok(local) = stream.local_addr() else {
-            return 0;
-        };
-        self.listeners
-            .iter()
-            .position(|listener| {
-                listener.local_addr().is_ok_and(|bound| {
-                    bound.port() == local.port()
-                        && (bound.ip().is_unspecified() || bound.ip() == local.ip())
-                })
-            })
-            .unwrap_or(0)
-    }
-
     /// What connections on listener `index` start with.
     pub fn kind(&self, index: usize) -> ListenerKind {
         self.kinds[index]
@@ -353,19 +336,6 @@ pub fn run_with(
         config.admission.udp = None;
     }
     let listen = &tcp_specs[..];
-    let expects_proxy = match &passed {
-        Some(passed) => passed
-            .stream
-            .iter()
-            .any(|(_, kind)| kind.expects_proxy_header()),
-        None => listen.iter().any(|spec| spec.kind.expects_proxy_header()),
-    };
-    if model == Model::Uring && expects_proxy {
-        return Err(crate::Error::Unsupported(
-            "the uring model does not serve tcp+proxy:// listeners yet; every other model does"
-                .into(),
-        ));
-    }
     // A model that cannot run on this machine says so before it claims to listen.
     if model == Model::Uring {
         uring::probe()?;
