@@ -401,3 +401,41 @@ fn worker_summaries(log: &str, field: &str) -> Vec<u64> {
         })
         .collect()
 }
+
+/// A client beyond `--max-conns` may have been taken by another ring's multishot accept than
+/// the ring whose connection ends (it waits parked there); it is served all the same, because
+/// every ring watches the limit's room descriptor. Clients that connect one after another,
+/// each echoed before the next connects, make that the usual case: the first ring serves both
+/// and cancels its accept at the limit, and the other ring's accept, still armed, takes the
+/// third.
+#[test]
+fn a_freed_slot_reaches_a_client_parked_by_another_ring() {
+    let Some(server) = ServerBuilder::new("uring")
+        .args(&["--max-conns", "2", "--workers", "2"])
+        .start_or_skip()
+    else {
+        return;
+    };
+    let mut served = Vec::new();
+    for byte in [b"1", b"2"] {
+        let mut stream = connect(server.addr);
+        stream.write_all(byte).unwrap();
+        common::expect_echo(&mut stream, byte, "a client within the limit");
+        served.push(stream);
+    }
+    let mut third = connect(server.addr);
+    third.write_all(b"3").unwrap();
+    assert!(
+        !common::receives_within(&mut third, Duration::from_millis(300)),
+        "a third client was served despite --max-conns 2"
+    );
+    drop(served.remove(0));
+    common::expect_echo(&mut third, b"3", "the third client, once a slot freed");
+    // And the slot the second frees is used again.
+    drop(served.remove(0));
+    let mut fourth = connect(server.addr);
+    fourth.write_all(b"4").unwrap();
+    common::expect_echo(&mut fourth, b"4", "a fourth client");
+    drop((third, fourth));
+    assert!(server.stop().success());
+}

@@ -356,8 +356,8 @@ impl<'a> Worker<'a> {
             accept_ready: true,
             accept_paused_until: None,
             deferred: Vec::new(),
-            sweep_every: sweep_every(server),
-            next_sweep: sweep_every(server).map(|period| Instant::now() + period),
+            sweep_every: server.sweep_every(),
+            next_sweep: server.sweep_every().map(|period| Instant::now() + period),
             drain_deadline: None,
         })
     }
@@ -668,43 +668,9 @@ impl<'a> Worker<'a> {
     }
 }
 
-/// How often idle connections are looked for: often enough that one is closed within a
-/// quarter of the timeout after it expires.
-fn sweep_period(idle: Duration) -> Duration {
-    (idle / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
-}
-
-/// The sweep period of a server: the idle timeout's, and the PROXY header timeout's when a
-/// listener expects headers; no sweep without either.
-fn sweep_every(server: &Server) -> Option<Duration> {
-    let idle = server.config.idle_timeout.map(sweep_period);
-    let header = server
-        .kinds
-        .iter()
-        .any(|kind| kind.expects_proxy_header())
-        .then(|| sweep_period(server.config.admission.proxy_timeout));
-    idle.into_iter().chain(header).min()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sweep_period_is_a_fraction_of_the_idle_timeout() {
-        assert_eq!(
-            sweep_period(Duration::from_secs(2)),
-            Duration::from_millis(500)
-        );
-        assert_eq!(
-            sweep_period(Duration::from_millis(1)),
-            Duration::from_millis(5)
-        );
-        assert_eq!(
-            sweep_period(Duration::from_secs(60)),
-            Duration::from_secs(1)
-        );
-    }
 
     #[test]
     fn listener_tokens_stay_clear_of_connections_and_shutdown() {

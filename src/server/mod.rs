@@ -24,7 +24,7 @@ pub mod udp;
 pub mod uring;
 
 use std::fmt;
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -242,27 +242,28 @@ impl Server {
         }
     }
 
-    /// The index of the listener that accepted `stream`, found by its local address (for a
-    /// model that does not keep track of it); 0 when none matches.
-    pub fn listener_of(&self, stream: &TcpStream) -> usize {
-        let Ok(local) = stream.local_addr() else {
-            return 0;
-        };
-        self.listeners
-            .iter()
-            .position(|listener| {
-                listener.local_addr().is_ok_and(|bound| {
-                    bound.port() == local.port()
-                        && (bound.ip().is_unspecified() || bound.ip() == local.ip())
-                })
-            })
-            .unwrap_or(0)
-    }
-
     /// What connections on listener `index` start with.
     pub fn kind(&self, index: usize) -> ListenerKind {
         self.kinds[index]
     }
+
+    /// How often a model that sweeps its connections (epoll, uring) looks for idle ones and
+    /// for late PROXY headers: often enough that one is closed within a quarter of its timeout
+    /// after it expires. `None` without an idle timeout and without a `+proxy` listener.
+    pub fn sweep_every(&self) -> Option<Duration> {
+        let idle = self.config.idle_timeout.map(sweep_period);
+        let header = self
+            .kinds
+            .iter()
+            .any(|kind| kind.expects_proxy_header())
+            .then(|| sweep_period(self.config.admission.proxy_timeout));
+        idle.into_iter().chain(header).min()
+    }
+}
+
+/// A quarter of `timeout`, between 5 ms and 1 s.
+fn sweep_period(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
 }
 
 /// In the models that serve one connection per worker (iterative, prefork, pool), one slow or
@@ -335,19 +336,6 @@ pub fn run_with(
         config.admission.udp = None;
     }
     let listen = &tcp_specs[..];
-    let expects_proxy = match &passed {
-        Some(passed) => passed
-            .stream
-            .iter()
-            .any(|(_, kind)| kind.expects_proxy_header()),
-        None => listen.iter().any(|spec| spec.kind.expects_proxy_header()),
-    };
-    if model == Model::Uring && expects_proxy {
-        return Err(crate::Error::Unsupported(
-            "the uring model does not serve tcp+proxy:// listeners yet; every other model does"
-                .into(),
-        ));
-    }
     // A model that cannot run on this machine says so before it claims to listen.
     if model == Model::Uring {
         uring::probe()?;
@@ -456,4 +444,25 @@ pub fn run_with(
         server.conn.log_datagram_refusals();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_period_is_a_fraction_of_the_timeout() {
+        assert_eq!(
+            sweep_period(Duration::from_secs(2)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            sweep_period(Duration::from_millis(1)),
+            Duration::from_millis(5)
+        );
+        assert_eq!(
+            sweep_period(Duration::from_secs(60)),
+            Duration::from_secs(1)
+        );
+    }
 }

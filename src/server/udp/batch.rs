@@ -297,7 +297,10 @@ mod tests {
         }
         receive_all(&mut batch, &server, &life, 3);
         assert_eq!(drain(&client), vec![vec![1; 50], vec![3; 100]]);
-        assert_eq!(life.stats().datagrams_refused(Refusal::DatagramTruncated), 1);
+        assert_eq!(
+            life.stats().datagrams_refused(Refusal::DatagramTruncated),
+            1
+        );
         assert_eq!(life.stats().datagrams_echoed(), 2);
     }
 
