@@ -48,6 +48,7 @@ pub mod payload;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
+pub mod tls;
 mod wake;
 
 pub use server::{Model, ServerConfig};

@@ -26,6 +26,13 @@
 //!   So a connection holds pool buffers only for echoes that go out at once, and a client
 //!   that never reads holds none, only its own buffer (at most one recv's [`RECV_LIMIT`]
 //!   plus the echo it interrupted), freed when it catches up.
+//! - **TLS** (`tls://`): the same recv, but each buffer's bytes are handed to the connection's
+//!   TLS session (`tls::session`), which copies what it cannot process at once, and the buffer
+//!   goes back in the same step; the ciphertext echo goes out from the connection's own buffer
+//!   (a send that waits for room), and the recv is armed only while the session wants input
+//!   (see `tls_connection`). Each worker runs at most its share of the handshake cap at once;
+//!   other new TLS connections wait unread, and the sweep closes any whose handshake is not done
+//!   by the handshake timeout;
 //! - timers (idle sweep, accept back-off, shutdown deadline) are Timeout operations, and a
 //!   PollAdd on the shutdown descriptor tells every ring when SIGINT/SIGTERM arrives.
 //!
@@ -81,13 +88,15 @@
 //! # Layout
 //! `setup` (probe, rings, buffer counts), `buffers` (the provided buffer ring), `sqe` (tokens,
 //! entries, submission), `connection` (one connection's echo as a sans-I/O state machine,
-//! tested without a ring) and `worker` (the loop that drives a ring). All of the model's
+//! tested without a ring), `tls_connection` (its TLS counterpart, driving the same actions) and
+//! `worker` (the loop that drives a ring). All of the model's
 //! `unsafe` is in `buffers` and `sqe`.
 
 mod buffers;
 mod connection;
 mod setup;
 mod sqe;
+mod tls_connection;
 mod worker;
 
 use std::io;

@@ -53,6 +53,8 @@ kinds! {
     Deadline = 8,
     /// An AsyncCancel; its own completion carries nothing to act on.
     Cancel = 9,
+    /// The TLS handshake cap has room again (a PollAdd on its descriptor).
+    HandshakeRoom = 10,
 }
 
 /// `user_data`: kind (8 bits), generation (24 bits), slot or listener index (32 bits).

@@ -240,6 +240,7 @@ impl<'a> Worker<'a> {
             Kind::Deadline => self.close_all_at_deadline(),
             // The cancelled operation's own completion carries its outcome.
             Kind::Cancel => {}
+            Kind::HandshakeRoom => {}
         }
         Ok(())
     }
