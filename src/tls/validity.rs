@@ -62,12 +62,12 @@ fn element(der: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
 
 /// A UTCTime or GeneralizedTime at the start of `der`, in seconds since the epoch.
 fn time(der: &[u8]) -> Option<(i64, &[u8])> {
-    let (text, rest, year_digits) = match der.first()? {
-        &UTC_TIME => {
+    let (text, rest, year_digits) = match *der.first()? {
+        UTC_TIME => {
             let (text, rest) = element(der, UTC_TIME)?;
             (text, rest, 2)
         }
-        &GENERALIZED_TIME => {
+        GENERALIZED_TIME => {
             let (text, rest) = element(der, GENERALIZED_TIME)?;
             (text, rest, 4)
         }
