@@ -33,6 +33,7 @@ use crate::server::conn::admission::Refusal;
 use crate::server::Model;
 use crate::shutdown::Shutdown;
 use crate::stats::{accept_error_label, EndKind, Stats, ACCEPT_ERROR_KINDS, MAX_LISTENERS};
+use crate::tls::HandshakeFailure;
 
 /// The content type of the exposition prometheus-client writes, served to scrapers that ask
 /// for it (Prometheus does).
@@ -129,6 +130,25 @@ impl Exposition {
             "accept_errors",
             "accept() failures, by kind: retry (the client went away), exhausted (out of descriptors or memory), fatal",
             accept_errors,
+        );
+
+        let handshakes = Counter::<u64>::default();
+        handshakes.inc_by(stats.tls_handshakes_completed());
+        registry.register(
+            "tls_handshakes_completed",
+            "TLS handshakes completed",
+            handshakes,
+        );
+        let handshakes_failed = Family::<Labels, Counter>::default();
+        for reason in HandshakeFailure::ALL {
+            handshakes_failed
+                .get_or_create(&vec![("reason".into(), reason.as_str().into())])
+                .inc_by(stats.tls_handshakes_failed(reason));
+        }
+        registry.register(
+            "tls_handshakes_failed",
+            "TLS handshakes that failed (the connection was closed), by reason",
+            handshakes_failed,
         );
 
         let build_info = Family::<Labels, Gauge>::default();
@@ -313,6 +333,8 @@ mod tests {
         stats.connection_opened(1);
         stats.connection_closed(EndKind::IdleTimeout, 10, 7);
         stats.connection_refused(Refusal::Rate);
+        stats.tls_handshake_completed();
+        stats.tls_handshake_failed(HandshakeFailure::NotTls);
         let exposition = Exposition {
             stats,
             listeners: vec!["tcp://127.0.0.1:1".into(), "tcp+proxy://127.0.0.1:2".into()],
@@ -336,6 +358,9 @@ mod tests {
             "multiecho_connections_refused_total{reason=\"rate-limit\"} 1\n",
             "# TYPE multiecho_connections_active gauge\n",
             "multiecho_connections_active 0\n",
+            "multiecho_tls_handshakes_completed_total 1\n",
+            "multiecho_tls_handshakes_failed_total{reason=\"not_tls\"} 1\n",
+            "multiecho_tls_handshakes_failed_total{reason=\"timeout\"} 0\n",
         ] {
             assert!(classic.contains(want), "no {want:?} in\n{classic}");
         }

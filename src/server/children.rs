@@ -83,6 +83,17 @@ impl Exited {
     pub fn is_clean(&self) -> bool {
         matches!(self.status, WaitStatus::Exited(_, 0))
     }
+
+    /// How it ended, in words ("exited with 3", "killed by SIGKILL, core dumped"), for a log
+    /// field: logged through `?` it is quoted, so a reader's parser sees one value.
+    pub fn describe(&self) -> String {
+        match self.status {
+            WaitStatus::Exited(_, code) => format!("exited with {code}"),
+            WaitStatus::Signaled(_, signal, true) => format!("killed by {signal}, core dumped"),
+            WaitStatus::Signaled(_, signal, false) => format!("killed by {signal}"),
+            other => format!("{other:?}"),
+        }
+    }
 }
 
 impl Children {
@@ -251,7 +262,7 @@ pub(crate) fn log_exit(exit: &Exited, what: &str) {
     if exit.is_clean() {
         tracing::debug!(pid = %exit.pid, "{what} exited");
     } else {
-        tracing::warn!(pid = %exit.pid, status = ?exit.status, "{what} ended abnormally");
+        tracing::warn!(pid = %exit.pid, status = ?exit.describe(), "{what} ended abnormally");
     }
 }
 
@@ -374,5 +385,36 @@ pub(crate) fn release_listeners(listeners: &[RawFd]) {
                 libc::close(dead);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::Signal;
+
+    fn exited(status: WaitStatus) -> Exited {
+        Exited {
+            pid: Pid::from_raw(42),
+            status,
+            lived: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn an_exit_is_described_in_words_a_log_parser_keeps_as_one_value() {
+        let pid = Pid::from_raw(42);
+        assert_eq!(
+            exited(WaitStatus::Exited(pid, 3)).describe(),
+            "exited with 3"
+        );
+        assert_eq!(
+            exited(WaitStatus::Signaled(pid, Signal::SIGKILL, false)).describe(),
+            "killed by SIGKILL"
+        );
+        assert_eq!(
+            exited(WaitStatus::Signaled(pid, Signal::SIGSEGV, true)).describe(),
+            "killed by SIGSEGV, core dumped"
+        );
     }
 }

@@ -119,7 +119,7 @@ fn replace(exit: &Exited, restarts: &mut Restarts, shutdown: &Shutdown) {
     }
     tracing::warn!(
         pid = %exit.pid,
-        status = ?exit.status,
+        status = ?exit.describe(),
         "worker ended; starting a replacement"
     );
     if exit.lived < CRASH_LOOP_WINDOW {

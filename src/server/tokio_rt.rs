@@ -31,6 +31,9 @@
 //! each admitted datagram's echo. Cost: a `recvmsg` and a `sendto` per datagram plus tokio's
 //! readiness bookkeeping and a share of `epoll_wait`; one 64 KiB buffer per task. At shutdown
 //! the UDP tasks end at once while the TCP connections drain.
+//!
+//! TLS (`tls.rs`): a `tls://` connection's task runs tokio-rustls's handshake under the
+//! server's handshake cap and timeout, then echoes plaintext with a buffer of its own.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -59,6 +62,7 @@ use crate::server::conn::{Admitted, End, Lifecycle};
 use crate::server::{Server, ServerConfig};
 use crate::shutdown::Shutdown;
 
+mod tls;
 mod udp;
 
 /// The read buffer each worker thread lends to the connection it is running.
@@ -91,10 +95,21 @@ pub fn serve(server: &Server) -> crate::Result<()> {
         })
         .collect::<io::Result<Vec<_>>>()
         .map_err(|e| crate::Error::io("cannot prepare the listeners", e))?;
+    let tls = {
+        // Registering the handshake cap's descriptor needs the runtime.
+        let _runtime = runtime.enter();
+        server
+            .tls
+            .clone()
+            .map(tls::AsyncTls::new)
+            .transpose()
+            .map_err(|e| crate::Error::io("cannot watch the TLS handshake cap", e))?
+    };
     let shared = Arc::new(Shared {
         config: server.config.clone(),
         lifecycle: Arc::clone(&server.conn),
         close_connections: CancellationToken::new(),
+        tls,
     });
     let listeners = listeners
         .into_iter()
@@ -122,6 +137,8 @@ struct Shared {
     lifecycle: Arc<Lifecycle>,
     /// Cancelled at the shutdown deadline: connection tasks then close their sockets.
     close_connections: CancellationToken,
+    /// For `tls://` and `tls+proxy://` listeners.
+    tls: Option<tls::AsyncTls>,
 }
 
 /// Accepts until shutdown (or a fatal accept error), then drains the connections.
@@ -274,7 +291,7 @@ async fn accept_loop(
             if shared.lifecycle.check_proxy_peer(peer).is_ok() {
                 connections.spawn(serve_proxied(
                     stream,
-                    index,
+                    (index, kind),
                     peer,
                     permit,
                     Arc::clone(&shared),
@@ -285,6 +302,16 @@ async fn accept_loop(
         let Ok(admitted) = shared.lifecycle.admit(index, peer) else {
             continue;
         };
+        if kind == ListenerKind::Tls {
+            connections.spawn(tls::serve(
+                stream,
+                admitted,
+                Vec::new(),
+                permit,
+                Arc::clone(&shared),
+            ));
+            continue;
+        }
         connections.spawn(serve_connection(
             stream,
             admitted,
@@ -327,7 +354,7 @@ async fn serve_connection(
 /// it names and serves it; a missing, bad or late header closes it (counted and logged).
 async fn serve_proxied(
     mut stream: TcpStream,
-    listener: usize,
+    (listener, kind): (usize, ListenerKind),
     proxy: SocketAddr,
     permit: Permit,
     shared: Arc<Shared>,
@@ -352,7 +379,12 @@ async fn serve_proxied(
     let Ok(admitted) = shared.lifecycle.admit_proxied(listener, proxy, &header) else {
         return;
     };
-    serve_connection(stream, admitted, leftover, permit, shared).await;
+    if kind == ListenerKind::TlsProxy {
+        // What followed the header is the start of the TLS stream.
+        tls::serve(stream, admitted, leftover, permit, shared).await;
+    } else {
+        serve_connection(stream, admitted, leftover, permit, shared).await;
+    }
 }
 
 /// Reads until the PROXY header is complete; returns it and the bytes that followed it.

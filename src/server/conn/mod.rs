@@ -60,6 +60,11 @@ pub enum End {
     Shutdown,
     /// The connection failed (for example reset by the client).
     Failed(io::Error),
+    /// TLS: the client closed the TCP connection without a close_notify first, so it cannot
+    /// be told apart from an attacker cutting the stream (everything received was echoed).
+    Truncated,
+    /// TLS: the handshake failed; nothing was echoed.
+    Handshake(crate::tls::HandshakeError),
 }
 
 impl fmt::Display for End {
@@ -69,6 +74,8 @@ impl fmt::Display for End {
             End::IdleTimeout => f.write_str("idle timeout"),
             End::Shutdown => f.write_str("closed at shutdown"),
             End::Failed(e) => write!(f, "error: {e}"),
+            End::Truncated => f.write_str("truncated (TCP closed without TLS close_notify)"),
+            End::Handshake(e) => write!(f, "{e}"),
         }
     }
 }
@@ -186,7 +193,8 @@ impl Lifecycle {
         {
             match detail {
                 Some(detail) => {
-                    tracing::info!(%peer, reason = %reason, %detail, "connection refused")
+                    // A detail is prose (a parser's error); `?` of its text quotes it.
+                    tracing::info!(%peer, reason = %reason, detail = ?detail.to_string(), "connection refused")
                 }
                 None => tracing::info!(%peer, reason = %reason, "connection refused"),
             }
@@ -225,6 +233,9 @@ impl Lifecycle {
     /// (they differ when a connection fails with an echo still unsent).
     pub fn close_counted(&self, admitted: Admitted, received: u64, sent: u64, end: &End) {
         let bytes = sent;
+        if let End::Handshake(e) = end {
+            self.stats.tls_handshake_failed(e.reason);
+        }
         if let Some(slot) = admitted.slot {
             self.admission.release(slot);
         }
@@ -238,6 +249,13 @@ impl Lifecycle {
             end = ?end.to_string(),
             "connection closed"
         );
+    }
+
+    /// A TLS handshake completed (a failed one is counted by closing the connection with
+    /// [`End::Handshake`]).
+    pub fn handshake_completed(&self, peer: SocketAddr) {
+        self.stats.tls_handshake_completed();
+        tracing::debug!(%peer, "TLS handshake completed");
     }
 
     /// Gives back a slot split off with [`Admitted::take_slot`].
