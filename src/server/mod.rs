@@ -98,29 +98,6 @@ impl Model {
         )
     }
 
-    /// Whether the model serves `tls://` and `tls+proxy://` listeners.
-    pub fn serves_tls(self) -> bool {
-        matches!(
-            self,
-            Model::Iterative
-                | Model::Process
-                | Model::Prefork
-                | Model::Thread
-                | Model::Pool
-                | Model::Async
-        )
-    }
-
-    /// The models that serve `tls://` listeners, for error messages.
-    pub fn tls_models() -> String {
-        let names: Vec<&str> = Model::ALL
-            .iter()
-            .filter(|m| m.serves_tls())
-            .map(|m| m.name())
-            .collect();
-        names.join(", ")
-    }
-
     /// The models that serve `udp://` listeners, for error messages.
     pub fn udp_models() -> String {
         let names: Vec<&str> = Model::ALL
@@ -338,15 +315,8 @@ pub fn run_with(
         Some(passed) => passed.iter().map(|(_, kind)| *kind).collect(),
         None => listen.iter().map(|spec| spec.kind).collect(),
     };
-    let serves_tls = kinds
-        .iter()
-        .any(|kind| matches!(kind, ListenerKind::Tls | ListenerKind::TlsProxy));
-    if serves_tls && !model.serves_tls() {
-        return Err(crate::Error::Unsupported(format!(
-            "the {model} model does not serve tls:// listeners yet; these models do: {}",
-            Model::tls_models()
-        )));
-    }
+    // Every model serves TLS.
+    let serves_tls = kinds.iter().any(|kind| kind.is_tls());
     // Certificates are loaded (or made) before anything is bound: a bad file is one line.
     let tls = if serves_tls {
         let hosts: Vec<std::net::IpAddr> = listen.iter().map(|spec| spec.addr.ip()).collect();
@@ -376,7 +346,7 @@ pub fn run_with(
     };
     if model == Model::Uring && expects_proxy {
         return Err(crate::Error::Unsupported(
-            "the uring model does not serve tcp+proxy:// listeners yet; every other model does"
+            "the uring model does not serve tcp+proxy:// or tls+proxy:// listeners yet; every other model does"
                 .into(),
         ));
     }

@@ -38,6 +38,7 @@ use std::sync::Arc;
 use rustls::{ServerConfig, ServerConnection};
 
 use crate::server::conn::End;
+use crate::tls::HandshakeError;
 
 /// The unsent ciphertext at which rustls's writer stops taking plaintext: the bound on echo
 /// waiting for a client that does not read (rustls's own default, stated here because the
@@ -51,28 +52,21 @@ pub const SCRATCH_SIZE: usize = 16 * 1024;
 /// Why a session failed.
 #[derive(Debug)]
 pub enum Failure {
-    /// The handshake failed: rustls's reason (a plaintext client, an unknown CA, a missing or
-    /// bad client certificate, no shared cipher or version, ...).
-    Handshake(rustls::Error),
-    /// The client closed the TCP connection before the handshake completed.
-    HandshakeEof,
-    /// The handshake did not complete within the handshake timeout (decided by the driver).
-    HandshakeTimeout,
+    /// The handshake failed, classified (a plaintext client, an unknown CA, a missing or bad
+    /// client certificate, no shared cipher, the client closing, the timeout...).
+    Handshake(HandshakeError),
     /// After the handshake: the client sent something rustls rejects (a record that does not
     /// decrypt, a fatal alert).
     Protocol(rustls::Error),
-    /// rustls refused the bytes themselves (a record beyond the size TLS allows).
+    /// After the handshake: rustls refused the bytes themselves (a record beyond the size TLS
+    /// allows).
     Input(io::Error),
 }
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::Handshake(e) => write!(f, "TLS handshake failed: {e}"),
-            Failure::HandshakeEof => {
-                f.write_str("TLS handshake failed: the client closed the connection")
-            }
-            Failure::HandshakeTimeout => f.write_str("TLS handshake timed out"),
+            Failure::Handshake(e) => e.fmt(f),
             Failure::Protocol(e) => write!(f, "TLS error: {e}"),
             Failure::Input(e) => write!(f, "TLS error: {e}"),
         }
@@ -107,11 +101,10 @@ impl From<Outcome> for End {
     fn from(outcome: Outcome) -> End {
         match outcome {
             Outcome::Closed => End::ClientClosed,
-            Outcome::Truncated => End::Failed(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                Outcome::Truncated.to_string(),
-            )),
-            Outcome::Failed(failure) => End::Failed(io::Error::other(failure)),
+            Outcome::Truncated => End::Truncated,
+            Outcome::Failed(Failure::Handshake(e)) => End::Handshake(e),
+            Outcome::Failed(Failure::Protocol(e)) => End::Failed(io::Error::other(e)),
+            Outcome::Failed(Failure::Input(e)) => End::Failed(e),
         }
     }
 }
@@ -272,16 +265,23 @@ impl TlsSession {
         self.held = Vec::new();
         self.held_at = 0;
         self.phase = Phase::Done(if self.conn.is_handshaking() {
-            Outcome::Failed(Failure::HandshakeEof)
+            Outcome::Failed(Failure::Handshake(HandshakeError::client_closed()))
         } else {
             Outcome::Truncated
         });
     }
 
-    /// Ends the session because its handshake took too long (the driver keeps the clock).
-    pub fn handshake_timed_out(&mut self) {
+    /// Ends the session because its handshake took too long (the driver keeps the clock);
+    /// `waiting`: it never got a handshake slot.
+    pub fn handshake_timed_out(&mut self, waiting: bool) {
         if !matches!(self.phase, Phase::Done(_)) {
-            self.phase = Phase::Done(Outcome::Failed(Failure::HandshakeTimeout));
+            let detail = match waiting {
+                true => "waiting for a handshake slot",
+                false => "the client went quiet mid-handshake",
+            };
+            self.phase = Phase::Done(Outcome::Failed(Failure::Handshake(
+                HandshakeError::timeout(detail),
+            )));
         }
     }
 
@@ -294,7 +294,11 @@ impl TlsSession {
                 Ok(0) => *data = &[],
                 Ok(_) => {}
                 Err(e) => {
-                    self.fail(Failure::Input(e));
+                    self.fail(if self.conn.is_handshaking() {
+                        Failure::Handshake(HandshakeError::from_io(&e))
+                    } else {
+                        Failure::Input(e)
+                    });
                     return;
                 }
             }
@@ -312,7 +316,7 @@ impl TlsSession {
             }
             Err(e) => {
                 self.fail(if self.conn.is_handshaking() {
-                    Failure::Handshake(e)
+                    Failure::Handshake(HandshakeError::from_tls(&e))
                 } else {
                     Failure::Protocol(e)
                 });

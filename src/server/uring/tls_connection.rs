@@ -302,7 +302,8 @@ impl TlsConnection {
         if !matches!(self.phase, Phase::Serving) {
             return;
         }
-        self.session.handshake_timed_out();
+        let waiting = self.is_queued();
+        self.session.handshake_timed_out(waiting);
         self.finish_session();
         if self.in_flight() {
             out.push(Action::ShutdownSocket);

@@ -14,20 +14,135 @@ use std::time::{Duration, Instant};
 use io_uring::types::Timespec;
 use io_uring::{cqueue, squeue, IoUring};
 
-use super::buffers::BufferPool;
+use super::buffers::{BufferPool, Buffers};
 use super::connection::{Action, Connection, RecvResult, ServerEnd};
 use super::setup::Ring;
 use super::sqe::{self, token, untoken, Kind};
+use super::tls_connection::TlsConnection;
 use super::{Shared, BUFFER_GROUP, RECV_LIMIT, RING_ENTRIES, SINGLE_RECV_ENV};
 use crate::net::{AcceptError, ACCEPT_BACKOFF};
-use crate::server::conn::Admitted;
+use crate::server::conn::{Admitted, End};
 use crate::server::Server;
+use crate::tls::session::{TlsSession, SCRATCH_SIZE};
+use crate::tls::{HandshakePermit, TlsServer};
 
 /// A served connection: its socket, who it is for, and its echo's state.
 struct Live {
     stream: TcpStream,
     admitted: Admitted,
-    connection: Connection,
+    connection: Echo,
+    /// A TLS connection's permit under the handshake cap, while its handshake runs.
+    handshake_permit: Option<HandshakePermit>,
+}
+
+/// A connection's echo state machine: plain, or through TLS (boxed: a plain slot stays small).
+#[derive(Debug)]
+enum Echo {
+    Plain(Connection),
+    Tls(Box<TlsConnection>),
+}
+
+impl Echo {
+    fn received(
+        &mut self,
+        recv: RecvResult,
+        multishot: bool,
+        buffers: &impl Buffers,
+        scratch: &mut [u8],
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        match self {
+            Echo::Plain(c) => c.received(recv, multishot, buffers, now, out),
+            Echo::Tls(c) => c.received(recv, multishot, buffers, scratch, now, out),
+        }
+    }
+
+    fn sent(
+        &mut self,
+        result: i32,
+        buffers: &impl Buffers,
+        scratch: &mut [u8],
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        match self {
+            Echo::Plain(c) => c.sent(result, buffers, now, out),
+            Echo::Tls(c) => c.sent(result, scratch, now, out),
+        }
+    }
+
+    fn buffer_available(&mut self, scratch: &mut [u8], out: &mut Vec<Action>) -> bool {
+        match self {
+            Echo::Plain(c) => c.buffer_available(out),
+            Echo::Tls(c) => c.buffer_available(scratch, out),
+        }
+    }
+
+    fn end(&mut self, why: ServerEnd, scratch: &mut [u8], out: &mut Vec<Action>) {
+        match self {
+            Echo::Plain(c) => c.end(why, out),
+            Echo::Tls(c) => c.end(why, scratch, out),
+        }
+    }
+
+    fn own_unsent(&self) -> &[u8] {
+        match self {
+            Echo::Plain(c) => c.own_unsent(),
+            Echo::Tls(c) => c.own_unsent(),
+        }
+    }
+
+    fn active_at(&self) -> Option<Instant> {
+        match self {
+            Echo::Plain(c) => c.active_at(),
+            Echo::Tls(c) => c.active_at(),
+        }
+    }
+
+    fn take_end(&mut self) -> End {
+        match self {
+            Echo::Plain(c) => c.take_end(),
+            Echo::Tls(c) => c.take_end(),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Echo::Plain(c) => c.bytes(),
+            Echo::Tls(c) => c.bytes(),
+        }
+    }
+
+    fn in_flight(&self) -> bool {
+        match self {
+            Echo::Plain(c) => c.in_flight(),
+            Echo::Tls(c) => c.in_flight(),
+        }
+    }
+
+    fn pool_held(&self) -> usize {
+        match self {
+            Echo::Plain(c) => c.pool_held(),
+            // A TLS connection gives every buffer back in the step that received it.
+            Echo::Tls(_) => 0,
+        }
+    }
+
+    fn tls(&mut self) -> Option<&mut TlsConnection> {
+        match self {
+            Echo::Plain(_) => None,
+            Echo::Tls(c) => Some(c),
+        }
+    }
+}
+
+/// What a worker needs for its TLS connections.
+struct WorkerTls {
+    server: std::sync::Arc<TlsServer>,
+    /// This worker's connections waiting for a handshake permit, oldest first (stale entries
+    /// are skipped).
+    queued: VecDeque<(u32, u32)>,
 }
 
 #[derive(Default)]
@@ -78,7 +193,12 @@ pub struct Worker<'a> {
     actions: Vec<Action>,
     /// When the current batch of completions was reaped (one clock read per batch).
     now: Instant,
+    /// For TLS listeners: the configuration and the handshake slots.
+    tls: Option<WorkerTls>,
+    /// Plaintext scratch lent to TLS connections (empty without TLS).
+    scratch: Box<[u8]>,
     // Timeouts read their timespec when submitted; boxed so the addresses stay put.
+    /// The sweep for idle connections and late handshakes, when there is either.
     idle_interval: Option<Box<Timespec>>,
     backoff: Box<Timespec>,
     deadline: Box<Timespec>,
@@ -111,10 +231,29 @@ impl<'a> Worker<'a> {
             multishot_recv = multishot,
             "ring ready"
         );
-        let idle_interval = server.config.idle_timeout.map(|idle| {
-            let interval = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-            Box::new(Timespec::from(interval))
+        let tls = server.tls.as_ref().map(|tls| WorkerTls {
+            server: std::sync::Arc::clone(tls),
+            queued: VecDeque::new(),
         });
+        let scratch = match tls {
+            Some(_) => vec![0; SCRATCH_SIZE].into_boxed_slice(),
+            None => Box::default(),
+        };
+        let handshake_timeout = tls
+            .as_ref()
+            .filter(|_| server.kinds.iter().any(|kind| kind.is_tls()))
+            .map(|tls| tls.server.handshake_timeout());
+        let idle_interval = server
+            .config
+            .idle_timeout
+            .into_iter()
+            .chain(handshake_timeout)
+            .min()
+            .map(|timeout| {
+                let interval =
+                    (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                Box::new(Timespec::from(interval))
+            });
         Ok(Worker {
             ring,
             pool,
@@ -147,6 +286,8 @@ impl<'a> Worker<'a> {
             now: Instant::now(),
             completions: Vec::with_capacity(RING_ENTRIES as usize * 4),
             actions: Vec::new(),
+            tls,
+            scratch,
             idle_interval,
             backoff: Box::new(Timespec::from(ACCEPT_BACKOFF)),
             deadline: Box::new(Timespec::from(server.config.shutdown_timeout)),
@@ -158,6 +299,7 @@ impl<'a> Worker<'a> {
         self.push(sqe::poll_in(shutdown_fd).user_data(token(Kind::ShutdownSignal, 0, 0)));
         self.arm_wake();
         self.arm_idle_sweep();
+        self.arm_handshake_room();
         loop {
             self.sync_accepting();
             if self.stopping && self.active == 0 {
@@ -182,6 +324,10 @@ impl<'a> Worker<'a> {
             completions.clear();
             self.completions = completions;
             self.resume_waiting();
+            if self.tls.as_ref().is_some_and(|tls| !tls.queued.is_empty()) {
+                // The room signal may have gone to another worker: try every turn too.
+                self.admit_queued_handshakes();
+            }
         }
         // Nothing of ours uses the buffers any more; stop the kernel from using them too.
         let _ = self.ring.submitter().unregister_buf_ring(BUFFER_GROUP);
@@ -237,10 +383,16 @@ impl<'a> Worker<'a> {
                 self.arm_idle_sweep();
             }
             Kind::AcceptBackoff => self.backing_off = false,
+            Kind::HandshakeRoom => {
+                if let Some(tls) = &self.tls {
+                    tls.server.handshakes().clear_room_signal();
+                }
+                self.admit_queued_handshakes();
+                self.arm_handshake_room();
+            }
             Kind::Deadline => self.close_all_at_deadline(),
             // The cancelled operation's own completion carries its outcome.
             Kind::Cancel => {}
-            Kind::HandshakeRoom => {}
         }
         Ok(())
     }
@@ -391,26 +543,132 @@ impl<'a> Worker<'a> {
             }
         };
         let mut actions = std::mem::take(&mut self.actions);
-        let connection = Connection::start(Instant::now(), &mut actions);
+        let mut handshake_permit = None;
+        let connection = if self.server.kind(listener).is_tls() {
+            match self.start_tls(index, &mut handshake_permit, &mut actions) {
+                Ok(connection) => connection,
+                Err(e) => {
+                    tracing::warn!(%peer, "cannot start a TLS session: {e}; closed it");
+                    self.server.conn.close(admitted, 0, &End::Failed(e));
+                    self.free.push(index);
+                    self.actions = actions;
+                    drop(stream);
+                    self.shared.release(self.id);
+                    return;
+                }
+            }
+        } else {
+            Echo::Plain(Connection::start(Instant::now(), &mut actions))
+        };
         self.slots[index as usize].live = Some(Live {
             stream,
             admitted,
             connection,
+            handshake_permit,
         });
         self.active += 1;
         self.apply(index, actions);
     }
 
-    // ---- echoing ----
-
-    /// The live connection in slot `index`, if `generation` is still its own.
-    fn live(&mut self, index: u32, generation: u32) -> Option<&mut Live> {
-        let slot = self.slots.get_mut(index as usize)?;
-        if slot.generation & 0xFF_FFFF != generation {
-            return None;
+    /// The TLS state machine for a connection about to live in slot `index`: with a
+    /// handshake permit (into `permit`) if the cap has room, else queued for one (unread,
+    /// its timeout running).
+    fn start_tls(
+        &mut self,
+        index: u32,
+        permit: &mut Option<HandshakePermit>,
+        actions: &mut Vec<Action>,
+    ) -> io::Result<Echo> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Err(io::Error::other("the server has no TLS configuration"));
+        };
+        let session = TlsSession::new(std::sync::Arc::clone(tls.server.config()))
+            .map_err(io::Error::other)?;
+        let now = Instant::now();
+        // Behind connections already waiting: first come, first served.
+        if tls.queued.is_empty() {
+            *permit = tls.server.handshakes().try_acquire();
         }
-        slot.live.as_mut()
+        if permit.is_none() {
+            let generation = self.slots[index as usize].generation & 0xFF_FFFF;
+            tls.queued.push_back((index, generation));
+        }
+        let deadline = now + tls.server.handshake_timeout();
+        let connection = TlsConnection::start(
+            session,
+            now,
+            deadline,
+            permit.is_some(),
+            &mut self.scratch,
+            actions,
+        );
+        Ok(Echo::Tls(Box::new(connection)))
     }
+
+    /// After connection `index` moved: if its handshake just ended (done, failed, or the
+    /// connection is closing), its permit goes back, to the connections waiting longest.
+    fn check_handshake(&mut self, index: u32) {
+        let Some(live) = self.slots[index as usize].live.as_mut() else {
+            return;
+        };
+        let freed = live
+            .connection
+            .tls()
+            .is_some_and(|tls| tls.handshake_slot_freed());
+        if freed {
+            live.handshake_permit = None;
+            if live
+                .connection
+                .tls()
+                .is_some_and(|tls| tls.handshake_done())
+            {
+                self.server.conn.handshake_completed(live.admitted.peer);
+            }
+            self.admit_queued_handshakes();
+        }
+    }
+
+    /// Gives handshake permits, while the cap has room, to this worker's connections that
+    /// have waited longest; they start reading at once.
+    fn admit_queued_handshakes(&mut self) {
+        loop {
+            let Some(tls) = self.tls.as_mut() else {
+                return;
+            };
+            let Some(&(index, generation)) = tls.queued.front() else {
+                return;
+            };
+            let slot = &mut self.slots[index as usize];
+            let waiting = slot.generation & 0xFF_FFFF == generation
+                && slot.live.as_ref().is_some_and(
+                    |live| matches!(&live.connection, Echo::Tls(tls) if tls.is_queued()),
+                );
+            if !waiting {
+                tls.queued.pop_front(); // closed, or its slot reused since
+                continue;
+            }
+            let Some(permit) = tls.server.handshakes().try_acquire() else {
+                return;
+            };
+            tls.queued.pop_front();
+            let live = slot.live.as_mut().expect("checked above");
+            live.handshake_permit = Some(permit);
+            let mut actions = std::mem::take(&mut self.actions);
+            if let Some(connection) = live.connection.tls() {
+                connection.begin_handshake(&mut self.scratch, &mut actions);
+            }
+            self.apply(index, actions);
+        }
+    }
+
+    fn arm_handshake_room(&mut self) {
+        if let Some(tls) = &self.tls {
+            let fd = tls.server.handshakes().room_fd().as_raw_fd();
+            self.push(sqe::poll_in(fd).user_data(token(Kind::HandshakeRoom, 0, 0)));
+        }
+    }
+
+    // ---- echoing ----
 
     fn received(&mut self, index: u32, generation: u32, result: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
@@ -430,9 +688,14 @@ impl<'a> Worker<'a> {
             .filter(|slot| slot.generation & 0xFF_FFFF == generation)
             .and_then(|slot| slot.live.as_mut())
         {
-            Some(live) => live
-                .connection
-                .received(recv, multishot, &self.pool, now, &mut actions),
+            Some(live) => live.connection.received(
+                recv,
+                multishot,
+                &self.pool,
+                &mut self.scratch,
+                now,
+                &mut actions,
+            ),
             // Cannot happen (a slot is freed only with no operation in flight), but a buffer
             // must never be lost.
             None => actions.extend(bid.map(Action::GiveBack)),
@@ -449,7 +712,8 @@ impl<'a> Worker<'a> {
             .filter(|slot| slot.generation & 0xFF_FFFF == generation)
             .and_then(|slot| slot.live.as_mut())
         {
-            live.connection.sent(result, &self.pool, now, &mut actions);
+            live.connection
+                .sent(result, &self.pool, &mut self.scratch, now, &mut actions);
         }
         self.apply(index, actions);
     }
@@ -513,6 +777,9 @@ impl<'a> Worker<'a> {
             }
         }
         self.actions = actions;
+        if self.tls.is_some() {
+            self.check_handshake(index);
+        }
     }
 
     /// After a batch of completions: as many connections waiting for a buffer as there are
@@ -526,8 +793,14 @@ impl<'a> Worker<'a> {
             };
             let mut actions = std::mem::take(&mut self.actions);
             let took = self
-                .live(index, generation)
-                .is_some_and(|live| live.connection.buffer_available(&mut actions));
+                .slots
+                .get_mut(index as usize)
+                .filter(|slot| slot.generation & 0xFF_FFFF == generation)
+                .and_then(|slot| slot.live.as_mut())
+                .is_some_and(|live| {
+                    live.connection
+                        .buffer_available(&mut self.scratch, &mut actions)
+                });
             self.apply(index, actions);
             if took {
                 free -= 1;
@@ -550,12 +823,16 @@ impl<'a> Worker<'a> {
             // The client half-closed and has had every byte back: close our side too.
             let _ = live.stream.shutdown(Direction::Write);
         }
+        let held_permit = live.handshake_permit.take().is_some();
         let end = live.connection.take_end();
         drop(live.stream);
         self.server
             .conn
             .close(live.admitted, live.connection.bytes(), &end);
         self.shared.release(self.id);
+        if held_permit {
+            self.admit_queued_handshakes();
+        }
     }
 
     /// Ends a connection at the server's initiative: shutting the socket down completes its
@@ -563,7 +840,7 @@ impl<'a> Worker<'a> {
     fn end_connection(&mut self, index: u32, why: ServerEnd) {
         let mut actions = std::mem::take(&mut self.actions);
         if let Some(live) = self.slots[index as usize].live.as_mut() {
-            live.connection.end(why, &mut actions);
+            live.connection.end(why, &mut self.scratch, &mut actions);
         }
         self.apply(index, actions);
     }
@@ -577,17 +854,24 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Ends idle connections and those whose TLS handshake is late.
     fn sweep_idle(&mut self) {
-        let Some(idle) = self.server.config.idle_timeout else {
-            return;
-        };
+        let idle = self.server.config.idle_timeout;
         let now = Instant::now();
         for index in 0..self.slots.len() as u32 {
-            let active_at = self.slots[index as usize]
-                .live
-                .as_ref()
-                .and_then(|live| live.connection.active_at());
-            if let Some(at) = active_at {
+            let Some(live) = self.slots[index as usize].live.as_mut() else {
+                continue;
+            };
+            if let Some(tls) = live.connection.tls() {
+                if tls.handshake_deadline().is_some_and(|at| now >= at) {
+                    let mut actions = std::mem::take(&mut self.actions);
+                    tls.handshake_timed_out(&mut self.scratch, &mut actions);
+                    self.apply(index, actions);
+                    continue;
+                }
+            }
+            let active_at = live.connection.active_at();
+            if let (Some(idle), Some(at)) = (idle, active_at) {
                 if now.saturating_duration_since(at) >= idle {
                     self.end_connection(index, ServerEnd::IdleTimeout);
                 }
