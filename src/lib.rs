@@ -29,6 +29,8 @@
 //! - [`payload`]: deterministic pseudo-random content for load generation and tests.
 //! - [`bench`]: the verifying load generator, and `compare` with its report and charts.
 //! - [`check`]: the conformance battery for any echo server or proxy.
+//! - [`tls`]: TLS with rustls: the server's certificates and configuration, the handshake cap,
+//!   and the handshake failure reasons every model reports.
 
 // The models rely on Linux's epoll edge semantics, io_uring, accept4, SO_* options and
 // /proc, as tokio gates the same assumptions: say so at build time rather than fail oddly.
@@ -48,6 +50,7 @@ pub mod payload;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
+pub mod tls;
 mod wake;
 
 pub use server::{Model, ServerConfig};
@@ -66,6 +69,9 @@ pub enum Error {
     /// The requested model cannot run on this machine (for example io_uring is unavailable).
     #[error("{0}")]
     Unsupported(String),
+    /// The TLS set-up cannot work (a certificate or key file that does not load).
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl Error {

@@ -34,6 +34,7 @@ use crate::server::conn::admission::Refusal;
 use crate::server::Model;
 use crate::shutdown::Shutdown;
 use crate::stats::{accept_error_label, EndKind, Stats, ACCEPT_ERROR_KINDS, MAX_LISTENERS};
+use crate::tls::HandshakeFailure;
 
 /// The content type of the exposition prometheus-client writes, served to scrapers that ask
 /// for it (Prometheus does).
@@ -133,6 +134,24 @@ impl Exposition {
         );
 
         register_datagram_counters(&mut registry, stats);
+        let handshakes = Counter::<u64>::default();
+        handshakes.inc_by(stats.tls_handshakes_completed());
+        registry.register(
+            "tls_handshakes_completed",
+            "TLS handshakes completed",
+            handshakes,
+        );
+        let handshakes_failed = Family::<Labels, Counter>::default();
+        for reason in HandshakeFailure::ALL {
+            handshakes_failed
+                .get_or_create(&vec![("reason".into(), reason.as_str().into())])
+                .inc_by(stats.tls_handshakes_failed(reason));
+        }
+        registry.register(
+            "tls_handshakes_failed",
+            "TLS handshakes that failed (the connection was closed), by reason",
+            handshakes_failed,
+        );
 
         let build_info = Family::<Labels, Gauge>::default();
         build_info
@@ -367,6 +386,8 @@ mod tests {
         stats.datagram_received(12);
         stats.datagram_echoed(30);
         stats.datagram_refused(Refusal::DatagramReflectionPort);
+        stats.tls_handshake_completed();
+        stats.tls_handshake_failed(HandshakeFailure::NotTls);
         let exposition = Exposition {
             stats,
             listeners: vec!["tcp://127.0.0.1:1".into(), "tcp+proxy://127.0.0.1:2".into()],
@@ -397,6 +418,9 @@ mod tests {
             "multiecho_datagrams_refused_total{reason=\"udp-reflection-port\"} 1\n",
             "multiecho_datagrams_refused_total{reason=\"denied\"} 0\n",
             "multiecho_datagram_send_errors_total 0\n",
+            "multiecho_tls_handshakes_completed_total 1\n",
+            "multiecho_tls_handshakes_failed_total{reason=\"not_tls\"} 1\n",
+            "multiecho_tls_handshakes_failed_total{reason=\"timeout\"} 0\n",
         ] {
             assert!(classic.contains(want), "no {want:?} in\n{classic}");
         }

@@ -21,6 +21,7 @@ use std::sync::Once;
 use crate::net::AcceptError;
 use crate::server::conn::admission::Refusal;
 use crate::server::conn::End;
+use crate::tls::HandshakeFailure;
 
 /// Counter blocks in one mapping: more than the threads or processes that count at once in
 /// any model's default configuration on a large machine.
@@ -35,15 +36,21 @@ pub enum EndKind {
     IdleTimeout,
     Shutdown,
     Error,
+    /// TLS: TCP closed without close_notify.
+    Truncated,
+    /// TLS: the handshake failed.
+    TlsHandshake,
 }
 
 impl EndKind {
     /// Every kind, in counter order.
-    pub const ALL: [EndKind; 4] = [
+    pub const ALL: [EndKind; 6] = [
         EndKind::ClientClosed,
         EndKind::IdleTimeout,
         EndKind::Shutdown,
         EndKind::Error,
+        EndKind::Truncated,
+        EndKind::TlsHandshake,
     ];
 
     /// The kind of `end`.
@@ -53,6 +60,8 @@ impl EndKind {
             End::IdleTimeout => EndKind::IdleTimeout,
             End::Shutdown => EndKind::Shutdown,
             End::Failed(_) => EndKind::Error,
+            End::Truncated => EndKind::Truncated,
+            End::Handshake(_) => EndKind::TlsHandshake,
         }
     }
 
@@ -63,6 +72,8 @@ impl EndKind {
             EndKind::IdleTimeout => "idle_timeout",
             EndKind::Shutdown => "shutdown",
             EndKind::Error => "error",
+            EndKind::Truncated => "truncated",
+            EndKind::TlsHandshake => "tls_handshake_failed",
         }
     }
 
@@ -110,6 +121,8 @@ struct Block {
     datagram_send_errors: AtomicU64,
     /// By [`Refusal::index`]; only [`Refusal::DATAGRAM`]'s reasons are ever counted.
     datagrams_refused: [AtomicU64; Refusal::ALL.len()],
+    tls_handshakes: AtomicU64,
+    tls_failed: [AtomicU64; HandshakeFailure::ALL.len()],
 }
 
 #[repr(C)]
@@ -292,6 +305,26 @@ impl Stats {
         if let Some(i) = accept_error_index(kind) {
             self.mine().accept_errors[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a completed TLS handshake.
+    pub fn tls_handshake_completed(&self) {
+        self.mine().tls_handshakes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed TLS handshake, by reason.
+    pub fn tls_handshake_failed(&self, reason: HandshakeFailure) {
+        self.mine().tls_failed[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// TLS handshakes completed so far.
+    pub fn tls_handshakes_completed(&self) -> u64 {
+        self.sum(|b| &b.tls_handshakes)
+    }
+
+    /// TLS handshakes failed so far for `reason`.
+    pub fn tls_handshakes_failed(&self, reason: HandshakeFailure) -> u64 {
+        self.sum(|b| &b.tls_failed[reason.index()])
     }
 
     /// Connections (not datagrams) refused so far for `reason`.

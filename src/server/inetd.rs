@@ -70,7 +70,8 @@ pub fn serve(kind: ListenerKind, config: &ServerConfig) -> crate::Result<()> {
     };
     // Refused (counted and logged): closing the socket is the answer.
     if let Some((mut stream, screened)) = incoming.screen(&lifecycle) {
-        echo::serve_connection(&mut stream, screened, config, &lifecycle);
+        // inetd mode serves tcp and tcp+proxy, never TLS.
+        echo::serve_connection(&mut stream, screened, config, &lifecycle, None);
     }
     Ok(())
 }

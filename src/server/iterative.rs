@@ -54,7 +54,13 @@ pub fn serve_one_at_a_time(server: &Server, connections: &Connections) -> crate:
             continue;
         };
         let mut conn = connections.track(stream, permit);
-        echo::serve_connection(&mut conn, screened, &server.config, &server.conn);
+        echo::serve_connection(
+            &mut conn,
+            screened,
+            &server.config,
+            &server.conn,
+            server.tls.as_deref(),
+        );
     }
     Ok(())
 }

@@ -56,6 +56,7 @@ fn serve_tcp(server: &Server) -> crate::Result<()> {
         let receiver = Arc::clone(&receiver);
         let config = config.clone();
         let lifecycle = Arc::clone(&server.conn);
+        let tls = server.tls.clone();
         let handle = thread::Builder::new()
             .name(format!("pool-{id}"))
             .spawn(move || loop {
@@ -64,7 +65,7 @@ fn serve_tcp(server: &Server) -> crate::Result<()> {
                 let Ok((mut conn, screened)) = next else {
                     break;
                 };
-                echo::serve_connection(&mut conn, screened, &config, &lifecycle);
+                echo::serve_connection(&mut conn, screened, &config, &lifecycle, tls.as_deref());
             })
             .map_err(|e| crate::Error::io("cannot start a pool thread", e))?;
         handles.push(handle);

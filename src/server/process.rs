@@ -147,7 +147,13 @@ fn serve_in_child(mut stream: TcpStream, screened: Screened, server: &Server) ->
         // The parent's SIGKILL after the deadline still bounds the shutdown.
         tracing::warn!(peer = %screened.peer, "cannot install the shutdown handlers: {e}");
     }
-    echo::serve_connection(&mut stream, screened, &server.config, &server.conn);
+    echo::serve_connection(
+        &mut stream,
+        screened,
+        &server.config,
+        &server.conn,
+        server.tls.as_deref(),
+    );
     0
 }
 

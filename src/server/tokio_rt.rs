@@ -46,6 +46,9 @@
 //! up to 64 plus tokio's readiness bookkeeping and a share of `epoll_wait`; a batch of 64
 //! slots of 64 KiB per task (touched as far as datagrams fill them). At shutdown
 //! the UDP tasks end at once while the TCP connections drain.
+//!
+//! TLS (`tls.rs`): a `tls://` connection's task runs tokio-rustls's handshake under the
+//! server's handshake cap and timeout, then echoes plaintext with a buffer of its own.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -73,6 +76,7 @@ use crate::server::conn::{Admitted, End, Lifecycle};
 use crate::server::{Server, ServerConfig};
 use crate::shutdown::Shutdown;
 
+mod tls;
 mod udp;
 
 /// The read buffer each worker thread lends to the connection it is running.
@@ -90,6 +94,7 @@ thread_local! {
 pub fn serve(server: &Server) -> crate::Result<()> {
     let limit = Limit::new(server.config.max_conns)
         .map_err(|e| crate::Error::io("cannot create the connection limit", e))?;
+    let tls = server.tls.clone().map(tls::AsyncTls::new);
     let shared = Arc::new(Shared {
         config: server.config.clone(),
         lifecycle: Arc::clone(&server.conn),
@@ -99,6 +104,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
         close_connections: CancellationToken::new(),
         drained: CancellationToken::new(),
         failure: Mutex::new(None),
+        tls,
     });
     // Every runtime, registration and descriptor is made before any worker accepts, so that
     // running out of descriptors later (which accept survives) cannot stop a worker starting.
@@ -151,6 +157,8 @@ struct Shared {
     /// The first error that ends the server (a fatal accept error, a runtime that would not
     /// start), returned by [`serve`].
     failure: Mutex<Option<crate::Error>>,
+    /// For `tls://` and `tls+proxy://` listeners.
+    tls: Option<tls::AsyncTls>,
 }
 
 impl Shared {
@@ -388,7 +396,7 @@ async fn accept_loop(
             if shared.lifecycle.check_proxy_peer(peer).is_ok() {
                 connections.spawn(serve_proxied(
                     stream,
-                    index,
+                    (index, kind),
                     peer,
                     permit,
                     Arc::clone(shared),
@@ -399,6 +407,16 @@ async fn accept_loop(
         let Ok(admitted) = shared.lifecycle.admit(index, peer) else {
             continue;
         };
+        if kind == ListenerKind::Tls {
+            connections.spawn(tls::serve(
+                stream,
+                admitted,
+                Vec::new(),
+                permit,
+                Arc::clone(shared),
+            ));
+            continue;
+        }
         connections.spawn(serve_connection(
             stream,
             admitted,
@@ -443,7 +461,7 @@ async fn serve_connection(
 /// it names and serves it; a missing, bad or late header closes it (counted and logged).
 async fn serve_proxied(
     mut stream: TcpStream,
-    listener: usize,
+    (listener, kind): (usize, ListenerKind),
     proxy: SocketAddr,
     permit: Permit,
     shared: Arc<Shared>,
@@ -468,7 +486,12 @@ async fn serve_proxied(
     let Ok(admitted) = shared.lifecycle.admit_proxied(listener, proxy, &header) else {
         return;
     };
-    serve_connection(stream, admitted, leftover, permit, shared).await;
+    if kind == ListenerKind::TlsProxy {
+        // What followed the header is the start of the TLS stream.
+        tls::serve(stream, admitted, leftover, permit, shared).await;
+    } else {
+        serve_connection(stream, admitted, leftover, permit, shared).await;
+    }
 }
 
 /// Reads until the PROXY header is complete; returns it and the bytes that followed it.

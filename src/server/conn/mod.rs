@@ -65,6 +65,11 @@ pub enum End {
     Shutdown,
     /// The connection failed (for example reset by the client).
     Failed(io::Error),
+    /// TLS: the client closed the TCP connection without a close_notify first, so it cannot
+    /// be told apart from an attacker cutting the stream (everything received was echoed).
+    Truncated,
+    /// TLS: the handshake failed; nothing was echoed.
+    Handshake(crate::tls::HandshakeError),
 }
 
 impl fmt::Display for End {
@@ -74,6 +79,8 @@ impl fmt::Display for End {
             End::IdleTimeout => f.write_str("idle timeout"),
             End::Shutdown => f.write_str("closed at shutdown"),
             End::Failed(e) => write!(f, "error: {e}"),
+            End::Truncated => f.write_str("truncated (TCP closed without TLS close_notify)"),
+            End::Handshake(e) => write!(f, "{e}"),
         }
     }
 }
@@ -240,6 +247,9 @@ impl Lifecycle {
     /// The end of an admitted connection that echoed `bytes` (for its log line: the counters
     /// were fed as the bytes flowed): its one info line, the counters, its slot back.
     pub fn close(&self, admitted: Admitted, bytes: u64, end: &End) {
+        if let End::Handshake(e) = end {
+            self.stats.tls_handshake_failed(e.reason);
+        }
         if let Some(slot) = admitted.slot {
             self.admission.release(slot);
         }
@@ -252,6 +262,13 @@ impl Lifecycle {
             end = ?end.to_string(),
             "connection closed"
         );
+    }
+
+    /// A TLS handshake completed (a failed one is counted by closing the connection with
+    /// [`End::Handshake`]).
+    pub fn handshake_completed(&self, peer: SocketAddr) {
+        self.stats.tls_handshake_completed();
+        tracing::debug!(%peer, "TLS handshake completed");
     }
 
     /// Gives back a slot split off with [`Admitted::take_slot`].
