@@ -29,6 +29,8 @@
 //! - [`payload`]: deterministic pseudo-random content for load generation and tests.
 //! - [`bench`]: the verifying load generator, and `compare` with its report and charts.
 //! - [`check`]: the conformance battery for any echo server or proxy.
+//! - [`tls`]: rustls configurations; the client side's verification (a pinned certificate
+//!   accepted as its own CA) and the TLS split client.
 
 // The models rely on Linux's epoll edge semantics, io_uring, accept4, SO_* options and
 // /proc, as tokio gates the same assumptions: say so at build time rather than fail oddly.
@@ -48,6 +50,7 @@ pub mod payload;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
+pub mod tls;
 mod wake;
 
 pub use server::{Model, ServerConfig};
