@@ -24,6 +24,10 @@ struct Certs {
     other: (PathBuf, PathBuf),
     /// A client's, for mutual TLS.
     client: (PathBuf, PathBuf),
+    /// A CA (CA:TRUE) and a server certificate it signed (CA:FALSE, SAN localhost and
+    /// 127.0.0.1): the ordinary chain, verified by webpki itself.
+    ca: PathBuf,
+    leaf: (PathBuf, PathBuf),
 }
 
 /// `None` (after a loud skip) without openssl.
@@ -58,10 +62,61 @@ fn certs() -> Option<&'static Certs> {
                 (cert, key)
             };
             let localhost = "subjectAltName=DNS:localhost,IP:127.0.0.1";
+            let (ca, ca_key) = make(
+                "ca",
+                "multiecho test CA",
+                "basicConstraints=critical,CA:TRUE",
+            );
+            let leaf = (dir.join("leaf-cert.pem"), dir.join("leaf-key.pem"));
+            let csr = dir.join("leaf.csr");
+            let ext = dir.join("leaf.ext");
+            std::fs::write(&ext, format!("{localhost}\nbasicConstraints=CA:FALSE\n")).unwrap();
+            let openssl = |args: &[&std::ffi::OsStr]| {
+                let status = Command::new("openssl")
+                    .args(args)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .expect("run openssl");
+                assert!(status.success(), "openssl {args:?} failed");
+            };
+            let os = |s: &'static str| std::ffi::OsStr::new(s);
+            openssl(&[
+                os("req"),
+                os("-newkey"),
+                os("rsa:2048"),
+                os("-nodes"),
+                os("-subj"),
+                os("/CN=localhost"),
+                os("-keyout"),
+                leaf.1.as_os_str(),
+                os("-out"),
+                csr.as_os_str(),
+            ]);
+            openssl(&[
+                os("x509"),
+                os("-req"),
+                os("-in"),
+                csr.as_os_str(),
+                os("-CA"),
+                ca.as_os_str(),
+                os("-CAkey"),
+                ca_key.as_os_str(),
+                os("-CAcreateserial"),
+                os("-days"),
+                os("2"),
+                os("-extfile"),
+                ext.as_os_str(),
+                os("-out"),
+                leaf.0.as_os_str(),
+            ]);
             Some(Certs {
                 server: make("server", "localhost", localhost),
                 other: make("other", "localhost", localhost),
                 client: make("client", "client", "subjectAltName=DNS:client"),
+                ca,
+                leaf,
             })
         })
         .as_ref()
@@ -114,6 +169,11 @@ fn wait_listening(port: u16, child: &mut Child, what: &str) {
 /// Debian's ncat with TLS and its echo recipe: `ncat --ssl -l --keep-open --exec /bin/cat`,
 /// presenting the server certificate. `None` (after a loud skip) without ncat.
 fn ncat_ssl(certs: &Certs) -> Option<Peer> {
+    ncat_ssl_with(&certs.server)
+}
+
+/// [`ncat_ssl`] presenting `cert_and_key`.
+fn ncat_ssl_with((cert, key): &(PathBuf, PathBuf)) -> Option<Peer> {
     if Command::new("ncat").arg("--version").output().is_err() {
         common::skip_unless_ci("no ncat on this machine (apt-get install ncat; .ci/run does)");
         return None;
@@ -121,9 +181,9 @@ fn ncat_ssl(certs: &Certs) -> Option<Peer> {
     let port = free_port();
     let mut child = Command::new("ncat")
         .args(["--ssl", "--ssl-cert"])
-        .arg(&certs.server.0)
+        .arg(cert)
         .arg("--ssl-key")
-        .arg(&certs.server.1)
+        .arg(key)
         .args(["-l", "--keep-open", "--exec", "/bin/cat", "127.0.0.1"])
         .arg(port.to_string())
         .stdin(Stdio::null())
@@ -357,6 +417,45 @@ fn a_wrong_ca_or_a_wrong_name_is_a_verification_error() {
     assert!(!nothing.status.success());
     let err = stderr_of(&nothing);
     assert!(err.contains("needs --tls-ca FILE"), "{err}");
+}
+
+#[test]
+fn a_certificate_signed_by_the_ca_verifies_and_an_unknown_ca_is_refused() {
+    let Some(certs) = certs_or_skip() else { return };
+    let Some(ncat) = ncat_ssl_with(&certs.leaf) else {
+        return;
+    };
+    let target = format!("tls://{}", ncat.addr);
+    let input = lines(10);
+    let output = multiecho(
+        &[
+            "client",
+            &target,
+            "--tls-ca",
+            path(&certs.ca),
+            "--sni",
+            "localhost",
+        ],
+        &input,
+    );
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert_same(
+        &output.stdout,
+        &input,
+        "client verifying a CA-signed certificate",
+    );
+
+    let unknown = multiecho(
+        &["client", &target, "--tls-ca", path(&certs.server.0)],
+        b"hi\n",
+    );
+    assert!(!unknown.status.success());
+    let err = stderr_of(&unknown);
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    assert!(
+        err.contains("give --tls-ca the server's certificate or the CA"),
+        "{err}"
+    );
 }
 
 #[test]
