@@ -30,7 +30,8 @@
 //! - [`bench`]: the verifying load generator, and `compare` with its report and charts.
 //! - [`check`]: the conformance battery for any echo server or proxy.
 //! - [`tls`]: TLS with rustls: the server's certificates and configuration, the handshake cap,
-//!   and the handshake failure reasons every model reports.
+//!   the handshake failure reasons every model reports; the client side's verification (a
+//!   pinned certificate accepted as its own CA) and the TLS split client.
 
 // The models rely on Linux's epoll edge semantics, io_uring, accept4, SO_* options and
 // /proc, as tokio gates the same assumptions: say so at build time rather than fail oddly.

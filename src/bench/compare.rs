@@ -15,6 +15,12 @@
 //! loaded server's resident memory (its descendants included) is sampled every 100 ms; its
 //! CPU time is read when the warm-up ends and when the measured window ends.
 //!
+//! `--tls` runs every model a second time behind `tls://` (named `MODEL+tls`), beside the
+//! plain one, so the report shows what TLS costs each; a model that does not serve TLS (its
+//! server refuses to start) is listed as skipped with its reason. The TLS servers present one
+//! certificate (`--tls-cert`, or one made at start and written into the report directory),
+//! and bench trusts exactly it.
+//!
 //! A model that cannot start here is listed as skipped with the server's last log line as
 //! the reason; a point whose load generator saw errors or mismatched bytes is kept, marked
 //! failed. After the report is written, compare exits non-zero if any server sent back wrong
@@ -99,11 +105,26 @@ pub struct CompareArgs {
     /// `--udp-rate 0`: every flow comes from this machine), the others are skipped, and
     /// `--external` servers are UDP echo servers. `--conns` counts flows; the report adds
     /// the datagrams lost, duplicated and reordered.
-    #[arg(long, conflicts_with_all = ["churn", "requests_per_conn"])]
+    #[arg(long, conflicts_with_all = ["churn", "requests_per_conn", "tls"])]
     pub udp: bool,
     /// Messages (datagrams with --udp) in flight per connection (bench's --pipeline).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub pipeline: Option<u64>,
+    /// Sweep TLS too: every model also serves tls:// (as MODEL+tls) beside plain TCP, so the
+    /// report shows each model's TLS cost; `--tls only` for TLS alone. Models that do not
+    /// serve TLS are listed as skipped, with the server's reason. Externals speak TLS when
+    /// named NAME=tls://ADDR.
+    #[arg(long, value_enum, value_name = "WHICH", num_args = 0..=1,
+          default_missing_value = "both")]
+    pub tls: Option<TlsSweep>,
+    /// The certificate (PEM) the TLS servers present, which bench then trusts (give tls://
+    /// externals the same one). Default: a self-signed one for localhost and 127.0.0.1,
+    /// made at start and written into the report directory.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Directory to write report.json, report.md and the charts into.
     #[arg(long, value_name = "DIR", default_value = "compare-report")]
     pub out: PathBuf,
@@ -113,7 +134,37 @@ pub struct CompareArgs {
     pub redraw: Option<PathBuf>,
 }
 
+/// Which transports `--tls` sweeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsSweep {
+    /// Plain TCP and TLS, side by side.
+    Both,
+    /// TLS alone.
+    Only,
+}
+
+/// The certificate and key the TLS servers of a comparison present.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 impl CompareArgs {
+    /// Whether any contender speaks TLS.
+    fn uses_tls(&self) -> bool {
+        self.tls.is_some() || self.external.iter().any(|e| e.tls)
+    }
+
+    /// The transports each model is started on: plain, TLS, or both.
+    fn transports(&self) -> Vec<bool> {
+        match self.tls {
+            None => vec![false],
+            Some(TlsSweep::Both) => vec![false, true],
+            Some(TlsSweep::Only) => vec![true],
+        }
+    }
+
     /// Round trips per connection when churning (`--churn` is 1).
     pub fn requests_per_conn(&self) -> Option<u64> {
         if self.churn {
@@ -130,6 +181,8 @@ pub struct External {
     pub name: String,
     pub addr: SocketAddr,
     pub pid: Option<i32>,
+    /// Named with tls://ADDR.
+    pub tls: bool,
 }
 
 /// Parses `NAME=ADDR` or `NAME=ADDR@PID`.
@@ -149,12 +202,22 @@ pub fn parse_external(text: &str) -> Result<External, String> {
         }
         None => (rest, None),
     };
-    let addr = crate::net::parse_addr(addr)
-        .map_err(|e| format!("invalid external server '{text}': {e}"))?;
+    let spec =
+        crate::listen::parse(addr).map_err(|e| format!("invalid external server '{text}': {e}"))?;
+    let tls = match spec.kind {
+        crate::listen::ListenerKind::Tcp => false,
+        crate::listen::ListenerKind::Tls => true,
+        kind => {
+            return Err(format!(
+                "invalid external server '{text}': compare loads tcp:// and tls://, not {kind}://"
+            ))
+        }
+    };
     Ok(External {
         name: name.trim().to_string(),
-        addr,
+        addr: spec.addr,
         pid,
+        tls,
     })
 }
 
@@ -203,10 +266,22 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let models = distinct(args.models.iter().copied());
 
     let runs_per_server = (settings.conns.len() * settings.sizes.len()) as u64 * args.repeat as u64;
-    let servers = (models.len() + args.external.len()) as u64;
+    let servers = (models.len() * args.transports().len() + args.external.len()) as u64;
     let progress = Progress::new(servers * runs_per_server);
+    let tls = if args.uses_tls() {
+        Some(tls_files(args)?)
+    } else {
+        None
+    };
     // If one fails to start, dropping the others kills them.
-    let mut contenders = start_all(&exe, &models, args, &progress, runs_per_server)?;
+    let mut contenders = start_all(
+        &exe,
+        &models,
+        args,
+        tls.as_ref(),
+        &progress,
+        runs_per_server,
+    )?;
     let mut report = Report {
         environment: environment(),
         settings,
@@ -273,6 +348,28 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The TLS servers' certificate and key: `--tls-cert`/`--tls-key`, or a self-signed pair
+/// for localhost and 127.0.0.1 made now (rcgen) and written into the report directory.
+fn tls_files(args: &CompareArgs) -> anyhow::Result<TlsFiles> {
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        return Ok(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        });
+    }
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .context("cannot make a TLS certificate")?;
+    let files = TlsFiles {
+        cert: args.out.join("tls-cert.pem"),
+        key: args.out.join("tls-key.pem"),
+    };
+    std::fs::write(&files.cert, made.cert.pem())
+        .with_context(|| format!("cannot write {}", files.cert.display()))?;
+    std::fs::write(&files.key, made.signing_key.serialize_pem())
+        .with_context(|| format!("cannot write {}", files.key.display()))?;
+    Ok(files)
 }
 
 /// Makes `command`'s process get SIGTERM if compare dies first (killed, say), so no server
@@ -374,28 +471,35 @@ impl Contender {
         exe: &Path,
         model: Model,
         args: &CompareArgs,
+        tls: Option<&TlsFiles>,
         progress: &Progress,
         runs_per_server: u64,
     ) -> anyhow::Result<Contender> {
-        let mut contender = Contender::new(model.name().to_string(), "model");
+        let name = match tls {
+            Some(_) => format!("{}+tls", model.name()),
+            None => model.name().to_string(),
+        };
+        let mut contender = Contender::new(name.clone(), "model");
         if args.udp && !model.serves_udp() {
             let reason = format!("no udp:// (these models serve it: {})", Model::udp_models());
             progress.skip(runs_per_server);
             contender.result.skipped = Some(reason);
             return Ok(contender);
         }
-        progress.say(&format!("starting the {model} server"));
-        match ServerProcess::start(exe, model, args)? {
+        progress.say(&format!("starting the {name} server"));
+        match ServerProcess::start(exe, model, args, tls)? {
             Ok(server) => {
-                contender.result.address = Some(server.addr.to_string());
+                let scheme = if tls.is_some() { "tls://" } else { "" };
+                contender.result.address = Some(format!("{scheme}{}", server.addr));
                 contender.target = Some(Target {
                     addr: server.addr,
                     pid: Some(server.child.id() as i32),
+                    tls_ca: tls.map(|files| files.cert.clone()),
                 });
                 contender.process = Some(server);
             }
             Err(reason) => {
-                progress.say(&format!("{model}: skipped: {reason}"));
+                progress.say(&format!("{name}: skipped: {reason}"));
                 progress.skip(runs_per_server);
                 contender.result.skipped = Some(reason);
             }
@@ -404,12 +508,14 @@ impl Contender {
     }
 
     /// A server that is already running.
-    fn external(external: &External) -> Contender {
+    fn external(external: &External, tls: Option<&TlsFiles>) -> Contender {
         let mut contender = Contender::new(external.name.clone(), "external");
-        contender.result.address = Some(external.addr.to_string());
+        let scheme = if external.tls { "tls://" } else { "" };
+        contender.result.address = Some(format!("{scheme}{}", external.addr));
         contender.target = Some(Target {
             addr: external.addr,
             pid: external.pid,
+            tls_ca: tls.filter(|_| external.tls).map(|files| files.cert.clone()),
         });
         contender
     }
@@ -425,7 +531,9 @@ impl Contender {
         round: u32,
         progress: &Progress,
     ) {
-        let Some(target) = self.target else { return };
+        let Some(target) = self.target.clone() else {
+            return;
+        };
         let name = &self.result.name;
         progress.start_run(name, conns, size, round, args.repeat);
         let run = match self.process.as_mut().and_then(ServerProcess::exit_reason) {
@@ -467,15 +575,24 @@ fn start_all(
     exe: &Path,
     models: &[Model],
     args: &CompareArgs,
+    tls: Option<&TlsFiles>,
     progress: &Progress,
     runs_per_server: u64,
 ) -> anyhow::Result<Vec<Contender>> {
     let mut contenders = Vec::new();
     for &model in models {
-        let contender = Contender::start_model(exe, model, args, progress, runs_per_server)?;
-        contenders.push(contender);
+        for over_tls in args.transports() {
+            let files = tls.filter(|_| over_tls);
+            let contender =
+                Contender::start_model(exe, model, args, files, progress, runs_per_server)?;
+            contenders.push(contender);
+        }
     }
-    contenders.extend(args.external.iter().map(Contender::external));
+    contenders.extend(
+        args.external
+            .iter()
+            .map(|external| Contender::external(external, tls)),
+    );
     Ok(contenders)
 }
 
@@ -614,11 +731,16 @@ mod tests {
         let with_pid = parse_external("socat=[::1]:9@4321").unwrap();
         assert_eq!(with_pid.addr, "[::1]:9".parse().unwrap());
         assert_eq!(with_pid.pid, Some(4321));
+        assert!(!with_pid.tls);
+        let tls = parse_external("ncat=tls://127.0.0.1:7001@99").unwrap();
+        assert!(tls.tls);
+        assert_eq!(tls.addr, "127.0.0.1:7001".parse().unwrap());
         for bad in [
             "127.0.0.1:7000",
             "=127.0.0.1:1",
             "x=nowhere",
             "x=127.0.0.1:1@pid",
+            "x=udp://127.0.0.1:1",
         ] {
             assert!(parse_external(bad).is_err(), "{bad}");
         }

@@ -39,10 +39,13 @@ const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 /// `multiecho bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Server address: HOST:PORT, [V6]:PORT or PORT (loopback), or udp://HOST:PORT for UDP
-    /// echo (then --conns is the number of flows, each with its own source port).
-    #[arg(value_parser = crate::listen::parse, default_value = crate::net::DEFAULT_LISTEN)]
-    pub target: crate::listen::ListenSpec,
+    /// Server address: HOST:PORT, [V6]:PORT or PORT (loopback), udp://HOST:PORT for UDP
+    /// echo (then --conns is the number of flows, each with its own source port), or
+    /// tls://HOST:PORT for TLS (see --tls-ca): every connection makes a full handshake (no
+    /// session resumption), and the report adds handshake latency and, with --churn,
+    /// handshakes per second.
+    #[arg(value_parser = parse_target, default_value = crate::net::DEFAULT_LISTEN)]
+    pub target: Target,
     /// Connections to open.
     #[arg(short, long, value_name = "N", default_value_t = 50,
           value_parser = clap::value_parser!(u64).range(1..1_000_000))]
@@ -98,6 +101,23 @@ pub struct BenchArgs {
     /// Write a line to stderr when the load starts (for `compare`'s CPU window).
     #[arg(long, hide = true)]
     pub announce_start: bool,
+    #[command(flatten)]
+    pub tls: crate::tls::client::TlsClientArgs,
+}
+
+/// What bench loads: the parsed address and, for TLS, the text it was written as (whose
+/// host is the server name to verify).
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub spec: crate::listen::ListenSpec,
+    pub text: String,
+}
+
+fn parse_target(text: &str) -> Result<Target, String> {
+    Ok(Target {
+        spec: crate::listen::parse(text)?,
+        text: text.trim().to_string(),
+    })
 }
 
 fn parse_message_size(text: &str) -> Result<u64, String> {
@@ -126,12 +146,18 @@ fn parse_percent(text: &str) -> Result<f64, String> {
 
 /// Runs `multiecho bench`: prints the report, then fails if any byte was wrong or missing.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let addr = args.target.addr;
-    match args.target.kind {
-        crate::listen::ListenerKind::Tcp => {}
-        crate::listen::ListenerKind::Udp => return udp::run(args, addr),
-        kind => bail!("bench speaks tcp:// and udp://, not {kind}://"),
+    use crate::listen::ListenerKind;
+    use crate::tls::client::{self as tls_client, Resumption};
+    let addr = args.target.spec.addr;
+    if args.target.spec.kind != ListenerKind::Tls {
+        args.tls.refuse_for_plain_target(&args.target.text)?;
     }
+    let tls = match args.target.spec.kind {
+        ListenerKind::Tcp => None,
+        ListenerKind::Tls => Some(args.tls.target(&args.target.text, Resumption::Disabled)?),
+        ListenerKind::Udp => return udp::run(args, addr),
+        kind => bail!("bench speaks tcp://, udp:// and tls://, not {kind}://"),
+    };
     let conns = usize::try_from(args.conns).context("--conns is too large")?;
     let size = usize::try_from(args.size).context("--size is too large")?;
     let pipeline = args.pipeline as usize;
@@ -143,9 +169,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
              use fewer connections"
         );
     }
-    // One blocking connect first, so an unreachable server is one clear error.
-    TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
-        .with_context(|| format!("cannot connect to {}", addr))?;
+    // One blocking connect (and handshake) first, so an unreachable server or a refused
+    // certificate is one clear error.
+    match &tls {
+        None => drop(
+            TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
+                .with_context(|| format!("cannot connect to {}", addr))?,
+        ),
+        Some(target) => tls_client::close(tls_client::connect(addr, Some(PROBE_TIMEOUT), target)?),
+    }
 
     let sources = source_addresses(addr, conns);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -174,10 +206,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         interval: args.interval,
         requests_per_conn,
         id_stride: conns as u64,
+        tls: tls.clone(),
     };
     let shares = split(conns, args.requests, args.rate, threads);
     let config = Config {
-        addr: addr.to_string(),
+        addr: match tls {
+            Some(_) => format!("tls://{addr}"),
+            None => addr.to_string(),
+        },
         conns,
         size,
         pipeline,
@@ -189,6 +225,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         source_addrs: sources.len().max(1),
         requests_per_conn,
         interval_secs: args.interval.map(|d| d.as_secs_f64()),
+        tls: tls.is_some(),
     };
 
     let shared = Shared::new(threads);

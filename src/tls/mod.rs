@@ -1,5 +1,7 @@
 //! TLS with rustls: what every model shares, whatever drives its I/O.
 //!
+//! - [`client`]: the client side, the configuration that `client`, `bench` and `compare`
+//!   build from their flags (`--tls-ca`, `--insecure`, `--sni`, client certificates).
 //! - [`server`]: the server's side set up once at start: certificates (`--tls-cert`/`--tls-key`
 //!   or a self-signed one), client verification (`--tls-client-ca`), the rustls
 //!   `ServerConfig`, the handshake timeout and the cap on handshakes in progress.
@@ -15,6 +17,7 @@
 //! (`server/tokio_rt.rs`), epoll and uring through [`session`], a sans-I/O echo session over
 //! rustls's buffer API that their event loops feed.
 
+pub mod client;
 pub mod server;
 pub mod session;
 mod validity;

@@ -20,10 +20,12 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 const BENCH_GRACE: Duration = Duration::from_secs(60);
 
 /// A server to load: where it listens and, if known, its process.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct Target {
     pub(super) addr: SocketAddr,
     pub(super) pid: Option<i32>,
+    /// Over TLS: the certificate bench trusts (`--tls-ca`).
+    pub(super) tls_ca: Option<std::path::PathBuf>,
 }
 
 /// What `multiecho bench --json` prints (the keys compare relies on).
@@ -82,14 +84,16 @@ pub(super) fn run_bench(
         failure: Some(failure),
     };
     let mut command = Command::new(exe);
-    let url = if args.udp {
-        format!("udp://{}", target.addr)
-    } else {
-        target.addr.to_string()
+    command.arg("bench");
+    match &target.tls_ca {
+        Some(ca) => command
+            .arg(format!("tls://{}", target.addr))
+            .arg("--tls-ca")
+            .arg(ca),
+        None if args.udp => command.arg(format!("udp://{}", target.addr)),
+        None => command.arg(target.addr.to_string()),
     };
     command
-        .arg("bench")
-        .arg(url)
         .args(["--conns", &conns.to_string(), "--size", &size.to_string()])
         .args(["--duration", &args.duration.as_secs_f64().to_string()])
         .args(["--warmup", &args.warmup.as_secs_f64().to_string()])

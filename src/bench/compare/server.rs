@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{describe, takes_workers, CompareArgs, StopOutcome};
+use super::{describe, takes_workers, CompareArgs, StopOutcome, TlsFiles};
 use crate::activation::{parse_ready_lines, ReadyPipe};
 use crate::listen::ListenerKind;
 use crate::server::Model;
@@ -43,10 +43,20 @@ impl ServerProcess {
         exe: &Path,
         model: Model,
         args: &CompareArgs,
+        tls: Option<&TlsFiles>,
     ) -> anyhow::Result<Result<ServerProcess, String>> {
         let mut command = Command::new(exe);
+        command.args(["serve", "--model", model.name(), "--listen"]);
+        match tls {
+            Some(files) => command
+                .arg("tls://127.0.0.1:0")
+                .arg("--tls-cert")
+                .arg(&files.cert)
+                .arg("--tls-key")
+                .arg(&files.key),
+            None => command.arg("127.0.0.1:0"),
+        };
         command
-            .args(["serve", "--model", model.name(), "--listen", "127.0.0.1:0"])
             // The readiness line is at info level; more would slow the server down.
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -103,7 +113,7 @@ impl ServerProcess {
                 let probed = if args.udp {
                     probe_udp(addr)
                 } else {
-                    probe(addr)
+                    probe(addr, tls)
                 };
                 match probed {
                     Ok(()) => Ok(Ok(server)),
@@ -251,15 +261,37 @@ impl Drop for ServerProcess {
     }
 }
 
-/// One small round trip to `addr`: does something there echo?
-fn probe(addr: SocketAddr) -> std::io::Result<()> {
-    use std::io::Write;
+/// One small round trip to `addr` (over TLS, trusting `tls`'s certificate, if given): does
+/// something there echo?
+fn probe(addr: SocketAddr, tls: Option<&TlsFiles>) -> std::io::Result<()> {
     let patience = Duration::from_secs(10);
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, patience)?;
-    stream.set_read_timeout(Some(patience))?;
-    stream.set_write_timeout(Some(patience))?;
+    let Some(files) = tls else {
+        let stream = std::net::TcpStream::connect_timeout(&addr, patience)?;
+        stream.set_read_timeout(Some(patience))?;
+        stream.set_write_timeout(Some(patience))?;
+        return round_trip(stream);
+    };
+    use crate::tls::client::{self as tls_client, Resumption, TlsClientArgs};
+    let args = TlsClientArgs {
+        tls_ca: Some(files.cert.clone()),
+        ..TlsClientArgs::default()
+    };
+    let mut stream = args
+        .target(&addr.to_string(), Resumption::Allowed)
+        .and_then(|target| tls_client::connect(addr, Some(patience), &target))
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    stream.sock.set_read_timeout(Some(patience))?;
+    stream.sock.set_write_timeout(Some(patience))?;
+    round_trip(&mut stream)?;
+    tls_client::close(stream);
+    Ok(())
+}
+
+/// Sends a line and reads its echo back.
+fn round_trip(mut stream: impl std::io::Read + std::io::Write) -> std::io::Result<()> {
     let hello = b"multiecho compare probe\n";
     stream.write_all(hello)?;
+    stream.flush()?;
     let mut back = [0; 24];
     stream.read_exact(&mut back)?;
     if &back[..] != hello {
