@@ -88,6 +88,8 @@ impl ServerProcess {
         let (ready_tx, ready_rx) = mpsc::channel();
         let kind = if args.udp {
             ListenerKind::Udp
+        } else if tls.is_some() {
+            ListenerKind::Tls
         } else {
             ListenerKind::Tcp
         };
