@@ -5,26 +5,42 @@
 //! starts, when `NOTIFY_SOCKET` is set).
 //!
 //! The `sd-notify` crate reads the `LISTEN_*` variables (and marks the descriptors
-//! close-on-exec); this module checks each descriptor is a listening IP stream socket and maps
-//! its name to a [`ListenerKind`]. Notifications go through std's `UnixDatagram`, connected once
-//! at start, because `STOPPING=1` is sent from the SIGINT/SIGTERM handler, where the crate's
-//! `notify` (which allocates and connects on every call) cannot run.
+//! close-on-exec); this module checks each descriptor is a listening IP stream socket (served
+//! as TCP, its name mapping to a [`ListenerKind`]) or a bound UDP socket (systemd's
+//! `ListenDatagram=`, served as `udp://`). Notifications go through std's `UnixDatagram`,
+//! connected once at start, because `STOPPING=1` is sent from the SIGINT/SIGTERM handler, where
+//! the crate's `notify` (which allocates and connects on every call) cannot run.
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 
-use socket2::{Domain, SockRef, Type};
+use socket2::{Domain, Protocol, SockRef, Type};
 
 use crate::listen::ListenerKind;
 use crate::Error;
 
-/// The listeners a service manager passed to this process, with their kinds; `None` when none
-/// were passed to *this* process (a `LISTEN_PID` naming another one is ignored, with a
-/// warning), so the caller binds `--listen` instead.
-pub fn passed_listeners() -> crate::Result<Option<Vec<(TcpListener, ListenerKind)>>> {
+/// The sockets a service manager passed, in `LISTEN_FDS` order within each kind.
+#[derive(Debug, Default)]
+pub struct Passed {
+    /// Listening TCP sockets, with the kind their name selects.
+    pub stream: Vec<(TcpListener, ListenerKind)>,
+    /// Bound UDP sockets, served as `udp://` listeners.
+    pub datagram: Vec<UdpSocket>,
+}
+
+/// One passed socket, checked.
+enum Adopted {
+    Stream(TcpListener, ListenerKind),
+    Datagram(UdpSocket),
+}
+
+/// The sockets a service manager passed to this process; `None` when none were passed to
+/// *this* process (a `LISTEN_PID` naming another one is ignored, with a warning), so the caller
+/// binds `--listen` instead.
+pub fn passed_listeners() -> crate::Result<Option<Passed>> {
     let Some(pid) = std::env::var_os("LISTEN_PID") else {
         return Ok(None);
     };
@@ -38,15 +54,20 @@ pub fn passed_listeners() -> crate::Result<Option<Vec<(TcpListener, ListenerKind
     }
     let fds = sd_notify::listen_fds_with_names(true)
         .map_err(|e| Error::io("cannot take the sockets passed in LISTEN_FDS", e))?;
-    let passed = fds
-        .map(|(fd, name)| adopt(fd, &name))
-        .collect::<crate::Result<Vec<_>>>()?;
-    Ok((!passed.is_empty()).then_some(passed))
+    let mut passed = Passed::default();
+    for (fd, name) in fds {
+        match adopt(fd, &name)? {
+            Adopted::Stream(listener, kind) => passed.stream.push((listener, kind)),
+            Adopted::Datagram(socket) => passed.datagram.push(socket),
+        }
+    }
+    Ok((!passed.stream.is_empty() || !passed.datagram.is_empty()).then_some(passed))
 }
 
-/// Takes passed descriptor `fd`, checked to be a listening TCP socket; `name` (systemd's
-/// `FileDescriptorName=`) selects its kind: `proxy` is tcp+proxy, anything else plain TCP.
-fn adopt(fd: RawFd, name: &str) -> crate::Result<(TcpListener, ListenerKind)> {
+/// Takes passed descriptor `fd`, checked to be a listening TCP socket or a bound UDP socket;
+/// for TCP, `name` (systemd's `FileDescriptorName=`) selects its kind: `proxy` is tcp+proxy,
+/// anything else (systemd's default is the socket unit's name) plain TCP.
+fn adopt(fd: RawFd, name: &str) -> crate::Result<Adopted> {
     let what = format!("LISTEN_FDS descriptor {fd} (name '{name}')");
     let stat = nix::sys::stat::fstat(fd)
         .map_err(|e| Error::io(format!("cannot inspect {what}"), e.into()))?;
@@ -59,15 +80,28 @@ fn adopt(fd: RawFd, name: &str) -> crate::Result<(TcpListener, ListenerKind)> {
     let socket = SockRef::from(&owned);
     let inspect = |e| Error::io(format!("cannot inspect {what}"), e);
     let socket_type = socket.r#type().map_err(inspect)?;
-    if socket_type == Type::DGRAM {
-        return Err(Error::Unsupported(format!(
-            "{what} is a datagram socket: passed UDP sockets are not served yet (udp:// in --listen is)"
-        )));
-    }
     let domain = socket.domain().map_err(inspect)?;
-    if socket_type != Type::STREAM || !(domain == Domain::IPV4 || domain == Domain::IPV6) {
+    let ip = domain == Domain::IPV4 || domain == Domain::IPV6;
+    if socket_type == Type::DGRAM {
+        if !ip || socket.protocol().map_err(inspect)? != Some(Protocol::UDP) {
+            return Err(Error::Unsupported(format!(
+                "{what} is a datagram socket but not UDP (multiecho serves UDP over IPv4 and IPv6)"
+            )));
+        }
+        if matches!(name, "proxy" | "tls" | "tls+proxy") {
+            return Err(Error::Unsupported(format!(
+                "{what} is a UDP socket: the name '{name}' is for TCP sockets (a datagram \
+                 socket is served as udp://, without PROXY headers or TLS)"
+            )));
+        }
+        // The UDP loops expect blocking sockets, as `udp::bind` makes them. The receive buffer
+        // is the service manager's (ReceiveBuffer=).
+        socket.set_nonblocking(false).map_err(inspect)?;
+        return Ok(Adopted::Datagram(UdpSocket::from(owned)));
+    }
+    if socket_type != Type::STREAM || !ip {
         return Err(Error::Unsupported(format!(
-            "{what} is not a TCP socket (multiecho serves TCP over IPv4 and IPv6)"
+            "{what} is neither a TCP nor a UDP socket (multiecho serves TCP and UDP over IPv4 and IPv6)"
         )));
     }
     if !socket.is_listener().map_err(inspect)? {
@@ -87,7 +121,7 @@ fn adopt(fd: RawFd, name: &str) -> crate::Result<(TcpListener, ListenerKind)> {
     };
     // The models expect blocking listeners and switch them themselves if they want.
     socket.set_nonblocking(false).map_err(inspect)?;
-    Ok((TcpListener::from(owned), kind))
+    Ok(Adopted::Stream(TcpListener::from(owned), kind))
 }
 
 /// Who to tell that the server is ready: the `--ready-fd` descriptor and the service manager's

@@ -28,9 +28,12 @@
 //! left its writer process running after the server closed.
 //!
 //! A `udp://HOST:PORT` target runs the UDP line client instead (`udp`): a datagram per line.
+//! A `tls://HOST:PORT` target runs the same line client over a TLS session, whose half-close
+//! is close_notify, and a split client of its own (see [`crate::tls::client`]).
 
 use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -51,51 +54,113 @@ pub const MAX_IN_FLIGHT: usize = 64 * 1024;
 const SENDER_GRACE: Duration = Duration::from_secs(1);
 
 /// What `multiecho client` does (validated from its command line by `cli`).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ClientConfig {
-    /// The server: `tcp://` (the line or split client) or `udp://` (a datagram per line).
+    /// The server: `tcp://` (the line or split client), `udp://` (a datagram per line) or
+    /// `tls://`.
     pub target: ListenSpec,
-    /// The split client (`--split`, TCP only) instead of the line client.
+    /// The address as the user wrote it: a `tls://` target's host name is checked against it.
+    pub addr_text: String,
+    /// The split client (`--split`, TCP and TLS) instead of the line client.
     pub split: bool,
-    /// TCP: how long connecting may take (default: the system's own timeout). UDP: how long
-    /// each echo may take before its datagram counts as lost.
+    /// How long connecting may take (TCP), or each echo (UDP).
     pub timeout: Option<Duration>,
+    /// `--tls-ca`, `--insecure`, `--sni` and the client certificate.
+    pub tls: crate::tls::client::TlsClientArgs,
 }
 
 /// Runs the client: connects, then runs the line or the split client over stdin and stdout.
 ///
 /// Errors from stdout are returned as plain `io::Error` (so the caller can treat a broken
 /// pipe as a normal end); errors on the connection are described, never bare.
-pub fn run(config: &ClientConfig) -> anyhow::Result<()> {
-    let addr = config.target.addr;
-    match config.target.kind {
+pub fn run(args: &ClientConfig) -> anyhow::Result<()> {
+    let target = args.target;
+    let addr = target.addr;
+    if target.kind != ListenerKind::Tls {
+        args.tls.refuse_for_plain_target(&args.addr_text)?;
+    }
+    match target.kind {
         ListenerKind::Tcp => {}
+        ListenerKind::Tls => return run_tls(args, addr),
         ListenerKind::Udp => {
-            let timeout = config.timeout.unwrap_or(udp::DEFAULT_TIMEOUT);
+            if args.split {
+                anyhow::bail!("--split is for TCP; a udp:// target gets a datagram per line");
+            }
+            let timeout = args.timeout.unwrap_or(udp::DEFAULT_TIMEOUT);
             return udp::line_client(addr, timeout, io::stdin().lock(), io::stdout().lock());
         }
-        kind => anyhow::bail!("the client speaks tcp:// and udp://, not {kind}://"),
+        kind => anyhow::bail!("the client speaks tcp://, udp:// and tls://, not {kind}://"),
     }
-    let stream = connect(addr, config.timeout)?;
+    let stream = connect(addr, args.timeout)?;
+    let interactive = greet(args, addr);
+    let input = stdin_input();
+    if args.split {
+        split_client(stream, addr, input, io::stdout(), interactive)
+    } else {
+        line_client(stream, addr, input, io::stdout().lock())
+    }
+}
+
+/// `client tls://...`: the handshake, then the line client or the TLS split client.
+fn run_tls(args: &ClientConfig, addr: SocketAddr) -> anyhow::Result<()> {
+    use crate::tls::client::{self as tls, Resumption};
+    let target = args.tls.target(&args.addr_text, Resumption::Allowed)?;
+    let stream = tls::connect(addr, args.timeout, &target)?;
+    let interactive = greet(args, addr);
+    let input = stdin_input();
+    if args.split {
+        let stdin = io::stdin();
+        tls::split_client(
+            stream,
+            addr,
+            stdin.as_fd(),
+            input,
+            io::stdout(),
+            interactive,
+        )
+    } else {
+        line_client(stream, addr, input, io::stdout().lock())
+    }
+}
+
+/// At a terminal, says how to end; returns whether stdin is one.
+fn greet(args: &ClientConfig, addr: SocketAddr) -> bool {
     let interactive = io::stdin().is_terminal();
     if interactive {
-        let how_to_end = if config.split {
+        let how_to_end = if args.split {
             "type q or Ctrl-D to finish"
         } else {
             "press Ctrl-D to finish"
         };
         eprintln!("multiecho: connected to {addr}; {how_to_end}");
     }
-    // The sender thread needs an owned reader (a stdin lock cannot move threads).
-    let input: Box<dyn BufRead + Send> = match TerminalInput::for_terminal(io::stdin(), io::stdin())
-    {
+    interactive
+}
+
+/// Standard input, read so that one Ctrl-D ends it at a terminal. Owned, because the sender
+/// thread needs it (a stdin lock cannot move threads).
+fn stdin_input() -> Box<dyn BufRead + Send> {
+    match TerminalInput::for_terminal(io::stdin(), io::stdin()) {
         Some(terminal) => Box::new(io::BufReader::new(terminal)),
         None => Box::new(io::BufReader::new(io::stdin())),
-    };
-    if config.split {
-        split_client(stream, addr, input, io::stdout(), interactive)
-    } else {
-        line_client(stream, addr, input, io::stdout().lock())
+    }
+}
+
+/// A connection the line client talks over: plain TCP, or a TLS session.
+pub trait EchoStream: Read + Write {
+    /// Ends the sending direction: TCP's FIN, TLS's close_notify.
+    fn half_close(&mut self) -> io::Result<()>;
+    /// Acknowledges what arrived at once (see [`line_client`]).
+    fn ack_now(&self);
+}
+
+impl EchoStream for TcpStream {
+    fn half_close(&mut self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+
+    fn ack_now(&self) {
+        let _ = socket2::SockRef::from(self).set_quickack(true);
     }
 }
 
@@ -122,7 +187,7 @@ fn connection_error(addr: SocketAddr, doing: &str, err: io::Error) -> anyhow::Er
 /// The line client: send a line, print its whole echo, repeat; then half-close and print
 /// whatever else the server sends before it closes.
 pub fn line_client(
-    mut stream: TcpStream,
+    mut stream: impl EchoStream,
     addr: SocketAddr,
     mut input: impl BufRead,
     mut output: impl Write,
@@ -168,21 +233,23 @@ pub fn line_client(
                 // seeds) holds each piece until the previous one is acknowledged, and we
                 // have nothing to send that would carry the ACK: acknowledge at once rather
                 // than after the delayed-ACK timer (up to 40 ms a piece).
-                let _ = socket2::SockRef::from(&stream).set_quickack(true);
+                stream.ack_now();
             }
         }
         output.flush()?;
     }
     stream
-        .shutdown(Shutdown::Write)
+        .half_close()
         .map_err(|e| connection_error(addr, "cannot half-close the connection to", e))?;
     copy_until_closed(&mut stream, addr, &mut output, &mut buf)?;
     Ok(())
 }
 
-/// Prints everything the server sends until it closes; returns the byte count.
+/// Prints everything the server sends until it closes; returns the byte count. (A TLS
+/// session that ends without close_notify is an end too, with a warning: every byte is
+/// counted, so a truncated echo is caught all the same.)
 fn copy_until_closed(
-    stream: &mut TcpStream,
+    stream: &mut impl Read,
     addr: SocketAddr,
     output: &mut impl Write,
     buf: &mut [u8],
@@ -197,6 +264,10 @@ fn copy_until_closed(
                 total += n as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                eprintln!("multiecho: warning: {addr} closed the connection without close_notify");
+                return Ok(total);
+            }
             Err(e) => return Err(connection_error(addr, "cannot receive from", e)),
         }
     }
@@ -305,14 +376,14 @@ fn send_lines(
 }
 
 /// Whether a line typed at the terminal asks to finish: `q` or `Q`, alone on the line.
-fn is_quit(line: &[u8]) -> bool {
+pub(crate) fn is_quit(line: &[u8]) -> bool {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     line == b"q" || line == b"Q"
 }
 
 /// The next buffered bytes of standard input (empty at its end), retrying interrupted reads.
-fn fill(input: &mut impl BufRead) -> anyhow::Result<&[u8]> {
+pub(crate) fn fill(input: &mut impl BufRead) -> anyhow::Result<&[u8]> {
     loop {
         match input.fill_buf() {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

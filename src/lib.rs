@@ -36,6 +36,9 @@
 //!   and writes the side-by-side report and charts; it reads bench's JSON through bench's own
 //!   [`bench::report::Report`].
 //! - [`check`]: the conformance battery for any echo server or proxy.
+//! - [`tls`]: TLS with rustls: the server's certificates and configuration, the handshake cap,
+//!   the handshake failure reasons every model reports; the client side's verification (a
+//!   pinned certificate accepted as its own CA) and the TLS split client.
 
 // The models rely on Linux's epoll edge semantics, io_uring, accept4, SO_* options and
 // /proc, as tokio gates the same assumptions: say so at build time rather than fail oddly.
@@ -56,6 +59,7 @@ pub mod payload;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
+pub mod tls;
 mod wake;
 
 pub use server::{Model, ServerConfig};
@@ -74,6 +78,9 @@ pub enum Error {
     /// The requested model cannot run on this machine (for example io_uring is unavailable).
     #[error("{0}")]
     Unsupported(String),
+    /// The TLS set-up cannot work (a certificate or key file that does not load).
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl Error {

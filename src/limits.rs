@@ -97,9 +97,9 @@ impl Connections {
     pub fn close_all(&self) -> usize {
         let live = self.lock();
         for (_, &fd) in live.iter() {
-            // SAFETY: the descriptor is open: a connection's guard removes it from the registry,
-            // under this lock, before the connection's socket is closed.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            // The descriptor is open: a connection's guard removes it from the registry, under
+            // this lock, before the connection's socket is closed.
+            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
         }
         live.len()
     }

@@ -51,6 +51,11 @@ impl ListenerKind {
         matches!(self, ListenerKind::TcpProxy | ListenerKind::TlsProxy)
     }
 
+    /// Whether connections on this kind speak TLS (after the PROXY header, if any).
+    pub fn is_tls(self) -> bool {
+        matches!(self, ListenerKind::Tls | ListenerKind::TlsProxy)
+    }
+
     /// Whether this kind is a stream (TCP) socket.
     pub fn is_stream(self) -> bool {
         self != ListenerKind::Udp

@@ -24,13 +24,15 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) if args.inetd => multiecho::server::inetd::serve(&args.config())
-            .context("serving the --inetd connection failed"),
-        Command::Serve(args) => {
-            let readiness = multiecho::activation::Readiness::new(args.ready_fd)?;
-            multiecho::server::run_with(args.model, &args.listen, args.config(), readiness)
-                .with_context(|| format!("the {} server failed", args.model))
-        }
+        Command::Serve(args) => match args.inetd {
+            Some(kind) => multiecho::server::inetd::serve(kind, &args.config())
+                .context("serving the --inetd connection failed"),
+            None => {
+                let readiness = multiecho::activation::Readiness::new(args.ready_fd)?;
+                multiecho::server::run_with(args.model, &args.listen, args.config(), readiness)
+                    .with_context(|| format!("the {} server failed", args.model))
+            }
+        },
         Command::Client(args) => multiecho::client::run(&args.config()?),
         Command::Bench(args) => multiecho::bench::run(&args.plan()?),
         Command::Compare(args) => multiecho::compare::run(&args.plan()),

@@ -1,5 +1,6 @@
-//! `serve --metrics HOST:PORT`: the server's counters ([`crate::stats`]) as Prometheus text
-//! (OpenMetrics) at `/metrics`, and `/healthz` (200 while serving, 503 once shutdown started).
+//! `serve --metrics HOST:PORT`: the server's counters ([`crate::stats`]: connections, bytes,
+//! refusals, accept errors, datagrams) as Prometheus text (OpenMetrics) at `/metrics`, and
+//! `/healthz` (200 while serving, 503 once shutdown started).
 //!
 //! The endpoint runs in a process of its own, forked from the still single-threaded server
 //! before the model starts. Why a process: the fork-based models need a single-threaded
@@ -33,6 +34,7 @@ use crate::server::conn::admission::Refusal;
 use crate::server::Model;
 use crate::shutdown::Shutdown;
 use crate::stats::{accept_error_label, EndKind, Stats, ACCEPT_ERROR_KINDS, MAX_LISTENERS};
+use crate::tls::HandshakeFailure;
 
 /// The content type of the exposition prometheus-client writes, served to scrapers that ask
 /// for it (Prometheus does).
@@ -93,7 +95,7 @@ impl Exposition {
         );
 
         let refused = Family::<Labels, Counter>::default();
-        for reason in Refusal::ALL {
+        for reason in Refusal::CONNECTION {
             refused
                 .get_or_create(&vec![("reason".into(), reason.as_str().into())])
                 .inc_by(stats.refused(reason));
@@ -108,14 +110,14 @@ impl Exposition {
         received.inc_by(stats.received());
         registry.register(
             "bytes_received",
-            "Bytes received from clients (of closed connections)",
+            "Bytes received from clients on TCP connections, counted as they arrive",
             received,
         );
         let sent = Counter::<u64>::default();
         sent.inc_by(stats.sent());
         registry.register(
             "bytes_sent",
-            "Bytes echoed back to clients (of closed connections)",
+            "Bytes echoed back to clients on TCP connections, counted as the kernel takes them",
             sent,
         );
 
@@ -129,6 +131,26 @@ impl Exposition {
             "accept_errors",
             "accept() failures, by kind: retry (the client went away), exhausted (out of descriptors or memory), fatal",
             accept_errors,
+        );
+
+        register_datagram_counters(&mut registry, stats);
+        let handshakes = Counter::<u64>::default();
+        handshakes.inc_by(stats.tls_handshakes_completed());
+        registry.register(
+            "tls_handshakes_completed",
+            "TLS handshakes completed",
+            handshakes,
+        );
+        let handshakes_failed = Family::<Labels, Counter>::default();
+        for reason in HandshakeFailure::ALL {
+            handshakes_failed
+                .get_or_create(&vec![("reason".into(), reason.as_str().into())])
+                .inc_by(stats.tls_handshakes_failed(reason));
+        }
+        registry.register(
+            "tls_handshakes_failed",
+            "TLS handshakes that failed (the connection was closed), by reason",
+            handshakes_failed,
         );
 
         let build_info = Family::<Labels, Gauge>::default();
@@ -148,6 +170,51 @@ impl Exposition {
         encode(&mut text, &registry).expect("writing to a String cannot fail");
         text
     }
+}
+
+/// The UDP side's counters (zero without a `udp://` listener).
+fn register_datagram_counters(registry: &mut Registry, stats: &Stats) {
+    let counter = |value: u64| {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(value);
+        counter
+    };
+    registry.register(
+        "datagrams_received",
+        "Datagrams received on udp:// listeners, echoed or refused",
+        counter(stats.datagrams_received()),
+    );
+    registry.register(
+        "datagram_bytes_received",
+        "Bytes of the datagrams received on udp:// listeners",
+        counter(stats.datagram_bytes_received()),
+    );
+    registry.register(
+        "datagrams_echoed",
+        "Datagrams echoed back in full",
+        counter(stats.datagrams_echoed()),
+    );
+    registry.register(
+        "datagram_bytes_sent",
+        "Bytes of the datagrams echoed back",
+        counter(stats.datagram_bytes_sent()),
+    );
+    let refused = Family::<Labels, Counter>::default();
+    for reason in Refusal::DATAGRAM {
+        refused
+            .get_or_create(&vec![("reason".into(), reason.as_str().into())])
+            .inc_by(stats.datagrams_refused(reason));
+    }
+    registry.register(
+        "datagrams_refused",
+        "Datagrams dropped without an echo, by reason: the loop guard (udp-source-port-zero, udp-reflection-port), --udp-rate, --allow/--deny, a full source table, truncation",
+        refused,
+    );
+    registry.register(
+        "datagram_send_errors",
+        "Echoes the kernel would not send (the datagram is lost, as on a network)",
+        counter(stats.datagram_send_errors()),
+    );
 }
 
 /// The classic Prometheus text format of an OpenMetrics text: the two differ, for what this
@@ -311,8 +378,16 @@ mod tests {
     fn counters_reach_the_exposition_and_the_classic_text_names_their_samples() {
         let stats = Arc::new(Stats::new().unwrap());
         stats.connection_opened(1);
-        stats.connection_closed(EndKind::IdleTimeout, 10, 7);
+        stats.bytes_received(10);
+        stats.bytes_sent(7);
+        stats.connection_closed(EndKind::IdleTimeout);
         stats.connection_refused(Refusal::Rate);
+        stats.datagram_received(30);
+        stats.datagram_received(12);
+        stats.datagram_echoed(30);
+        stats.datagram_refused(Refusal::DatagramReflectionPort);
+        stats.tls_handshake_completed();
+        stats.tls_handshake_failed(HandshakeFailure::NotTls);
         let exposition = Exposition {
             stats,
             listeners: vec!["tcp://127.0.0.1:1".into(), "tcp+proxy://127.0.0.1:2".into()],
@@ -336,6 +411,16 @@ mod tests {
             "multiecho_connections_refused_total{reason=\"rate-limit\"} 1\n",
             "# TYPE multiecho_connections_active gauge\n",
             "multiecho_connections_active 0\n",
+            "multiecho_datagrams_received_total 2\n",
+            "multiecho_datagram_bytes_received_total 42\n",
+            "multiecho_datagrams_echoed_total 1\n",
+            "multiecho_datagram_bytes_sent_total 30\n",
+            "multiecho_datagrams_refused_total{reason=\"udp-reflection-port\"} 1\n",
+            "multiecho_datagrams_refused_total{reason=\"denied\"} 0\n",
+            "multiecho_datagram_send_errors_total 0\n",
+            "multiecho_tls_handshakes_completed_total 1\n",
+            "multiecho_tls_handshakes_failed_total{reason=\"not_tls\"} 1\n",
+            "multiecho_tls_handshakes_failed_total{reason=\"timeout\"} 0\n",
         ] {
             assert!(classic.contains(want), "no {want:?} in\n{classic}");
         }
@@ -345,5 +430,10 @@ mod tests {
         );
         assert!(classic.contains(&build_info), "{classic}");
         assert!(!classic.contains("# EOF"), "{classic}");
+        // Datagram refusals are not connection refusals.
+        assert!(
+            !classic.contains("multiecho_connections_refused_total{reason=\"udp-"),
+            "{classic}"
+        );
     }
 }

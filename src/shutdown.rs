@@ -27,7 +27,7 @@
 
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -202,9 +202,8 @@ impl AsFd for Shutdown {
 fn stop_listening(listeners: &OnceLock<Box<[OwnedFd]>>) {
     if let Some(fds) = listeners.get() {
         for fd in fds.iter() {
-            // SAFETY: the descriptor is owned by the slice, which lives as long as the shutdown
-            // and its handlers; shutdown(2) does not close it.
-            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) };
+            // rustix makes the system call itself: no allocation, and errno is left alone.
+            let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Read);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Counters that every model updates cheaply and that the server reports (its stop line, the
-//! `--metrics` endpoint).
+//! `--metrics` endpoint): connections, the bytes they carry (counted as they flow, so a scrape
+//! during a long connection sees them), refusals, accept errors, and the UDP side's datagrams.
 //!
 //! The counters live in memory mapped shared (`MAP_SHARED | MAP_ANONYMOUS`) when the server is
 //! set up, before any fork, so the children of the process and prefork models count into the
@@ -20,6 +21,7 @@ use std::sync::Once;
 use crate::net::AcceptError;
 use crate::server::conn::admission::Refusal;
 use crate::server::conn::End;
+use crate::tls::HandshakeFailure;
 
 /// Counter blocks in one mapping: more than the threads or processes that count at once in
 /// any model's default configuration on a large machine.
@@ -34,15 +36,21 @@ pub enum EndKind {
     IdleTimeout,
     Shutdown,
     Error,
+    /// TLS: TCP closed without close_notify.
+    Truncated,
+    /// TLS: the handshake failed.
+    TlsHandshake,
 }
 
 impl EndKind {
     /// Every kind, in counter order.
-    pub const ALL: [EndKind; 4] = [
+    pub const ALL: [EndKind; 6] = [
         EndKind::ClientClosed,
         EndKind::IdleTimeout,
         EndKind::Shutdown,
         EndKind::Error,
+        EndKind::Truncated,
+        EndKind::TlsHandshake,
     ];
 
     /// The kind of `end`.
@@ -52,6 +60,8 @@ impl EndKind {
             End::IdleTimeout => EndKind::IdleTimeout,
             End::Shutdown => EndKind::Shutdown,
             End::Failed(_) => EndKind::Error,
+            End::Truncated => EndKind::Truncated,
+            End::Handshake(_) => EndKind::TlsHandshake,
         }
     }
 
@@ -62,6 +72,8 @@ impl EndKind {
             EndKind::IdleTimeout => "idle_timeout",
             EndKind::Shutdown => "shutdown",
             EndKind::Error => "error",
+            EndKind::Truncated => "truncated",
+            EndKind::TlsHandshake => "tls_handshake_failed",
         }
     }
 
@@ -102,6 +114,15 @@ struct Block {
     sent: AtomicU64,
     refused: [AtomicU64; Refusal::ALL.len()],
     accept_errors: [AtomicU64; ACCEPT_ERROR_KINDS.len()],
+    datagrams_received: AtomicU64,
+    datagram_bytes_received: AtomicU64,
+    datagrams_echoed: AtomicU64,
+    datagram_bytes_sent: AtomicU64,
+    datagram_send_errors: AtomicU64,
+    /// By [`Refusal::index`]; only [`Refusal::DATAGRAM`]'s reasons are ever counted.
+    datagrams_refused: [AtomicU64; Refusal::ALL.len()],
+    tls_handshakes: AtomicU64,
+    tls_failed: [AtomicU64; HandshakeFailure::ALL.len()],
 }
 
 #[repr(C)]
@@ -191,27 +212,87 @@ impl Stats {
         self.mine().accepted[listener.min(MAX_LISTENERS - 1)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts bytes as they arrive from a client (for models that count live).
+    /// Counts bytes as they arrive from a client (every model, after each read).
+    #[inline]
     pub fn bytes_received(&self, n: u64) {
         self.mine().received.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Counts bytes as they are written back to a client (for models that count live).
+    /// Counts bytes as the kernel takes them for a client (every model, after each write).
+    #[inline]
     pub fn bytes_sent(&self, n: u64) {
         self.mine().sent.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Counts a finished connection by how it ended, with the bytes it received and sent that
-    /// were not counted live.
-    pub fn connection_closed(&self, end: EndKind, received: u64, sent: u64) {
+    /// Counts `n` bytes read and written back in full (one block look-up for both counts).
+    #[inline]
+    pub fn bytes_echoed(&self, n: u64) {
         let block = self.mine();
-        block.closed[end.index()].fetch_add(1, Ordering::Relaxed);
-        if received > 0 {
-            block.received.fetch_add(received, Ordering::Relaxed);
-        }
-        if sent > 0 {
-            block.sent.fetch_add(sent, Ordering::Relaxed);
-        }
+        block.received.fetch_add(n, Ordering::Relaxed);
+        block.sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a finished connection by how it ended (its bytes were counted as they flowed).
+    pub fn connection_closed(&self, end: EndKind) {
+        self.mine().closed[end.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a datagram received on a UDP listener (whatever the policy then decides).
+    pub fn datagram_received(&self, len: u64) {
+        let block = self.mine();
+        block.datagrams_received.fetch_add(1, Ordering::Relaxed);
+        block
+            .datagram_bytes_received
+            .fetch_add(len, Ordering::Relaxed);
+    }
+
+    /// Counts a datagram echoed in full.
+    pub fn datagram_echoed(&self, len: u64) {
+        let block = self.mine();
+        block.datagrams_echoed.fetch_add(1, Ordering::Relaxed);
+        block.datagram_bytes_sent.fetch_add(len, Ordering::Relaxed);
+    }
+
+    /// Counts an echo the kernel would not send.
+    pub fn datagram_send_failed(&self) {
+        self.mine()
+            .datagram_send_errors
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a datagram the UDP policy refused, by reason.
+    pub fn datagram_refused(&self, reason: Refusal) {
+        self.mine().datagrams_refused[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Datagrams received so far (echoed, refused or not sent).
+    pub fn datagrams_received(&self) -> u64 {
+        self.sum(|b| &b.datagrams_received)
+    }
+
+    /// Bytes of the datagrams received so far.
+    pub fn datagram_bytes_received(&self) -> u64 {
+        self.sum(|b| &b.datagram_bytes_received)
+    }
+
+    /// Datagrams echoed in full so far.
+    pub fn datagrams_echoed(&self) -> u64 {
+        self.sum(|b| &b.datagrams_echoed)
+    }
+
+    /// Bytes of the datagrams echoed so far.
+    pub fn datagram_bytes_sent(&self) -> u64 {
+        self.sum(|b| &b.datagram_bytes_sent)
+    }
+
+    /// Echoes the kernel would not send.
+    pub fn datagram_send_errors(&self) -> u64 {
+        self.sum(|b| &b.datagram_send_errors)
+    }
+
+    /// Datagrams refused so far for `reason`.
+    pub fn datagrams_refused(&self, reason: Refusal) -> u64 {
+        self.sum(|b| &b.datagrams_refused[reason.index()])
     }
 
     /// Counts a connection that was not served, by reason.
@@ -226,7 +307,27 @@ impl Stats {
         }
     }
 
-    /// Connections refused so far for `reason`.
+    /// Counts a completed TLS handshake.
+    pub fn tls_handshake_completed(&self) {
+        self.mine().tls_handshakes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed TLS handshake, by reason.
+    pub fn tls_handshake_failed(&self, reason: HandshakeFailure) {
+        self.mine().tls_failed[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// TLS handshakes completed so far.
+    pub fn tls_handshakes_completed(&self) -> u64 {
+        self.sum(|b| &b.tls_handshakes)
+    }
+
+    /// TLS handshakes failed so far for `reason`.
+    pub fn tls_handshakes_failed(&self, reason: HandshakeFailure) -> u64 {
+        self.sum(|b| &b.tls_failed[reason.index()])
+    }
+
+    /// Connections (not datagrams) refused so far for `reason`.
     pub fn refused(&self, reason: Refusal) -> u64 {
         self.sum(|b| &b.refused[reason.index()])
     }
@@ -308,7 +409,10 @@ mod tests {
                 std::thread::spawn(move || {
                     for _ in 0..1000 {
                         stats.connection_opened(t % 2);
-                        stats.connection_closed(EndKind::ClientClosed, 3, 2);
+                        stats.bytes_received(3);
+                        stats.bytes_sent(2);
+                        stats.connection_closed(EndKind::ClientClosed);
+                        stats.datagram_received(4);
                     }
                 })
             })
@@ -322,6 +426,8 @@ mod tests {
         assert_eq!(stats.received(), 12_000);
         assert_eq!(stats.sent(), 8000);
         assert_eq!(stats.active(), 0);
+        assert_eq!(stats.datagrams_received(), 4000);
+        assert_eq!(stats.datagram_bytes_received(), 16_000);
     }
 
     #[test]
@@ -331,7 +437,9 @@ mod tests {
         // SAFETY: the child only does atomic adds and `_exit`s.
         match unsafe { libc::fork() } {
             0 => {
-                stats.connection_closed(EndKind::IdleTimeout, 5, 5);
+                stats.bytes_sent(5);
+                stats.datagram_echoed(9);
+                stats.connection_closed(EndKind::IdleTimeout);
                 // SAFETY: ends the child without running the test harness's teardown.
                 unsafe { libc::_exit(0) }
             }
@@ -341,6 +449,8 @@ mod tests {
                 unsafe { libc::waitpid(pid, &mut status, 0) };
                 assert_eq!(stats.closed_with(EndKind::IdleTimeout), 1);
                 assert_eq!(stats.sent(), 5);
+                assert_eq!(stats.datagrams_echoed(), 1);
+                assert_eq!(stats.datagram_bytes_sent(), 9);
             }
             _ => panic!("fork failed"),
         }

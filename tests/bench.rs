@@ -88,7 +88,7 @@ fn dribbling_echo(mut stream: TcpStream) {
 
 #[test]
 fn reports_plausible_figures_against_a_correct_server() {
-    let server = common::Server::start("thread", &[]);
+    let server = common::ServerBuilder::new("thread").start();
     let output = bench(
         server.addr,
         &[
@@ -146,7 +146,7 @@ fn reports_plausible_figures_against_a_correct_server() {
 
 #[test]
 fn counts_a_fixed_number_of_requests() {
-    let server = common::Server::start("thread", &[]);
+    let server = common::ServerBuilder::new("thread").start();
     let output = bench(
         server.addr,
         &[
@@ -227,7 +227,7 @@ fn tiny_pieces_are_not_mismatches() {
 
 #[test]
 fn open_loop_holds_the_rate() {
-    let server = common::Server::start("thread", &[]);
+    let server = common::ServerBuilder::new("thread").start();
     let output = bench(
         server.addr,
         &[
@@ -284,7 +284,7 @@ fn bad_options_are_rejected() {
 
 #[test]
 fn warm_up_round_trips_are_not_counted() {
-    let server = common::Server::start("thread", &[]);
+    let server = common::ServerBuilder::new("thread").start();
     let output = bench(
         server.addr,
         &[

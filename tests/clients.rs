@@ -10,9 +10,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{assert_same, Server, BIN, PATIENCE};
+use common::{assert_same, ServerBuilder, BIN, PATIENCE};
 
 /// The two clients, as the extra arguments that select them.
 const CLIENTS: [(&str, &[&str]); 2] = [("line", &[]), ("split", &["--split"])];
@@ -49,18 +49,7 @@ fn run_client(addr: &str, extra: &[&str], input: &[u8]) -> Output {
 fn wait_with_deadline(mut child: Child) -> Output {
     let stdout = child.stdout.take().map(read_in_background);
     let stderr = child.stderr.take().map(read_in_background);
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the client did not exit within {PATIENCE:?}");
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
+    let status = common::wait_or_kill(&mut child, "the client");
     Output {
         status,
         stdout: stdout.map(|s| s.join().unwrap()).unwrap_or_default(),
@@ -232,7 +221,7 @@ fn binary_input() -> Vec<u8> {
 
 #[test]
 fn line_client_prints_exactly_the_echo() {
-    let server = Server::start("thread", &[]);
+    let server = ServerBuilder::new("thread").start();
     let output = run_client(&server.addr.to_string(), &[], b"hi\n");
     assert_clean_exit(&output, "printf 'hi\\n' | multiecho client");
     assert_eq!(output.stdout, b"hi\n");
@@ -240,7 +229,7 @@ fn line_client_prints_exactly_the_echo() {
 
 #[test]
 fn both_clients_echo_a_binary_mebibyte_exactly() {
-    let server = Server::start("thread", &[]);
+    let server = ServerBuilder::new("thread").start();
     let input = binary_input();
     for (name, extra) in CLIENTS {
         let output = run_client(&server.addr.to_string(), extra, &input);
@@ -374,7 +363,7 @@ fn split_client_reports_a_server_closing_before_the_input_ends() {
 
 #[test]
 fn split_client_treats_q_as_data_when_stdin_is_not_a_terminal() {
-    let server = Server::start("thread", &[]);
+    let server = ServerBuilder::new("thread").start();
     let input = b"q\nQ\nstill here\n";
     let output = run_client(&server.addr.to_string(), &["--split"], input);
     assert_clean_exit(&output, "split client");
@@ -439,7 +428,7 @@ fn split_client_sends_without_waiting_for_the_echo() {
 /// `multiecho client ... | head -c 10`: a closed stdout is a normal end, not an error.
 #[test]
 fn both_clients_end_quietly_when_stdout_closes() {
-    let server = Server::start("thread", &[]);
+    let server = ServerBuilder::new("thread").start();
     let input = binary_input();
     for (name, extra) in CLIENTS {
         let mut child = spawn_client(&server.addr.to_string(), extra);
@@ -515,7 +504,7 @@ fn run_client_at_terminal(addr: SocketAddr, extra: &[&str], typed: &[u8]) -> Out
 /// of the echo and exits 0. The terminal is a pseudo-terminal made for the test.
 #[test]
 fn split_client_ends_on_q_at_a_terminal() {
-    let server = Server::start("thread", &[]);
+    let server = ServerBuilder::new("thread").start();
     let output = run_client_at_terminal(server.addr, &["--split"], b"hello\nq\nnot sent\n");
     assert_clean_exit(&output, "split client at a terminal");
     assert_eq!(String::from_utf8_lossy(&output.stdout), "hello\n");
@@ -526,7 +515,7 @@ fn split_client_ends_on_q_at_a_terminal() {
 /// end of input waits until the deadline and fails the test.
 #[test]
 fn both_clients_end_on_one_ctrl_d_at_a_terminal() {
-    let server = Server::start("thread", &[]);
+    let server = ServerBuilder::new("thread").start();
     for (name, extra) in CLIENTS {
         let output = run_client_at_terminal(server.addr, extra, b"hello\nworld\n\x04");
         assert_clean_exit(&output, name);
@@ -548,7 +537,7 @@ fn both_clients_end_on_one_ctrl_d_at_a_terminal() {
 /// second Ctrl-D).
 #[test]
 fn both_clients_end_on_one_ctrl_d_after_a_partial_line() {
-    let server = Server::start("thread", &[]);
+    let server = ServerBuilder::new("thread").start();
     for (name, extra) in CLIENTS {
         let output = run_client_at_terminal(server.addr, extra, b"hello\npartial\x04");
         assert_clean_exit(&output, name);

@@ -303,7 +303,7 @@ fn refuses_what_bench_refuses() {
 
 #[test]
 fn external_servers_and_pinning() {
-    let external = common::Server::start("thread", &[]);
+    let external = common::ServerBuilder::new("thread").start();
     let with_pid = format!("mine={}@{}", external.addr, external.pid());
     let without_pid = format!("anon={}", external.addr);
     let out = out_dir("external");
@@ -384,7 +384,7 @@ fn runs_in_order(stderr: &str) -> Vec<String> {
 
 #[test]
 fn servers_take_turns_at_each_point() {
-    let external = common::Server::start("thread", &[]);
+    let external = common::ServerBuilder::new("thread").start();
     let ext = format!("ext={}", external.addr);
     let out = out_dir("interleave");
     let output = compare(
@@ -508,5 +508,82 @@ fn wrong_bytes_fail_the_comparison_after_the_report() {
     assert!(md.contains("mismatches"), "{md}");
     // The honest server beside it is unaffected.
     assert_eq!(report["servers"][0]["points"][0]["failed"], false);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_udp_sweep_of_the_models_that_serve_it_and_an_external_udp_server() {
+    let external = common::Server::start(
+        "epoll",
+        &["--listen", "udp://127.0.0.1:0", "--udp-rate", "0"],
+    );
+    let udp = external
+        .listeners
+        .iter()
+        .find(|(kind, _)| kind == "udp")
+        .map(|(_, addr)| *addr)
+        .expect("the external server's udp listener");
+    let named = format!("ext={udp}@{}", external.pid());
+    let out = out_dir("udp");
+    let output = compare(
+        &[
+            "--udp",
+            "--models",
+            "thread,epoll",
+            "--conns",
+            "2",
+            "--size",
+            "64",
+            "--pipeline",
+            "2",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--external",
+            &named,
+        ],
+        &out,
+    );
+    let context = text(&output);
+    assert!(output.status.success(), "{context}");
+    let (report, md) = read_report(&out);
+    assert_eq!(report["settings"]["udp"], true);
+    let servers = report["servers"].as_array().unwrap();
+    let thread = &servers[0];
+    assert!(
+        thread["skipped"].as_str().unwrap().contains("udp://"),
+        "the thread model serves no UDP: {context}"
+    );
+    for server in &servers[1..] {
+        let name = server["name"].as_str().unwrap();
+        let median = &server["points"][0]["median"];
+        assert!(
+            median["round_trips_per_sec"].as_f64().unwrap() > 0.0,
+            "{name}: {context}"
+        );
+        // Measured (a short window at low load may round to no CPU tick at all).
+        assert!(
+            median["server_cpu_us_per_round_trip"].as_f64().unwrap() >= 0.0,
+            "{name}: {context}"
+        );
+        for key in ["lost_percent", "duplicates", "reordered"] {
+            assert!(median[key].as_f64().is_some(), "{name} {key}: {context}");
+        }
+        assert_eq!(
+            median["duplicates"], 0.0,
+            "{name}: an echo server duplicates nothing"
+        );
+    }
+    for heading in [
+        "UDP echo",
+        "Datagrams lost",
+        "Duplicated datagrams",
+        "Reordered",
+    ] {
+        assert!(md.contains(heading), "{heading}: {md}");
+    }
+    assert!(out.join("lost_64B.svg").exists(), "the loss chart");
+    assert!(external.stop().success());
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -12,7 +12,9 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{assert_same, connect, expect_echo, receives_within, round_trip, Server, PATIENCE};
+use common::{
+    assert_same, connect, expect_echo, receives_within, round_trip, Server, ServerBuilder, PATIENCE,
+};
 use multiecho::payload;
 
 /// Polls `condition` every 10 ms until it holds; panics with `what` after `within`.
@@ -34,7 +36,7 @@ fn connected_client(server: &Server) -> TcpStream {
 
 #[test]
 fn process_reaps_every_child_under_load() {
-    let server = Server::start("process", &[]);
+    let server = ServerBuilder::new("process").start();
     for i in 0..300u64 {
         let data = payload::bytes(i, 32);
         let mut stream = connect(server.addr);
@@ -67,7 +69,7 @@ fn process_reaps_every_child_under_load() {
 
 #[test]
 fn process_serves_200_clients_at_once() {
-    let server = Server::start("process", &[]);
+    let server = ServerBuilder::new("process").start();
     // All connected before any talks, so 200 children are alive together.
     let streams: Vec<TcpStream> = (0..200).map(|_| connect(server.addr)).collect();
     let clients: Vec<_> = streams
@@ -95,7 +97,9 @@ fn process_serves_200_clients_at_once() {
 /// SIGTERM while a client is connected and silent: the server closes it at the deadline,
 /// reaps every child and exits 0; none of its processes is left.
 fn sigterm_closes_an_idle_client_at_the_deadline(model: &str) {
-    let mut server = Server::start(model, &["--shutdown-timeout", "1s", "--workers", "2"]);
+    let mut server = ServerBuilder::new(model)
+        .args(&["--shutdown-timeout", "1s", "--workers", "2"])
+        .start();
     let mut idle = connected_client(&server);
     let children = common::live_children(server.pid());
     assert!(
@@ -138,7 +142,9 @@ fn sigterm_closes_an_idle_client_at_the_deadline(model: &str) {
 /// SIGTERM while a client keeps talking: it is served until it closes, well before the
 /// deadline, and the server then exits 0 without waiting out the timeout.
 fn sigterm_lets_a_talking_client_finish(model: &str) {
-    let mut server = Server::start(model, &["--shutdown-timeout", "10s", "--workers", "2"]);
+    let mut server = ServerBuilder::new(model)
+        .args(&["--shutdown-timeout", "10s", "--workers", "2"])
+        .start();
     let mut stream = connected_client(&server);
     server.terminate();
     server.wait_for_log("shutdown to start", |log| log.contains("shutting down"));
@@ -187,7 +193,9 @@ fn prefork_sigterm_lets_a_talking_client_finish() {
 
 #[test]
 fn process_max_conns_keeps_the_third_client_waiting_in_the_backlog() {
-    let server = Server::start("process", &["--max-conns", "2"]);
+    let server = ServerBuilder::new("process")
+        .args(&["--max-conns", "2"])
+        .start();
     let first = connected_client(&server);
     let mut second = connected_client(&server);
     let mut third = connect(server.addr);
@@ -209,7 +217,9 @@ fn process_max_conns_keeps_the_third_client_waiting_in_the_backlog() {
 
 #[test]
 fn prefork_serves_extra_clients_when_a_worker_frees_up_and_replaces_dead_workers() {
-    let server = Server::start("prefork", &["--workers", "2"]);
+    let server = ServerBuilder::new("prefork")
+        .args(&["--workers", "2"])
+        .start();
     let pid = server.pid();
     let first = connected_client(&server);
     let second = connected_client(&server);
@@ -277,7 +287,7 @@ fn prefork_serves_extra_clients_when_a_worker_frees_up_and_replaces_dead_workers
 /// which makes every accept() fail with EMFILE, then restores it.
 #[test]
 fn process_backs_off_without_spinning_when_out_of_descriptors() {
-    let server = Server::start("process", &[]);
+    let server = ServerBuilder::new("process").start();
     let pid = server.pid();
     // The model logs this once its own descriptors (the SIGCHLD socket) are open.
     server.wait_for_log("the model to start", |log| log.contains("forking a child"));

@@ -58,7 +58,7 @@ fn latency(value: &Value) -> Latency {
 
 #[test]
 fn merge_sums_counts_and_adds_histograms() {
-    let server = common::Server::start("epoll", &[]);
+    let server = common::ServerBuilder::new("epoll").start();
     // Two runs of the same benchmark, one after the other, as two generators would make.
     let one = bench(server.addr, &["-c", "4", "-d", "500ms", "--size", "128"]);
     let two = bench(server.addr, &["-c", "4", "-d", "500ms", "--size", "128"]);
@@ -104,7 +104,7 @@ fn merge_sums_counts_and_adds_histograms() {
 
 #[test]
 fn merge_refuses_reports_of_different_settings() {
-    let server = common::Server::start("epoll", &[]);
+    let server = common::ServerBuilder::new("epoll").start();
     let small = save(
         &bench(server.addr, &["-c", "2", "-n", "200", "--size", "64"]),
         "small",
@@ -133,7 +133,7 @@ fn merge_refuses_reports_of_different_settings() {
 
 #[test]
 fn intervals_split_the_measured_window() {
-    let server = common::Server::start("epoll", &[]);
+    let server = common::ServerBuilder::new("epoll").start();
     let report = bench(server.addr, &["-c", "4", "-d", "1s", "--interval", "250ms"]);
     let intervals = report["intervals"].as_array().unwrap();
     assert!((4..=5).contains(&intervals.len()), "{intervals:#?}");
@@ -153,7 +153,7 @@ fn intervals_split_the_measured_window() {
 
 #[test]
 fn open_loop_reports_corrected_and_uncorrected_latency() {
-    let server = common::Server::start("epoll", &[]);
+    let server = common::ServerBuilder::new("epoll").start();
     let report = bench(server.addr, &["-c", "4", "-d", "1s", "--rate", "2000"]);
     let corrected = latency(&report["latency_us"]);
     let uncorrected = latency(&report["uncorrected_latency_us"]);
@@ -172,7 +172,7 @@ fn open_loop_reports_corrected_and_uncorrected_latency() {
 
 #[test]
 fn churn_opens_a_connection_per_request_and_loses_no_byte() {
-    let server = common::Server::start("epoll", &[]);
+    let server = common::ServerBuilder::new("epoll").start();
     let report = bench(
         server.addr,
         &["-c", "4", "-n", "600", "--size", "100", "--churn"],

@@ -354,3 +354,245 @@ fn metrics_on_a_port_in_use_is_one_clear_error() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// Polls `/metrics` until `done` holds for its totals (the server counts a byte or a datagram
+/// just after the kernel took it, so a peer can see it a moment before the counters do);
+/// returns that exposition. Fails after [`PATIENCE`] with `what` and the last one.
+fn scrape_until(
+    metrics: SocketAddr,
+    what: &str,
+    done: impl Fn(&HashMap<String, f64>) -> bool,
+) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, text) = get(metrics, "/metrics");
+        assert_eq!(status, 200, "{text}");
+        if done(&totals(&text)) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{what}: never showed in\n{text}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Bytes are counted as they flow: scraped while a connection is still open, the byte
+/// counters equal what has gone through it so far (never more), before and after a second
+/// round of data; then the close is counted.
+fn counts_bytes_live(model: &str) {
+    let Some((server, metrics)) = start(model, &["--workers", "2"]) else {
+        return;
+    };
+    let mut stream = common::connect(server.addr);
+    let mut so_far = 0f64;
+    for (round, size) in [(1u64, 10_000usize), (2, 70_000)] {
+        let data = multiecho::payload::bytes(round, size);
+        stream.write_all(&data).unwrap();
+        common::expect_echo(&mut stream, &data, &format!("{model}: round {round}"));
+        so_far += size as f64;
+        let text = scrape_until(metrics, &format!("{model}: {so_far} bytes"), |t| {
+            assert!(
+                t["multiecho_bytes_received_total"] <= so_far
+                    && t["multiecho_bytes_sent_total"] <= so_far,
+                "{model}: counted more than was sent: {t:?}"
+            );
+            t["multiecho_bytes_received_total"] == so_far
+                && t["multiecho_bytes_sent_total"] == so_far
+        });
+        let t = totals(&text);
+        assert_eq!(t["multiecho_connections_active"], 1.0, "{model}: {text}");
+        assert_eq!(
+            t["multiecho_connections_closed_total"], 0.0,
+            "{model}: {text}"
+        );
+    }
+    drop(stream);
+    let text = scrape_until(metrics, &format!("{model}: the close"), |t| {
+        t["multiecho_connections_closed_total"] == 1.0
+    });
+    // The close adds no bytes: they were all counted already.
+    assert_eq!(
+        totals(&text)["multiecho_bytes_sent_total"],
+        so_far,
+        "{text}"
+    );
+    let status = server.stop();
+    assert!(status.success(), "{model} exited with {status}");
+}
+
+#[test]
+fn bytes_are_counted_during_a_connection_in_every_model() {
+    for model in [
+        "iterative",
+        "process",
+        "prefork",
+        "thread",
+        "pool",
+        "epoll",
+        "async",
+        "uring",
+    ] {
+        counts_bytes_live(model);
+    }
+}
+
+/// Starts `model` with a `udp://` listener too; returns it, its metrics address and the UDP
+/// address it announced.
+fn start_udp(model: &str, extra: &[&str]) -> Option<(Server, SocketAddr, SocketAddr)> {
+    let mut args = vec!["--listen", "udp://127.0.0.1:0", "--workers", "2"];
+    args.extend_from_slice(extra);
+    let (server, metrics) = start(model, &args)?;
+    let udp = server
+        .listeners
+        .iter()
+        .find(|(kind, _)| kind == "udp")
+        .map(|(_, addr)| *addr)
+        .unwrap_or_else(|| panic!("no udp listener in {:?}", server.listeners));
+    Some((server, metrics, udp))
+}
+
+/// After a `bench udp://` run the datagram counters equal what the bench verified: every
+/// datagram it sent received and echoed, with its bytes; nothing refused or lost; and the TCP
+/// counters untouched.
+fn udp_reconciles_with_bench(model: &str) {
+    let Some((server, metrics, udp)) = start_udp(model, &["--udp-rate", "0"]) else {
+        return;
+    };
+    let size = 300u64;
+    let output = Command::new(BIN)
+        .args(["bench", &format!("udp://{udp}")])
+        .args(["--conns", "2", "--pipeline", "2", "--requests", "600"])
+        .args(["--size", &size.to_string()])
+        // A datagram not back within 10 s is really lost, not late on a loaded machine.
+        .args(["--udp-timeout", "10s", "--json", "-q"])
+        .output()
+        .expect("run bench");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
+    assert!(output.status.success(), "{model}: {report}");
+    assert_eq!(report["mismatches"], 0, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    let sent = report["sent"].as_u64().unwrap();
+    assert_eq!(sent, 600, "{report}");
+    assert_eq!(report["requests"].as_u64(), Some(sent), "{report}");
+    let sent = sent as f64;
+    let text = scrape_until(metrics, &format!("{model}: {sent} datagrams echoed"), |t| {
+        t["multiecho_datagrams_echoed_total"] >= sent
+    });
+    promtool_check(&text);
+    let t = totals(&text);
+    let what = format!("{model}: {report}\n{text}");
+    let bytes = sent * size as f64;
+    assert_eq!(t["multiecho_datagrams_received_total"], sent, "{what}");
+    assert_eq!(t["multiecho_datagrams_echoed_total"], sent, "{what}");
+    assert_eq!(
+        t["multiecho_datagram_bytes_received_total"], bytes,
+        "{what}"
+    );
+    assert_eq!(t["multiecho_datagram_bytes_sent_total"], bytes, "{what}");
+    assert_eq!(t["multiecho_datagrams_refused_total"], 0.0, "{what}");
+    assert_eq!(t["multiecho_datagram_send_errors_total"], 0.0, "{what}");
+    assert_eq!(t["multiecho_bytes_received_total"], 0.0, "{what}");
+    assert_eq!(t["multiecho_connections_refused_total"], 0.0, "{what}");
+    let status = server.stop();
+    assert!(status.success(), "{model} exited with {status}");
+}
+
+#[test]
+fn iterative_udp_reconciles_with_bench() {
+    udp_reconciles_with_bench("iterative");
+}
+
+#[test]
+fn prefork_udp_reconciles_with_bench() {
+    udp_reconciles_with_bench("prefork");
+}
+
+#[test]
+fn pool_udp_reconciles_with_bench() {
+    udp_reconciles_with_bench("pool");
+}
+
+#[test]
+fn epoll_udp_reconciles_with_bench() {
+    udp_reconciles_with_bench("epoll");
+}
+
+#[test]
+fn async_udp_reconciles_with_bench() {
+    udp_reconciles_with_bench("async");
+}
+
+/// Replies `socket` gets until none comes for `quiet`.
+fn replies(socket: &std::net::UdpSocket, quiet: Duration) -> u64 {
+    socket.set_read_timeout(Some(quiet)).unwrap();
+    let mut buf = [0u8; 64];
+    let mut count = 0;
+    while socket.recv_from(&mut buf).is_ok() {
+        count += 1;
+    }
+    count
+}
+
+/// Refused datagrams are counted by reason, apart from connection refusals: `--deny`, the
+/// per-source `--udp-rate` and (as root, who may bind port 7) the loop guard; every datagram
+/// received is echoed or refused, and the echoes counted are the replies that arrived.
+#[test]
+fn datagram_refusals_are_counted_by_reason() {
+    for model in ["prefork", "epoll"] {
+        let Some((server, metrics, udp)) =
+            start_udp(model, &["--udp-rate", "5", "--deny", "127.0.0.2"])
+        else {
+            continue;
+        };
+        let denied = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+        for _ in 0..3 {
+            denied.send_to(b"denied", udp).unwrap();
+        }
+        let fast = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..40 {
+            fast.send_to(b"too fast", udp).unwrap();
+        }
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let guarded = if root {
+            let echo_port = std::net::UdpSocket::bind("127.0.0.1:7").expect("bind port 7");
+            echo_port.send_to(b"from echo", udp).unwrap();
+            1.0
+        } else {
+            common::skip_unless_ci("binding port 7 for the loop guard needs root");
+            0.0
+        };
+        let received = 43.0 + guarded;
+        // Every datagram received, and each echoed or refused.
+        let text = scrape_until(metrics, &format!("{model}: {received} datagrams"), |t| {
+            t["multiecho_datagrams_received_total"] == received
+                && t["multiecho_datagrams_echoed_total"] + t["multiecho_datagrams_refused_total"]
+                    == received
+        });
+        let echoed_back = replies(&fast, Duration::from_millis(500));
+        let line = |reason: &str| {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(&format!(
+                        "multiecho_datagrams_refused_total{{reason=\"{reason}\"}} "
+                    ))
+                })
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{model}: no {reason} refusals in\n{text}"))
+        };
+        let t = totals(&text);
+        let what = format!("{model}:\n{text}");
+        assert_eq!(line("denied"), 3.0, "{what}");
+        assert_eq!(line("udp-reflection-port"), guarded, "{what}");
+        let rate = line("udp-rate");
+        // A burst of 5 is always echoed; the bucket refills at 5 per second meanwhile.
+        assert!((1.0..=35.0).contains(&rate), "{what}");
+        assert_eq!(t["multiecho_datagrams_echoed_total"], 40.0 - rate, "{what}");
+        assert_eq!(echoed_back as f64, 40.0 - rate, "{what}");
+        assert_eq!(replies(&denied, Duration::from_millis(50)), 0, "{what}");
+        assert_eq!(t["multiecho_connections_refused_total"], 0.0, "{what}");
+        promtool_check(&text);
+        assert!(server.stop().success(), "{model}");
+    }
+}

@@ -15,7 +15,7 @@ use common::*;
 /// A server's log in a pipe (as in a log file or the journal) carries no terminal colour codes.
 #[test]
 fn logs_in_a_pipe_have_no_colour() {
-    let server = Server::start("thread", &[]);
+    let server = ServerBuilder::new("thread").start();
     let echoed = round_trip(connect(server.addr), b"plain\n");
     assert_same(&echoed, b"plain\n", "echo");
     server.wait_for_log("the close line", |log| log.contains("connection closed"));
@@ -29,7 +29,9 @@ fn logs_in_a_pipe_have_no_colour() {
 /// `--log-format json` writes one JSON object per line, with the event's fields at the top.
 #[test]
 fn json_logs_are_one_object_per_line() {
-    let server = Server::start("epoll", &["--log-format", "json"]);
+    let server = ServerBuilder::new("epoll")
+        .args(&["--log-format", "json"])
+        .start();
     let echoed = round_trip(connect(server.addr), b"json\n");
     assert_same(&echoed, b"json\n", "echo");
     server.wait_for_log("the close event", |log| log.contains("connection closed"));
@@ -127,17 +129,7 @@ fn stop_activated(mut child: Child) -> String {
 
 /// Waits up to [`PATIENCE`] for `child` to exit; its status and stderr.
 fn wait_with_timeout(child: &mut Child) -> (ExitStatus, String) {
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("the process did not exit in time");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
+    let status = common::wait_or_kill(child, "the process");
     let mut err = String::new();
     if let Some(mut stderr) = child.stderr.take() {
         let _ = stderr.read_to_string(&mut err);
@@ -150,7 +142,7 @@ fn wait_with_timeout(child: &mut Child) -> (ExitStatus, String) {
 #[test]
 fn every_model_serves_a_socket_passed_by_systemd_socket_activate() {
     for model in MODELS {
-        if model == "uring" && start_or_skip("uring", &[]).is_none() {
+        if model == "uring" && ServerBuilder::new("uring").start_or_skip().is_none() {
             skip_or_fail("io_uring is not available here");
             continue;
         }
@@ -239,11 +231,10 @@ fn inetd_mode_serves_one_connection_per_process() {
     }
     // In accept mode systemd-socket-activate does not exec multiecho: SIGTERM just ends it.
     // SIGTERM ends its children too, so first wait for each to finish its connection.
-    let deadline = Instant::now() + PATIENCE;
-    while !live_children(child.id()).is_empty() {
-        assert!(Instant::now() < deadline, "inetd children did not exit");
-        thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        wait_until(PATIENCE, || live_children(child.id()).is_empty()),
+        "inetd children did not exit"
+    );
     let mut child = child;
     signal(child.id(), libc::SIGTERM);
     let (_, log) = wait_with_timeout(&mut child);
@@ -286,13 +277,10 @@ fn inetd_mode_refuses_a_terminal() {
 /// --listen is bound instead.
 #[test]
 fn listen_pid_of_another_process_is_ignored_with_a_warning() {
-    let server = Server::try_start_with(
-        "epoll",
-        &[],
-        None,
-        &[("LISTEN_PID", "1"), ("LISTEN_FDS", "1")],
-    )
-    .unwrap_or_else(|log| panic!("did not start: {log}"));
+    let server = ServerBuilder::new("epoll")
+        .envs(&[("LISTEN_PID", "1"), ("LISTEN_FDS", "1")])
+        .try_start()
+        .unwrap_or_else(|log| panic!("did not start: {log}"));
     let echoed = round_trip(connect(server.addr), b"own socket\n");
     assert_same(&echoed, b"own socket\n", "echo on --listen");
     let log = server.log();
@@ -321,26 +309,43 @@ fn listen_fds_naming_a_file_is_one_clear_error() {
     );
 }
 
-/// A passed datagram socket is refused with one clear line (UDP does not exist yet), as is a
-/// socket named `tls`.
+/// Passed sockets a model cannot serve are refused with one clear line: a datagram socket in
+/// the models without UDP, a datagram socket named for TCP (`proxy`), and a socket named `tls`.
 #[test]
-fn passed_sockets_of_kinds_not_available_yet_are_refused() {
-    for (args, want) in [
+fn passed_sockets_a_model_cannot_serve_are_refused() {
+    for (model, args, want) in [
         (
+            "thread",
             vec!["-d"],
-            "is a datagram socket: passed UDP sockets are not served yet",
+            "the thread model does not serve udp:// listeners (udp://127.0.0.1:",
         ),
         (
+            "uring",
+            vec!["-d"],
+            "the uring model does not serve udp:// listeners (udp://127.0.0.1:",
+        ),
+        (
+            "epoll",
+            vec!["-d", "--fdname=proxy"],
+            "is a UDP socket: the name 'proxy' is for TCP sockets",
+        ),
+        (
+            "epoll",
             vec!["--fdname=tls"],
             "tls:// listeners are not available yet",
         ),
     ] {
-        let addr = format!("127.0.0.1:{}", free_port());
+        let datagram = args.contains(&"-d");
+        let addr = if datagram {
+            format!("127.0.0.1:{}", free_udp_port())
+        } else {
+            format!("127.0.0.1:{}", free_port())
+        };
         let mut sa_args = vec!["-l", addr.as_str()];
         sa_args.extend(args);
-        let mut child = socket_activate(&sa_args, &["--model", "epoll"]);
+        let mut child = socket_activate(&sa_args, &["--model", model]);
         // It starts multiecho on the first datagram or connection.
-        if want.contains("datagram") {
+        if datagram {
             // A datagram sent before it listens is lost, so send until multiecho has exited.
             let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             let deadline = Instant::now() + PATIENCE;
@@ -352,24 +357,210 @@ fn passed_sockets_of_kinds_not_available_yet_are_refused() {
             let _ = connect_when_listening(addr.parse().unwrap());
         }
         let (status, err) = wait_with_timeout(&mut child);
-        assert_eq!(status.code(), Some(1), "{err}");
+        assert_eq!(status.code(), Some(1), "{model}: {err}");
         let ours: Vec<&str> = err
             .lines()
             .filter(|l| l.starts_with("multiecho:"))
             .collect();
-        assert_eq!(ours.len(), 1, "{err}");
-        assert!(ours[0].contains(want), "{err}");
+        assert_eq!(ours.len(), 1, "{model}: {err}");
+        assert!(ours[0].contains(want), "{model}: {err}");
     }
+}
+
+/// A UDP port that was free a moment ago (systemd-socket-activate binds it itself).
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether `tool` is installed; a missing one is a loud skip, and a failure under CI.
+fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        skip_or_fail(&format!("{tool} is not installed"));
+    }
+    found
+}
+
+/// Runs a shell pipeline and returns its stdout.
+fn shell(script: &str) -> String {
+    let out = Command::new("sh").args(["-c", script]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every model that serves UDP serves the datagram socket `systemd-socket-activate --datagram`
+/// passes it (LISTEN_FDS), as a udp:// listener and not --listen: the datagram that started it
+/// is echoed, then socat's and `nc -u`'s lines and the largest IPv4 datagram, byte-exact.
+#[test]
+fn udp_models_serve_a_datagram_socket_passed_by_systemd_socket_activate() {
+    if !have("socat") || !have("nc") {
+        return;
+    }
+    for model in ["iterative", "prefork", "pool", "epoll", "async"] {
+        let port = free_udp_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = socket_activate(
+            &["-l", &addr.to_string(), "--datagram"],
+            &[
+                "--model",
+                model,
+                "--workers",
+                "2",
+                "--listen",
+                "udp://127.0.0.1:1",
+            ],
+        );
+        // systemd-socket-activate starts multiecho on the first datagram, which waits in the
+        // socket's queue for it; one sent before systemd-socket-activate binds is lost, so
+        // send again until the echo comes (the extra copies are echoed to this socket only).
+        let first = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        first
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = vec![0u8; 65_536];
+        let deadline = Instant::now() + PATIENCE;
+        let (n, from) = loop {
+            first.send_to(b"the first datagram", addr).unwrap();
+            match first.recv_from(&mut buf) {
+                Ok(got) => break got,
+                Err(e) => assert!(Instant::now() < deadline, "{model}: no echo: {e}"),
+            }
+        };
+        assert_eq!(&buf[..n], b"the first datagram", "{model}");
+        assert_eq!(from, addr, "{model}");
+        let got = shell(&format!(
+            "(echo one; sleep 0.2; echo two) | socat -t 0.5 - UDP:127.0.0.1:{port}"
+        ));
+        assert_eq!(got, "one\ntwo\n", "{model}: socat");
+        let got = shell(&format!("echo 'via nc' | nc -u -w 1 127.0.0.1 {port}"));
+        assert_eq!(got, "via nc\n", "{model}: nc -u");
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.set_read_timeout(Some(PATIENCE)).unwrap();
+        let largest = multiecho::payload::bytes(5, 65_507);
+        client.send_to(&largest, addr).unwrap();
+        let (n, _) = client
+            .recv_from(&mut buf)
+            .expect("the largest datagram's echo");
+        assert_same(&buf[..n], &largest, &format!("{model}: 65,507 bytes"));
+        let log = stop_activated(child);
+        assert!(
+            log.contains(&format!("listening on {addr} (udp://)")),
+            "{model}: log:\n{log}"
+        );
+        assert!(
+            !log.contains("127.0.0.1:1 "),
+            "{model}: bound --listen:\n{log}"
+        );
+    }
+}
+
+/// `--inetd=tcp+proxy` under `systemd-socket-activate --inetd -a`: each connection's PROXY
+/// header (v1 and v2 written by hand, and v2 from a real HAProxy with `send-proxy-v2`) is
+/// consumed and its client becomes the peer; the rest is echoed byte-exact with half-close. A
+/// connection without a header is closed without an echo, with one refusal line.
+#[test]
+fn inetd_mode_reads_proxy_headers() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let child = socket_activate(
+        &["-l", &addr.to_string(), "-a", "--inetd"],
+        &["--inetd=tcp+proxy"],
+    );
+    let mut v1 = connect_when_listening(addr);
+    v1.write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 80\r\n")
+        .unwrap();
+    let payload = multiecho::payload::bytes(9, 100_000);
+    assert_same(&round_trip(v1, &payload), &payload, "after a v1 header");
+
+    // v2: signature, version 2 PROXY, TCP over IPv4, 12 address bytes: 198.51.100.9:4444 to
+    // 127.0.0.1:80.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend_from_slice(&[198, 51, 100, 9, 127, 0, 0, 1]);
+    v2.extend_from_slice(&4444u16.to_be_bytes());
+    v2.extend_from_slice(&80u16.to_be_bytes());
+    v2.extend_from_slice(b"after a v2 header\n");
+    assert_same(
+        &round_trip(connect(addr), &v2),
+        b"after a v2 header\n",
+        "after a v2 header",
+    );
+
+    let mut bare = connect(addr);
+    bare.write_all(b"no header here\r\n").unwrap();
+    assert!(
+        refused_without_echo(&mut bare),
+        "a connection without a header"
+    );
+    drop(bare);
+
+    let mut via_haproxy_port = None;
+    if have("haproxy") {
+        let haproxy = common::haproxy::Haproxy::start(common::haproxy::HaproxyConfig {
+            send_proxy: common::haproxy::SendProxy::V2,
+            backend: addr,
+            health_check: false,
+        });
+        let client = connect(haproxy.frontend());
+        via_haproxy_port = Some(client.local_addr().unwrap().port());
+        let payload = multiecho::payload::bytes(10, 50_000);
+        assert_same(&round_trip(client, &payload), &payload, "through HAProxy");
+    }
+
+    let deadline = Instant::now() + PATIENCE;
+    while !live_children(child.id()).is_empty() {
+        assert!(Instant::now() < deadline, "inetd children did not exit");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut child = child;
+    signal(child.id(), libc::SIGTERM);
+    let (_, log) = wait_with_timeout(&mut child);
+    for peer in ["peer=192.0.2.7:5555", "peer=198.51.100.9:4444"] {
+        assert!(log.contains(peer), "no {peer} in the log:\n{log}");
+    }
+    if let Some(port) = via_haproxy_port {
+        // HAProxy's header names the test's client, not HAProxy's own connection.
+        let peer = format!("peer=127.0.0.1:{port}");
+        assert!(log.contains(&peer), "no {peer} in the log:\n{log}");
+    }
+    let served = 2 + usize::from(via_haproxy_port.is_some());
+    assert_eq!(
+        log.matches("connection closed").count(),
+        served,
+        "log:\n{log}"
+    );
+    assert_eq!(log.matches("connection refused").count(), 1, "log:\n{log}");
+    assert!(log.contains("proxy-header"), "log:\n{log}");
+    assert!(log.contains("bytes=100000"), "log:\n{log}");
+}
+
+/// `--inetd` takes tcp or tcp+proxy, nothing else: one clear error.
+#[test]
+fn inetd_mode_refuses_other_kinds() {
+    let out = Command::new(BIN)
+        .args(["serve", "--inetd=udp"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid inetd connection kind 'udp': use tcp (the default) or tcp+proxy"),
+        "{err}"
+    );
 }
 
 /// `--ready-fd` gets one `KIND ADDR` line per listener, with the ports the kernel chose, and
 /// each of them accepts as soon as the line is read.
 #[test]
 fn ready_fd_names_every_listener() {
-    let server = Server::start(
-        "async",
-        &["--listen", "tcp+proxy://127.0.0.1:0", "--listen", "[::1]:0"],
-    );
+    let server = ServerBuilder::new("async")
+        .args(&["--listen", "tcp+proxy://127.0.0.1:0", "--listen", "[::1]:0"])
+        .start();
     let kinds: Vec<&str> = server.listeners.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(kinds, ["tcp", "tcp+proxy", "tcp"]);
     assert!(server.listeners.iter().all(|(_, a)| a.port() != 0));
@@ -507,8 +698,9 @@ fn man_pages() {
 }
 
 /// contrib/systemd's units pass `systemd-analyze verify` (with ExecStart= pointed at the built
-/// binary, and without checking the man pages, which are only installed by the package; CI
-/// verifies the installed units with them too). The service units keep their hardening.
+/// binary, the socket's UDP example enabled, and without checking the man pages, which are
+/// only installed by the package; CI verifies the installed units with them too). The service
+/// units keep their hardening.
 #[test]
 fn systemd_units_verify() {
     let contrib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/systemd");
@@ -534,6 +726,17 @@ fn systemd_units_verify() {
                 assert!(text.contains(setting), "{unit} lacks {setting:?}");
             }
         }
+        // The socket's commented UDP example is verified as if enabled.
+        let text = if unit == "multiecho.socket" {
+            assert!(
+                text.contains("\n#ListenDatagram="),
+                "{unit} lacks its UDP example"
+            );
+            text.replace("\n#ListenDatagram=", "\nListenDatagram=")
+                .replace("\n#ReceiveBuffer=", "\nReceiveBuffer=")
+        } else {
+            text
+        };
         std::fs::write(dir.join(unit), text.replace("/usr/bin/multiecho", BIN)).unwrap();
     }
     let out = Command::new("systemd-analyze")

@@ -11,8 +11,7 @@
 //! (none, garbage, truncated v2, slower than `--proxy-timeout`, one byte at a time) each
 //! closing only its own connection, `--trusted-proxy`, admission rules applied to the real
 //! client through HAProxy, and the scale-out config in front of three instances. One module
-//! per model runs them (as in tests/models.rs); uring's are ignored until it serves
-//! `tcp+proxy://` listeners.
+//! per model runs them (as in tests/models.rs).
 
 mod common;
 
@@ -246,7 +245,7 @@ fn scale_out_doc_config_runs_against_parser_backends() {
     }
 }
 
-// ---- multiecho serve --listen tcp+proxy://... (the server side; ignored until it lands) ----
+// ---- multiecho serve --listen tcp+proxy://... (the server side, every model) ----
 
 /// Starts `model` with a plain listener (the harness's) and a `tcp+proxy://` one; returns the
 /// server and the PROXY listener's address, or `None` when the model cannot run here.
@@ -632,14 +631,4 @@ macro_rules! suite {
     )*};
 }
 
-suite!(
-    iterative,
-    process,
-    prefork,
-    thread,
-    pool,
-    epoll,
-    r#async,
-    #[ignore = "the uring model does not serve tcp+proxy:// listeners yet (lead)"]
-    uring,
-);
+suite!(iterative, process, prefork, thread, pool, epoll, r#async, uring);

@@ -14,7 +14,9 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
 
-use common::{assert_same, connect, push_until_blocked, round_trip, rss_kib, Server};
+use common::{
+    assert_same, connect, push_until_blocked, round_trip, rss_kib, Server, ServerBuilder,
+};
 use multiecho::payload;
 
 /// Connections in the 10k tests.
@@ -34,14 +36,7 @@ fn heavy() -> MutexGuard<'static, ()> {
 /// Starts `model`, or returns `None` (the test is skipped) when it is io_uring and the
 /// kernel does not offer it.
 fn start(model: &str, extra: &[&str]) -> Option<Server> {
-    match Server::try_start(model, extra) {
-        Ok(server) => Some(server),
-        Err(log) if model == "uring" && log.contains("io_uring is not available") => {
-            common::skip_unless_ci(&format!("the {model} test: io_uring is not available here"));
-            None
-        }
-        Err(log) => panic!("{model} server did not start; its log:\n{log}"),
-    }
+    ServerBuilder::new(model).args(extra).start_or_skip()
 }
 
 /// Opens `count` connections to the server (the test process needs a file each).
@@ -232,7 +227,9 @@ fn flood_from_many_sources_stays_bounded() {
     use std::net::IpAddr;
     let _heavy = heavy();
     multiecho::net::raise_open_files_limit().expect("raise the open files limit");
-    let server = Server::start("epoll", &["--max-per-source", "2"]);
+    let server = ServerBuilder::new("epoll")
+        .args(&["--max-per-source", "2"])
+        .start();
     let before = rss_kib(server.pid());
     let source = |n: u32| IpAddr::from([127, 1 + (n >> 8) as u8, n as u8, 1]);
     let mut held = Vec::new();

@@ -23,7 +23,7 @@ use std::sync::{mpsc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{assert_same, Server, BIN, PATIENCE};
+use common::{assert_same, Server, ServerBuilder, BIN, PATIENCE};
 
 /// The seeds' programs, each with the compiler it needs.
 const SEEDS: [(&str, &str); 5] = [
@@ -142,23 +142,18 @@ impl SeedProcess {
 
     /// Waits up to `timeout` for it to exit.
     fn exits_within(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.has_exited() {
-                return true;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        false
+        common::wait_child(&mut self.child, timeout).is_some()
     }
 }
 
 impl Drop for SeedProcess {
     fn drop(&mut self) {
         let pgid = self.child.id() as i32;
-        // SAFETY: kill(2) has no memory-safety preconditions; a negative pid names the
-        // process group this test created for the seed, which holds only its processes.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        // The process group this test created for the seed holds only its processes.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let _ = self.child.wait();
     }
 }
@@ -301,7 +296,7 @@ fn our_clients_against_8_server() {
 
 /// Starts our server with `model` and checks that it echoes.
 fn start_our_server(model: &str) -> Option<Server> {
-    let server = Server::start(model, &[]);
+    let server = ServerBuilder::new(model).start();
     assert!(
         echoes_one_byte(&server),
         "the {model} server does not echo; its log:\n{}",

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 
 use std::time::{Duration, Instant};
 
-use common::{connect, expect_echo, round_trip, start_or_skip, Server, BIN, PATIENCE};
+use common::{connect, expect_echo, round_trip, Server, ServerBuilder, BIN, PATIENCE};
 use multiecho::payload;
 
 /// A connection that has had one echo, so a process, thread or task is serving it.
@@ -32,34 +32,21 @@ fn still_echoes(stream: &mut TcpStream, seed: u64, what: &str) {
     expect_echo(stream, &data, what);
 }
 
-fn alive(pid: u32) -> bool {
-    // A zombie (reaped by nobody yet) counts as gone: it runs no code and holds no socket.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
 /// Waits until none of `pids` runs; returns how long that took, or `None` after `within`.
 fn all_gone_within(pids: &[u32], within: Duration) -> Option<Duration> {
     let started = Instant::now();
-    while pids.iter().any(|&pid| alive(pid)) {
-        if started.elapsed() > within {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Some(started.elapsed())
+    common::wait_until(within, || !pids.iter().any(|&pid| common::alive(pid)))
+        .then(|| started.elapsed())
 }
 
 /// Whether another server can listen on `port` now (the real binary, so the same socket
 /// options as the one before it).
 fn port_is_free_for_a_restart(model: &str, port: u16) -> bool {
     let listen = format!("127.0.0.1:{port}");
-    match Server::try_start(model, &["--listen", &listen]) {
+    match ServerBuilder::new(model)
+        .args(&["--listen", &listen])
+        .try_start()
+    {
         Ok(server) => {
             let status = server.stop();
             assert!(status.success(), "the restarted server exited {status}");
@@ -80,7 +67,9 @@ fn port_is_free_for_a_restart(model: &str, port: u16) -> bool {
 /// SIGHUP (the terminal went away) drains like SIGTERM: new clients are refused, the live one
 /// is served until it leaves, and the server exits 0.
 fn sighup_drains(model: &str) {
-    let Some(mut server) = start_or_skip(model, &["--shutdown-timeout", "10s", "--workers", "2"])
+    let Some(mut server) = ServerBuilder::new(model)
+        .args(&["--shutdown-timeout", "10s", "--workers", "2"])
+        .start_or_skip()
     else {
         return;
     };
@@ -103,7 +92,10 @@ fn sighup_drains(model: &str) {
 /// SIGUSR1 logs one status line and changes nothing; SIGUSR2 is ignored. A burst of each (they
 /// coalesce) is as harmless as one.
 fn sigusr1_reports_and_sigusr2_is_ignored(model: &str) {
-    let Some(mut server) = start_or_skip(model, &["--workers", "2"]) else {
+    let Some(mut server) = ServerBuilder::new(model)
+        .args(&["--workers", "2"])
+        .start_or_skip()
+    else {
         return;
     };
     let mut stream = talking_client(&server);
@@ -168,7 +160,9 @@ const DRAIN: Duration = Duration::from_secs(3);
 /// once, the children are gone within the shutdown timeout and a grace (at once after the
 /// forced exit), and none of them outlives that.
 fn no_child_outlives_its_parent(model: &str, exit: ParentExit) {
-    let mut server = Server::start(model, &["--shutdown-timeout", "3s", "--workers", "2"]);
+    let mut server = ServerBuilder::new(model)
+        .args(&["--shutdown-timeout", "3s", "--workers", "2"])
+        .start();
     let port = server.addr.port();
     let mut busy = talking_client(&server);
     let children = common::live_children(server.pid());
@@ -277,21 +271,14 @@ fn sighup_to_the_process_group_drains(model: &str) {
     still_echoes(&mut stream, 6, "after a SIGHUP to the process group");
     // (The echo above shows the busy child lives; an idle prefork worker may already be done.)
     assert!(
-        children.iter().any(|&c| alive(c)),
+        children.iter().any(|&c| common::alive(c)),
         "{model}: the children died of the group's SIGHUP instead of draining"
     );
     drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{model}: no exit after the client left");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = common::wait_child(&mut child, Duration::from_secs(8)).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("{model}: no exit after the client left")
+    });
     let log = rest.join().unwrap().join("\n");
     assert!(status.success(), "{model}: exit status {status}:\n{log}");
     assert!(

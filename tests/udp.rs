@@ -133,6 +133,113 @@ fn async_echoes_every_datagram_exactly() {
     exact_echoes("async");
 }
 
+/// A receive buffer for `socket` large enough for a whole burst of echoes (as root, beyond
+/// `net.core.rmem_max`; CI runs as root).
+fn room_for_a_burst(socket: &UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let bytes: usize = 8 << 20;
+    if setsockopt(socket, sockopt::RcvBufForce, &bytes).is_err() {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &bytes);
+    }
+}
+
+/// One burst, sent before any echo is read, of 40 datagrams of distinct sizes from 1 to
+/// 65,507 bytes, which the server takes in batches (`recvmmsg`) and answers in batches
+/// (`sendmmsg`): each comes back byte-exact and once. The sizes are distinct, so the length of
+/// an echo names the datagram it answers (with two workers, echoes may come back reordered).
+fn burst_echoes(model: &'static str) {
+    let (server, addr) = start(model, &["--udp-rate", "0"]);
+    let socket = client_socket();
+    room_for_a_burst(&socket);
+    socket.connect(addr).unwrap();
+    let mut rng = Rng::new(0xb0257);
+    let mut sizes = vec![1, 2, 63, 64, 65, 1472, 1473, 8192, 65_506, MAX_V4];
+    while sizes.len() < 40 {
+        let len = rng.range(1, MAX_V4 as u64) as usize;
+        if !sizes.contains(&len) {
+            sizes.push(len);
+        }
+    }
+    let sent: std::collections::HashMap<usize, Vec<u8>> = sizes
+        .iter()
+        .map(|&len| {
+            let mut datagram = vec![0u8; len];
+            rng.fill(&mut datagram);
+            (len, datagram)
+        })
+        .collect();
+    for len in &sizes {
+        socket.send(&sent[len]).unwrap();
+    }
+    let mut buf = vec![0u8; 70_000];
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < sizes.len() {
+        let n = socket.recv(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "{model}: {} of {} echoes back, then {e}",
+                seen.len(),
+                sizes.len()
+            )
+        });
+        let expected = sent
+            .get(&n)
+            .unwrap_or_else(|| panic!("{model}: an echo of {n} bytes, a size never sent"));
+        assert!(
+            buf[..n] == expected[..],
+            "{model}: the {n}-byte echo differs"
+        );
+        assert!(
+            seen.insert(n),
+            "{model}: the {n}-byte datagram came back twice"
+        );
+    }
+    assert_eq!(
+        recv_within(&socket, Duration::from_millis(200), &mut buf),
+        None,
+        "{model}: a duplicate after the burst"
+    );
+    assert!(server.stop().success());
+}
+
+#[test]
+fn every_udp_model_echoes_a_burst_of_every_size_exactly() {
+    for model in UDP_MODELS {
+        burst_echoes(model);
+    }
+}
+
+/// Denied and admitted sources interleaved in one burst (so in the server's batches): the
+/// admitted source gets every echo, the denied one none.
+#[test]
+fn a_burst_mixing_denied_and_admitted_sources_is_decided_per_datagram() {
+    for model in UDP_MODELS {
+        let (server, addr) = start(model, &["--deny", "127.0.0.2", "--udp-rate", "0"]);
+        let admitted = client_socket();
+        let denied = UdpSocket::bind("127.0.0.2:0").unwrap();
+        for seq in 0..32u8 {
+            admitted.send_to(&[b'a', seq], addr).unwrap();
+            denied.send_to(&[b'd', seq], addr).unwrap();
+        }
+        let mut buf = [0u8; 16];
+        let mut got = Vec::new();
+        while got.len() < 32 {
+            match recv_within(&admitted, Duration::from_secs(3), &mut buf) {
+                Some(n) => got.push(buf[..n].to_vec()),
+                None => panic!("{model}: {} of 32 echoes to the admitted source", got.len()),
+            }
+        }
+        got.sort();
+        let expected: Vec<Vec<u8>> = (0..32u8).map(|seq| vec![b'a', seq]).collect();
+        assert_eq!(got, expected, "{model}");
+        assert_eq!(
+            recv_within(&denied, Duration::from_millis(200), &mut buf),
+            None,
+            "{model}: the denied source got a reply"
+        );
+        assert!(server.stop().success());
+    }
+}
+
 #[test]
 fn ipv6_datagrams_up_to_the_maximum() {
     if UdpSocket::bind("[::1]:0").is_err() {

@@ -170,3 +170,50 @@ fn a_truncated_echo_is_a_mismatch() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("truncated"), "{stderr}");
 }
+
+#[test]
+fn warm_up_datagrams_are_echoed_and_checked_but_not_counted() {
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = Arc::clone(&seen);
+    let server = TestServer::start(move |socket, data, from| {
+        if from.port() != 0 {
+            counter.fetch_add(1, Ordering::Relaxed);
+            let _ = socket.send_to(data, from);
+        }
+    });
+    let out = bench(
+        server.addr,
+        &[
+            "--conns",
+            "1",
+            "--warmup",
+            "0.4",
+            "--duration",
+            "0.4",
+            "--json",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    let secs = report["duration_secs"].as_f64().unwrap();
+    assert!(
+        (0.35..0.7).contains(&secs),
+        "the measured window only: {stdout}"
+    );
+    let sent = report["sent"].as_u64().unwrap();
+    let echoed = report["requests"].as_u64().unwrap();
+    assert!(echoed > 0 && echoed <= sent, "{stdout}");
+    assert_eq!(report["lost"].as_u64(), Some(0), "{stdout}");
+    drop(server);
+    let seen = seen.load(Ordering::Relaxed);
+    assert!(
+        // Loaded machines make the two windows' rates differ, so no ratio is asserted.
+        seen > sent,
+        "the server saw the warm-up too: {seen} datagrams, {sent} counted"
+    );
+}

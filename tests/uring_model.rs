@@ -1,47 +1,21 @@
-//! Tests specific to the io_uring model: exact echo of random payloads, many concurrent
-//! connections whose echoes share a small buffer pool (the buffer-recycling corruption case),
-//! half-close, a client reset, shutdown with an idle connection, `--max-conns` and
-//! `--idle-timeout`. Each test is skipped, with a message, where the server reports that
-//! io_uring is unavailable; any other failure to start fails the test.
+//! What only the io_uring model is tested for: many concurrent connections whose echoes
+//! share a small buffer pool (the buffer-recycling corruption case), partial sends, a pool
+//! run dry, clients that never read, the buffer-count setting, refusing to start where
+//! io_uring is blocked, and connections shared between the rings. What it shares with every
+//! model is in tests/models.rs, its counters in tests/in_process.rs. Each test is skipped,
+//! with a message, where the server reports that io_uring is unavailable; any other failure
+//! to start fails the test.
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{assert_same, connect, round_trip, Server, PATIENCE};
+use common::{assert_same, connect, round_trip, Server, ServerBuilder, PATIENCE};
 use multiecho::payload;
 use multiecho::server::uring::{BUFFERS_ENV, SINGLE_RECV_ENV};
-
-/// Starts a uring server, or returns `None` (after saying so) where io_uring is unavailable.
-fn start(extra: &[&str]) -> Option<Server> {
-    common::start_or_skip("uring", extra)
-}
-
-#[test]
-fn echoes_random_payloads_exactly() {
-    let Some(server) = start(&["--workers", "2"]) else {
-        return;
-    };
-    let sizes = [
-        1,
-        2,
-        1000,
-        16 * 1024 - 1,
-        16 * 1024,
-        16 * 1024 + 1,
-        100_003,
-        1 << 20,
-    ];
-    for (seed, len) in sizes.into_iter().enumerate() {
-        let data = payload::bytes(seed as u64 + 1, len);
-        let echoed = round_trip(connect(server.addr), &data);
-        assert_same(&echoed, &data, &format!("{len}-byte payload"));
-    }
-    assert!(server.stop().success());
-}
 
 /// 1,000 connections at once, each sending a distinct payload of a few KiB in several
 /// writes: far more data in flight than a worker's buffer pool holds, so buffers are recycled
@@ -105,143 +79,14 @@ fn thousand_concurrent_connections(envs: &[(&str, &str)]) {
     assert!(server.stop().success());
 }
 
-#[test]
-fn half_close_echoes_everything_then_closes() {
-    let Some(server) = start(&[]) else { return };
-    let mut stream = connect(server.addr);
-    stream.write_all(b"hello").unwrap();
-    stream.shutdown(Shutdown::Write).unwrap();
-    let mut echoed = Vec::new();
-    stream.read_to_end(&mut echoed).unwrap();
-    assert_eq!(echoed, b"hello");
-    // A large payload followed at once by the half-close: still all of it.
-    let data = payload::bytes(7, 300_000);
-    assert_same(
-        &round_trip(connect(server.addr), &data),
-        &data,
-        "300 KB then half-close",
-    );
-    server.wait_for_log("the close line", |log| log.contains("client closed"));
-    assert!(server.stop().success());
-}
-
-#[test]
-fn a_reset_client_affects_only_itself() {
-    let Some(server) = start(&["--workers", "1"]) else {
-        return;
-    };
-    let survivor = connect(server.addr);
-    let mut victim = connect(server.addr);
-    victim.write_all(&payload::bytes(3, 100_000)).unwrap();
-    socket2::SockRef::from(&victim)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(victim); // RST
-    let data = payload::bytes(4, 50_000);
-    assert_same(&round_trip(survivor, &data), &data, "the other connection");
-    assert!(server.stop().success());
-}
-
-#[test]
-fn sigterm_with_an_idle_connection_exits_after_the_shutdown_timeout() {
-    let Some(mut server) = start(&["--shutdown-timeout", "1s"]) else {
-        return;
-    };
-    let mut idle = connect(server.addr);
-    idle.write_all(b"x").unwrap();
-    let mut byte = [0u8; 1];
-    idle.read_exact(&mut byte).unwrap();
-    let started = Instant::now();
-    server.terminate();
-    let status = server
-        .wait_timeout(Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("no exit within 5 s of SIGTERM; log:\n{}", server.log()));
-    assert!(status.success(), "exit status {status}");
-    assert!(
-        started.elapsed() >= Duration::from_millis(900),
-        "exited before the shutdown timeout"
-    );
-    assert_eq!(
-        idle.read(&mut byte).unwrap_or(0),
-        0,
-        "the idle client sees the close"
-    );
-    assert!(
-        server.log().contains("closed at shutdown"),
-        "{}",
-        server.log()
-    );
-}
-
-#[test]
-fn max_conns_makes_the_third_client_wait_in_the_backlog() {
-    let Some(server) = start(&["--max-conns", "2", "--workers", "2"]) else {
-        return;
-    };
-    let mut first = connect(server.addr);
-    let mut second = connect(server.addr);
-    for stream in [&mut first, &mut second] {
-        stream.write_all(b"a").unwrap();
-        let mut byte = [0u8; 1];
-        stream.read_exact(&mut byte).unwrap();
-    }
-    let mut third = connect(server.addr);
-    third.write_all(b"waiting").unwrap();
-    third
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    let mut buf = [0u8; 16];
-    match third.read(&mut buf) {
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-        other => panic!("the third client was served (or reset) at the limit: {other:?}"),
-    }
-    drop(first);
-    third.set_read_timeout(Some(PATIENCE)).unwrap();
-    let mut echoed = [0u8; 7];
-    third
-        .read_exact(&mut echoed)
-        .expect("served once a slot freed");
-    assert_eq!(&echoed, b"waiting");
-    assert!(server.stop().success());
-}
-
-#[test]
-fn idle_timeout_closes_silent_connections_only() {
-    let Some(server) = start(&["--idle-timeout", "300ms"]) else {
-        return;
-    };
-    let mut silent = connect(server.addr);
-    let mut active = connect(server.addr);
-    let started = Instant::now();
-    // The active one sends every 100 ms for 700 ms and must stay open throughout.
-    for i in 0..7u8 {
-        active.write_all(&[i]).unwrap();
-        let mut byte = [0u8; 1];
-        active.read_exact(&mut byte).unwrap();
-        assert_eq!(byte[0], i);
-        thread::sleep(Duration::from_millis(100));
-    }
-    let mut buf = [0u8; 8];
-    assert_eq!(
-        silent.read(&mut buf).unwrap_or(0),
-        0,
-        "the silent one is closed"
-    );
-    assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(server.log().contains("idle timeout"), "{}", server.log());
-    active.write_all(b"z").unwrap();
-    let mut byte = [0u8; 1];
-    active
-        .read_exact(&mut byte)
-        .expect("the active one is still served");
-    assert!(server.stop().success());
-}
-
 /// A client that reads its echo late makes the server's sends partial (its socket buffers
 /// fill up); each partial send must be continued from exactly the first unsent byte.
 #[test]
 fn a_late_reader_gets_every_byte_after_partial_sends() {
-    let Some(server) = start(&["--workers", "1"]) else {
+    let Some(server) = ServerBuilder::new("uring")
+        .args(&["--workers", "1"])
+        .start_or_skip()
+    else {
         return;
     };
     let stream = connect(server.addr);
@@ -288,17 +133,7 @@ fn refuses_to_start_with_one_clear_line_where_io_uring_is_blocked() {
     // fork and exec.
     unsafe { command.pre_exec(block_io_uring_setup) };
     let mut child = command.spawn().expect("spawn multiecho serve");
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the server started although io_uring_setup fails");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
+    let status = common::wait_or_kill(&mut child, "a server whose io_uring_setup fails");
     let mut stderr = String::new();
     child
         .stderr
@@ -532,21 +367,15 @@ fn connections_are_shared_between_the_rings() {
     );
 }
 
-/// Like [`start`], with extra environment variables for the server, and debug logging for
-/// the uring module (its per-worker summary counts buffer waits).
+/// Starts a uring server with extra environment variables and debug logging for the uring
+/// module (its per-worker summary counts buffer waits), or returns `None` (after saying so)
+/// where io_uring is unavailable.
 fn start_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Option<Server> {
-    let mut envs = envs.to_vec();
-    envs.push(("RUST_LOG", "info,multiecho::server::uring=debug"));
-    match Server::try_start_with("uring", extra, None, &envs) {
-        Ok(server) => Some(server),
-        Err(log) if common::uring_unavailable(&log) => {
-            common::skip_unless_ci(&format!(
-                "io_uring is unavailable here; the server said:\n{log}"
-            ));
-            None
-        }
-        Err(log) => panic!("uring server did not start; its log:\n{log}"),
-    }
+    ServerBuilder::new("uring")
+        .args(extra)
+        .envs(envs)
+        .env("RUST_LOG", "info,multiecho::server::uring=debug")
+        .start_or_skip()
 }
 
 /// Reads each stream to its end and checks it echoed its payload (`ids` name them).
@@ -571,4 +400,42 @@ fn worker_summaries(log: &str, field: &str) -> Vec<u64> {
                 .ok()
         })
         .collect()
+}
+
+/// A client beyond `--max-conns` may have been taken by another ring's multishot accept than
+/// the ring whose connection ends (it waits parked there); it is served all the same, because
+/// every ring watches the limit's room descriptor. Clients that connect one after another,
+/// each echoed before the next connects, make that the usual case: the first ring serves both
+/// and cancels its accept at the limit, and the other ring's accept, still armed, takes the
+/// third.
+#[test]
+fn a_freed_slot_reaches_a_client_parked_by_another_ring() {
+    let Some(server) = ServerBuilder::new("uring")
+        .args(&["--max-conns", "2", "--workers", "2"])
+        .start_or_skip()
+    else {
+        return;
+    };
+    let mut served = Vec::new();
+    for byte in [b"1", b"2"] {
+        let mut stream = connect(server.addr);
+        stream.write_all(byte).unwrap();
+        common::expect_echo(&mut stream, byte, "a client within the limit");
+        served.push(stream);
+    }
+    let mut third = connect(server.addr);
+    third.write_all(b"3").unwrap();
+    assert!(
+        !common::receives_within(&mut third, Duration::from_millis(300)),
+        "a third client was served despite --max-conns 2"
+    );
+    drop(served.remove(0));
+    common::expect_echo(&mut third, b"3", "the third client, once a slot freed");
+    // And the slot the second frees is used again.
+    drop(served.remove(0));
+    let mut fourth = connect(server.addr);
+    fourth.write_all(b"4").unwrap();
+    common::expect_echo(&mut fourth, b"4", "a fourth client");
+    drop((third, fourth));
+    assert!(server.stop().success());
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 
 use super::histogram;
-use super::report::{Interval, Latency, Report};
+use super::report::{Interval, Latency, Report, TlsFigures};
 
 /// Runs `multiecho merge` on `files`: prints the merged report (as JSON with `json`); fails
 /// if any run had errors.
@@ -82,6 +82,7 @@ pub fn merge(reports: &[(String, Report)]) -> anyhow::Result<Report> {
     let latency = add(|r| Some(&r.latency_histogram))?.expect("every report has one");
     let uncorrected = add(|r| r.uncorrected_latency_histogram.as_ref())?;
     let connect = add(|r| Some(&r.connect_latency_histogram))?.expect("every report has one");
+    let handshake = add(|r| r.tls.as_ref().map(|t| &t.handshake_latency_histogram))?;
 
     let start = reports
         .iter()
@@ -135,6 +136,22 @@ pub fn merge(reports: &[(String, Report)]) -> anyhow::Result<Report> {
         connections_per_sec: per_sec(opened_measured),
         intervals: merge_intervals(reports)?,
         merged_reports: reports.iter().map(|(_, r)| r.merged_reports).sum(),
+        tls: handshake.map(|handshake| TlsFigures {
+            handshakes: reports
+                .iter()
+                .filter_map(|(_, r)| r.tls.as_ref())
+                .map(|t| t.handshakes)
+                .sum(),
+            // Handshakes in the measured windows: each report's rate times its window.
+            handshakes_per_sec: per_sec(
+                reports
+                    .iter()
+                    .filter_map(|(_, r)| Some(r.tls.as_ref()?.handshakes_per_sec * r.duration_secs))
+                    .sum(),
+            ),
+            handshake_latency_us: Latency::of(&handshake),
+            handshake_latency_histogram: histogram::encode(&handshake),
+        }),
     })
 }
 

@@ -38,8 +38,10 @@ pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 /// One run of `multiecho bench`, validated from its command line by `cli`.
 #[derive(Clone, Debug)]
 pub struct BenchPlan {
-    /// The server: `tcp://` or `udp://`.
+    /// The server: `tcp://`, `udp://` or `tls://`.
     pub target: crate::listen::ListenSpec,
+    /// The target as the user wrote it: a `tls://` target's host name is checked against it.
+    pub target_text: String,
     /// Connections to open (for UDP, flows: a socket each).
     pub conns: usize,
     /// Bytes per message (for UDP, per datagram).
@@ -68,16 +70,24 @@ pub struct BenchPlan {
     pub json: bool,
     /// Write [`generator::LOAD_STARTED`] to stderr when the load starts (for `compare`).
     pub announce_start: bool,
+    /// `--tls-ca`, `--insecure`, `--sni` and the client certificate, for `tls://`.
+    pub tls: crate::tls::client::TlsClientArgs,
 }
 
 /// Runs `multiecho bench`: prints the report, then fails if any byte was wrong or missing.
 pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
+    use crate::listen::ListenerKind;
+    use crate::tls::client::{self as tls_client, Resumption};
     let addr = plan.target.addr;
-    match plan.target.kind {
-        crate::listen::ListenerKind::Tcp => {}
-        crate::listen::ListenerKind::Udp => return udp::run(plan, addr),
-        kind => bail!("bench speaks tcp:// and udp://, not {kind}://"),
+    if plan.target.kind != ListenerKind::Tls {
+        plan.tls.refuse_for_plain_target(&plan.target_text)?;
     }
+    let tls = match plan.target.kind {
+        ListenerKind::Tcp => None,
+        ListenerKind::Tls => Some(plan.tls.target(&plan.target_text, Resumption::Disabled)?),
+        ListenerKind::Udp => return udp::run(plan, addr),
+        kind => bail!("bench speaks tcp://, udp:// and tls://, not {kind}://"),
+    };
     let (conns, size, pipeline) = (plan.conns, plan.size, plan.pipeline);
 
     let open_files = crate::net::raise_open_files_limit().context("cannot raise RLIMIT_NOFILE")?;
@@ -87,9 +97,15 @@ pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
              use fewer connections"
         );
     }
-    // One blocking connect first, so an unreachable server is one clear error.
-    TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
-        .with_context(|| format!("cannot connect to {}", addr))?;
+    // One blocking connect (and handshake) first, so an unreachable server or a refused
+    // certificate is one clear error.
+    match &tls {
+        None => drop(
+            TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
+                .with_context(|| format!("cannot connect to {}", addr))?,
+        ),
+        Some(target) => tls_client::close(tls_client::connect(addr, Some(PROBE_TIMEOUT), target)?),
+    }
 
     let sources = source_addresses(addr, conns);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -112,10 +128,14 @@ pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
         interval: plan.interval,
         requests_per_conn,
         id_stride: conns as u64,
+        tls: tls.clone(),
     };
     let shares = split(conns, plan.requests, plan.rate, threads);
     let config = Config {
-        addr: addr.to_string(),
+        addr: match tls {
+            Some(_) => format!("tls://{addr}"),
+            None => addr.to_string(),
+        },
         conns,
         size,
         pipeline,
@@ -127,6 +147,7 @@ pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
         source_addrs: sources.len().max(1),
         requests_per_conn,
         interval_secs: plan.interval.map(|d| d.as_secs_f64()),
+        tls: tls.is_some(),
     };
 
     let shared = Shared::new(threads);

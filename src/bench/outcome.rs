@@ -92,6 +92,33 @@ pub struct Outcome {
     /// Open loop: requests that fell due but were never sent because every connection
     /// still waited for its echoes (the server could not keep up with the rate).
     pub backlog: u64,
+    /// tls:// targets: the handshakes.
+    pub tls: Option<TlsOutcome>,
+}
+
+/// The TLS handshakes one thread completed.
+pub struct TlsOutcome {
+    /// From the TCP connection being established to the handshake being complete.
+    pub handshake_ns: Histogram<u64>,
+    pub handshakes: u64,
+    /// Handshakes completed in the measured window.
+    pub handshakes_measured: u64,
+}
+
+impl TlsOutcome {
+    pub fn new() -> Self {
+        TlsOutcome {
+            handshake_ns: super::histogram::new_latency(),
+            handshakes: 0,
+            handshakes_measured: 0,
+        }
+    }
+}
+
+impl Default for TlsOutcome {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Outcome {
@@ -113,6 +140,7 @@ impl Outcome {
             failures: Vec::new(),
             last_completion: None,
             backlog: 0,
+            tls: None,
         }
     }
 
@@ -141,6 +169,12 @@ impl Outcome {
         self.failures.extend(other.failures);
         self.last_completion = self.last_completion.max(other.last_completion);
         self.backlog += other.backlog;
+        if let Some(theirs) = other.tls {
+            let mine = self.tls.get_or_insert_with(TlsOutcome::new);
+            let _ = mine.handshake_ns.add(&theirs.handshake_ns);
+            mine.handshakes += theirs.handshakes;
+            mine.handshakes_measured += theirs.handshakes_measured;
+        }
     }
 
     /// The figures of interval `index`, created (with those before it) if need be.

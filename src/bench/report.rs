@@ -78,6 +78,9 @@ pub struct Config {
     /// Length of the per-interval figures, if asked for.
     #[serde(default)]
     pub interval_secs: Option<f64>,
+    /// The target was tls://.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 impl Config {
@@ -142,6 +145,22 @@ pub struct Report {
     /// How many reports `merge` combined into this one (1 for a single run).
     #[serde(default = "one")]
     pub merged_reports: usize,
+    /// tls:// targets: the handshakes.
+    #[serde(default)]
+    pub tls: Option<TlsFigures>,
+}
+
+/// The TLS handshakes of a run (all full handshakes: bench does not resume sessions).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TlsFigures {
+    /// Handshakes completed, warm-up and connecting included.
+    pub handshakes: u64,
+    /// Handshakes completed in the measured window, per second (the figure with `--churn`;
+    /// without it every handshake happens before the window).
+    pub handshakes_per_sec: f64,
+    /// From the TCP connection being established to the handshake being complete.
+    pub handshake_latency_us: Latency,
+    pub handshake_latency_histogram: String,
 }
 
 fn one() -> usize {
@@ -204,6 +223,12 @@ impl Report {
             connections_per_sec: per_sec(outcome.opened_measured),
             intervals,
             merged_reports: 1,
+            tls: outcome.tls.as_ref().map(|tls| TlsFigures {
+                handshakes: tls.handshakes,
+                handshakes_per_sec: per_sec(tls.handshakes_measured),
+                handshake_latency_us: Latency::of(&tls.handshake_ns),
+                handshake_latency_histogram: histogram::encode(&tls.handshake_ns),
+            }),
         }
     }
 
@@ -280,6 +305,19 @@ impl Report {
             );
         }
         let _ = writeln!(out, "  connect (us)  {}", line(&self.connect_latency_us));
+        if let Some(tls) = &self.tls {
+            let rate = if c.requests_per_conn.is_some() {
+                format!(", {:.0}/s in the measured window", tls.handshakes_per_sec)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "  tls           {} full handshakes{rate}",
+                tls.handshakes
+            );
+            let _ = writeln!(out, "  handshake (us) {}", line(&tls.handshake_latency_us));
+        }
         if self.merged_reports > 1 {
             let _ = writeln!(
                 out,

@@ -13,6 +13,10 @@
 //! received on its flow), not failures, unless `--max-loss` is exceeded. A datagram that is
 //! corrupted, truncated or names a flow or sequence number never sent is a mismatch, reported
 //! with its flow and sequence number, and the exit status is non-zero.
+//!
+//! `--warmup`: the load runs that long before the measured window; echoes of datagrams sent
+//! during it are still checked byte by byte but not counted (nor are those lost), so every
+//! figure is of the window alone.
 
 use std::collections::VecDeque;
 use std::io;
@@ -24,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::report::Latency;
 use super::BenchPlan;
@@ -69,6 +73,8 @@ struct Flow {
     /// Open loop: when the next datagram is due.
     due: Instant,
     interval: Duration,
+    /// The first sequence number sent in the measured window (the earlier ones are warm-up).
+    first_measured: u64,
 }
 
 /// What the run found (summed over threads).
@@ -97,6 +103,20 @@ impl Tally {
         self.first_error.get_or_insert(what);
     }
 
+    /// Forgets what the warm-up counted (mismatches and errors are kept: they always fail).
+    fn start_measuring(&mut self) {
+        *self = Tally {
+            mismatches: self.mismatches,
+            errors: self.errors,
+            first_error: self.first_error.take(),
+            latency: self.latency.take().map(|mut hist| {
+                hist.reset();
+                hist
+            }),
+            ..Tally::default()
+        };
+    }
+
     fn merge(&mut self, other: Tally) {
         self.sent += other.sent;
         self.back += other.back;
@@ -121,7 +141,7 @@ impl Tally {
 }
 
 /// The UDP report: the usual figures plus what the network did.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct UdpReport {
     /// Echoes received back intact in the run.
     pub requests: u64,
@@ -144,7 +164,7 @@ pub struct UdpReport {
 }
 
 /// How the UDP run was set up.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct UdpConfig {
     pub addr: String,
     pub flows: usize,
@@ -161,6 +181,8 @@ struct Plan {
     size: usize,
     pipeline: usize,
     timeout: Duration,
+    /// The end of the warm-up: counting starts here.
+    measure_from: Instant,
     end: Option<Instant>,
     /// Datagrams this thread sends in all (with `--requests`).
     quota: Option<u64>,
@@ -181,7 +203,11 @@ pub fn run(plan: &BenchPlan, addr: SocketAddr) -> anyhow::Result<()> {
             .context("cannot install the signal handlers")?;
     }
     let seed = super::seed();
+    if plan.announce_start {
+        eprintln!("{}", super::generator::LOAD_STARTED);
+    }
     let start = Instant::now();
+    let measure_from = start + plan.warmup;
     let results: Vec<anyhow::Result<Tally>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
@@ -194,7 +220,8 @@ pub fn run(plan: &BenchPlan, addr: SocketAddr) -> anyhow::Result<()> {
                     size,
                     pipeline: plan.pipeline,
                     timeout: plan.udp_timeout,
-                    end: duration.map(|d| start + d),
+                    measure_from,
+                    end: duration.map(|d| measure_from + d),
                     quota: plan
                         .requests
                         .map(|n| n / threads as u64 + u64::from((t as u64) < n % threads as u64)),
@@ -216,7 +243,7 @@ pub fn run(plan: &BenchPlan, addr: SocketAddr) -> anyhow::Result<()> {
     for result in results {
         tally.merge(result?);
     }
-    let elapsed = start.elapsed().as_secs_f64().max(1e-9);
+    let elapsed = measure_from.elapsed().as_secs_f64().max(1e-9);
     let latency_us = latency(tally.latency.as_ref());
     let loss_percent = if tally.sent == 0 {
         0.0
@@ -376,6 +403,7 @@ fn run_thread(
             // Spread the flows' schedules over one interval.
             due: now + interval.mul_f64(index as f64 / ids.len().max(1) as f64),
             interval,
+            first_measured: 0,
         });
     }
     let mut tally = Tally {
@@ -387,8 +415,16 @@ fn run_thread(
     let mut expect = Vec::with_capacity(plan.size);
     let mut buf = vec![0u8; 64 * 1024];
     let mut quota = plan.quota;
+    let mut measuring = false;
     loop {
         let now = Instant::now();
+        if !measuring && now >= plan.measure_from {
+            measuring = true;
+            tally.start_measuring();
+            for flow in &mut flows {
+                flow.first_measured = flow.next;
+            }
+        }
         let stopping = interrupted.load(Ordering::Relaxed)
             || plan.end.is_some_and(|end| now >= end)
             || quota == Some(0);
@@ -418,9 +454,11 @@ fn run_thread(
                     flow.next += 1;
                     flow.in_flight += 1;
                     flow.due += flow.interval;
-                    tally.sent += 1;
-                    if let Some(q) = &mut quota {
-                        *q -= 1;
+                    if measuring {
+                        tally.sent += 1;
+                        if let Some(q) = &mut quota {
+                            *q -= 1;
+                        }
                     }
                 }
             }
@@ -434,7 +472,9 @@ fn run_thread(
                     State::InFlight(at) if at + plan.timeout <= now => {
                         flow.states[index] = State::Lost;
                         flow.in_flight -= 1;
-                        tally.lost += 1;
+                        if flow.expired_to >= flow.first_measured {
+                            tally.lost += 1;
+                        }
                     }
                     State::InFlight(at) => {
                         let deadline = at + plan.timeout;
@@ -506,6 +546,8 @@ fn check(plan: &Plan, flow: &mut Flow, got: &[u8], expect: &mut Vec<u8>, tally: 
         return;
     }
     datagram(plan.seed, flow.id, seq, plan.size, expect);
+    // Checked like any other, but an echo of a warm-up datagram is not counted.
+    let counted = seq >= flow.first_measured;
     if got.len() != expect.len() {
         let what = format!(
             "flow {} sequence {seq}: {} bytes back for {} sent (truncated or padded)",
@@ -526,11 +568,15 @@ fn check(plan: &Plan, flow: &mut Flow, got: &[u8], expect: &mut Vec<u8>, tally: 
     }
     if seq < flow.base {
         // Older than the window: it was answered or given up on long ago.
-        tally.duplicates += 1;
+        tally.duplicates += u64::from(counted);
         return;
     }
     let index = (seq - flow.base) as usize;
     match flow.states[index] {
+        State::InFlight(_) if !counted => {
+            flow.states[index] = State::Back;
+            flow.in_flight -= 1;
+        }
         State::InFlight(at) => {
             flow.states[index] = State::Back;
             flow.in_flight -= 1;
@@ -544,9 +590,9 @@ fn check(plan: &Plan, flow: &mut Flow, got: &[u8], expect: &mut Vec<u8>, tally: 
             }
             flow.highest_back = Some(flow.highest_back.map_or(seq, |h| h.max(seq)));
         }
-        State::Back => tally.duplicates += 1,
+        State::Back => tally.duplicates += u64::from(counted),
         State::Lost => {
-            tally.late += 1;
+            tally.late += u64::from(counted);
             flow.states[index] = State::Back;
         }
     }

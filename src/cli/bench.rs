@@ -67,6 +67,8 @@ pub struct BenchArgs {
     /// Write a line to stderr when the load starts (for `compare`'s CPU window).
     #[arg(long, hide = true)]
     pub announce_start: bool,
+    #[command(flatten)]
+    pub tls: crate::tls::client::TlsClientArgs,
 }
 
 impl BenchArgs {
@@ -77,16 +79,13 @@ impl BenchArgs {
         let size = self.size as usize;
         let requests_per_conn = self.churn.requests_per_conn();
         match target.kind {
-            ListenerKind::Tcp => {}
+            ListenerKind::Tcp | ListenerKind::Tls => {}
             ListenerKind::Udp => {
                 if !(HEADER..=MAX_SIZE).contains(&size) {
                     bail!(
                         "--size for udp:// must be {HEADER} to {MAX_SIZE} bytes (flow, sequence \
                          number, fill)"
                     );
-                }
-                if !self.warmup.is_zero() {
-                    bail!("--warmup is not supported for udp:// targets yet");
                 }
                 if self.interval.is_some() {
                     bail!("--interval is not supported for udp:// targets yet");
@@ -98,7 +97,7 @@ impl BenchArgs {
                     );
                 }
             }
-            kind => bail!("bench speaks tcp:// and udp://, not {kind}://"),
+            kind => bail!("bench speaks tcp://, udp:// and tls://, not {kind}://"),
         }
         let duration = match (self.duration, self.requests) {
             (None, None) => Some(DEFAULT_DURATION),
@@ -106,6 +105,7 @@ impl BenchArgs {
         };
         Ok(BenchPlan {
             target,
+            target_text: self.target.addr.trim().to_string(),
             conns: self.conns as usize,
             size,
             duration,
@@ -120,6 +120,7 @@ impl BenchArgs {
             max_loss: self.max_loss,
             json: self.json,
             announce_start: self.announce_start,
+            tls: self.tls.clone(),
         })
     }
 }

@@ -22,6 +22,8 @@ pub struct ClientArgs {
     /// udp://, how long each echo may take before its datagram counts as lost (default 1s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
+    #[command(flatten)]
+    pub tls: crate::tls::client::TlsClientArgs,
 }
 
 impl ClientArgs {
@@ -33,8 +35,10 @@ impl ClientArgs {
         }
         Ok(ClientConfig {
             target,
+            addr_text: self.target.addr.clone(),
             split: self.split,
             timeout: self.timeout,
+            tls: self.tls.clone(),
         })
     }
 }

@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::groups::{ChurnArgs, PinningArgs, WorkersArgs};
 use super::parse::{conns, parse_duration, parse_message_size, parse_running_external, threads};
-use crate::compare::{ComparePlan, External};
+use crate::compare::{ComparePlan, External, TlsSweep};
 use crate::server::Model;
 
 /// `multiecho compare`.
@@ -49,6 +49,30 @@ pub struct CompareArgs {
     pub external: Vec<External>,
     #[command(flatten)]
     pub churn: ChurnArgs,
+    /// Compare UDP echo: the models that serve `udp://` listen on one too (with
+    /// `--udp-rate 0`: every flow comes from this machine), the others are skipped, and
+    /// `--external` servers are UDP echo servers. `--conns` counts flows; the report adds
+    /// the datagrams lost, duplicated and reordered.
+    #[arg(long, conflicts_with_all = ["churn", "requests_per_conn", "tls"])]
+    pub udp: bool,
+    /// Messages (datagrams with --udp) in flight per connection (bench's --pipeline).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub pipeline: Option<u64>,
+    /// Sweep TLS too: every model also serves tls:// (as MODEL+tls) beside plain TCP, so the
+    /// report shows each model's TLS cost; `--tls only` for TLS alone. Models that do not
+    /// serve TLS are listed as skipped, with the server's reason. Externals speak TLS when
+    /// named NAME=tls://ADDR.
+    #[arg(long, value_enum, value_name = "WHICH", num_args = 0..=1,
+          default_missing_value = "both")]
+    pub tls: Option<TlsSweep>,
+    /// The certificate (PEM) the TLS servers present, which bench then trusts (give tls://
+    /// externals the same one). Default: a self-signed one for localhost and 127.0.0.1,
+    /// made at start and written into the report directory.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Directory to write report.json, report.md and the charts into.
     #[arg(long, value_name = "DIR", default_value = "compare-report")]
     pub out: PathBuf,
@@ -76,6 +100,11 @@ impl CompareArgs {
             client_cpus: self.pinning.client_cpus.clone(),
             external: self.external.clone(),
             requests_per_conn: self.churn.requests_per_conn(),
+            udp: self.udp,
+            pipeline: self.pipeline,
+            tls: self.tls,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
             out: self.out.clone(),
             redraw: self.redraw.clone(),
         }

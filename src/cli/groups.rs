@@ -12,8 +12,8 @@ use crate::listen::ListenSpec;
 /// The echo server to talk to: `client` and `bench`.
 #[derive(Debug, Args)]
 pub struct TargetArgs {
-    /// Server address: HOST:PORT, [V6]:PORT or PORT (loopback), or udp://HOST:PORT for UDP
-    /// echo (client: a datagram per line).
+    /// Server address: HOST:PORT, [V6]:PORT or PORT (loopback), udp://HOST:PORT for UDP
+    /// echo (client: a datagram per line), or tls://HOST:PORT for TLS (see --tls-ca).
     #[arg(value_name = "ADDR", default_value = crate::net::DEFAULT_LISTEN)]
     pub addr: String,
     /// A port given as a second argument, nc style (`client HOST PORT`): caught only to

@@ -201,12 +201,12 @@ mod tests {
                 "--churn and --requests-per-conn are for TCP",
             ),
             (
-                bench_error(&["bench", "udp://127.0.0.1:7", "--warmup", "1s"]),
-                "--warmup is not supported for udp://",
+                bench_error(&["bench", "udp://127.0.0.1:7", "--interval", "1s"]),
+                "--interval is not supported for udp://",
             ),
             (
                 bench_error(&["bench", "tcp+proxy://127.0.0.1:7"]),
-                "bench speaks tcp:// and udp://",
+                "bench speaks tcp://, udp:// and tls://",
             ),
             (
                 bench_error(&["bench", "127.0.0.1", "4000"]),

@@ -165,12 +165,22 @@ pub fn parse_external(text: &str) -> Result<External, String> {
         }
         None => (rest, None),
     };
-    let addr = crate::net::parse_addr(addr)
-        .map_err(|e| format!("invalid external server '{text}': {e}"))?;
+    let spec =
+        crate::listen::parse(addr).map_err(|e| format!("invalid external server '{text}': {e}"))?;
+    let tls = match spec.kind {
+        crate::listen::ListenerKind::Tcp => false,
+        crate::listen::ListenerKind::Tls => true,
+        kind => {
+            return Err(format!(
+                "invalid external server '{text}': compare loads tcp:// and tls://, not {kind}://"
+            ))
+        }
+    };
     Ok(External {
         name: name.trim().to_string(),
-        addr,
+        addr: spec.addr,
         pid,
+        tls,
     })
 }
 
@@ -293,6 +303,10 @@ mod tests {
         let with_pid = parse_external("socat=[::1]:9@4321").unwrap();
         assert_eq!(with_pid.addr, "[::1]:9".parse().unwrap());
         assert_eq!(with_pid.pid, Some(4321));
+        assert!(!with_pid.tls);
+        let tls = parse_external("ncat=tls://127.0.0.1:7001@99").unwrap();
+        assert!(tls.tls);
+        assert_eq!(tls.addr, "127.0.0.1:7001".parse().unwrap());
         for bad in [
             "127.0.0.1:7000",
             "=127.0.0.1:1",

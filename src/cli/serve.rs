@@ -20,7 +20,9 @@ pub struct ServeArgs {
     /// Where to listen: HOST:PORT, [V6]:PORT or PORT (loopback) for plain TCP, or a URL:
     /// tcp://HOST:PORT, or tcp+proxy://HOST:PORT, where every connection must begin with a
     /// PROXY protocol v1 or v2 header (from HAProxy or another load balancer) naming the real
-    /// client, or udp://HOST:PORT for UDP echo (models iterative, prefork, pool, epoll, async).
+    /// client, or udp://HOST:PORT for UDP echo (models iterative, prefork, pool, epoll, async),
+    /// or tls://HOST:PORT for TLS echo (plaintext echoed; see the TLS flags), or
+    /// tls+proxy://HOST:PORT, a PROXY header and then TLS.
     /// Repeat to listen on several, TCP and UDP together; use 0.0.0.0:4000 or [::]:4000 to
     /// accept connections from other machines.
     #[arg(short, long = "listen", value_name = "ADDR", value_parser = crate::listen::parse,
@@ -56,9 +58,13 @@ pub struct ServeArgs {
     pub ready_fd: Option<i32>,
     /// Serve exactly one connection, already accepted, on standard input, then exit: for
     /// inetd, xinetd (nowait) and systemd Accept=yes sockets. Logs go to stderr. --model and
-    /// --listen do not apply.
-    #[arg(long, conflicts_with = "ready_fd")]
-    pub inetd: bool,
+    /// --listen do not apply. --inetd=tcp+proxy: the connection begins with a PROXY protocol
+    /// v1 or v2 header (from HAProxy or another load balancer, a --trusted-proxy) naming the
+    /// real client, as on a tcp+proxy:// listener.
+    #[arg(long, value_name = "KIND", num_args = 0..=1, require_equals = true,
+          default_missing_value = "tcp", value_parser = crate::server::inetd::parse_kind,
+          conflicts_with = "ready_fd")]
+    pub inetd: Option<crate::listen::ListenerKind>,
     /// Serve Prometheus metrics at http://ADDR/metrics and a health check at /healthz (200
     /// while serving, 503 once shutdown has started), e.g. 127.0.0.1:9100.
     #[arg(long, value_name = "ADDR")]
@@ -67,6 +73,8 @@ pub struct ServeArgs {
     pub admission: AdmissionArgs,
     #[command(flatten)]
     pub udp: UdpArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// How udp:// listeners answer: `serve`'s UDP flags.
@@ -163,6 +171,47 @@ impl ServeArgs {
                 ..self.admission.config()
             },
             metrics: self.metrics,
+            tls: self.tls.options(),
+        }
+    }
+}
+
+/// `serve`'s TLS flags, for tls:// and tls+proxy:// listeners.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "TLS")]
+pub struct TlsArgs {
+    /// The certificate chain to serve on tls:// listeners (PEM, leaf first). Without it, a
+    /// self-signed certificate for localhost, 127.0.0.1, ::1 and the listen addresses is made
+    /// at start and its SHA-256 fingerprint logged.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, RSA or EC; not encrypted).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Mutual TLS: require a client certificate issued by a CA in this PEM file.
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+    /// Close a connection whose TLS handshake has not finished this long after it was
+    /// admitted (after its PROXY header, on tls+proxy://).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+    /// At most N TLS handshakes in progress at once; further connections wait for one to
+    /// finish (within their handshake timeout), so a flood of handshakes cannot take every
+    /// core from established connections.
+    #[arg(long, value_name = "N", default_value_t = crate::tls::server::DEFAULT_MAX_HANDSHAKES as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub tls_max_handshakes: u64,
+}
+
+impl TlsArgs {
+    /// The TLS options these flags describe.
+    pub fn options(&self) -> crate::tls::TlsOptions {
+        crate::tls::TlsOptions {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+            handshake_timeout: self.tls_handshake_timeout,
+            max_handshakes: usize::try_from(self.tls_max_handshakes).unwrap_or(usize::MAX),
         }
     }
 }

@@ -207,7 +207,7 @@ fn short(commit: &str) -> &str {
 pub fn write_all(report: &Report, dir: &Path) -> anyhow::Result<Vec<String>> {
     let mut files = Vec::new();
     for &size in &report.settings.sizes {
-        for metric in Metric::ALL {
+        for metric in Metric::shown(&report.settings) {
             let Some(chart) = chart(report, size, metric) else {
                 continue;
             };

@@ -18,25 +18,20 @@ impl CpuList {
     /// Makes `command`'s process run only on these CPUs (set between fork and exec, so the
     /// process and every thread or child it starts inherit it).
     pub fn pin(&self, command: &mut Command) {
+        use nix::sched::{sched_setaffinity, CpuSet};
+        use nix::unistd::Pid;
         use std::os::unix::process::CommandExt;
-        // SAFETY: cpu_set_t is a plain bit array, for which all-zero bits is the empty set.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let mut set = CpuSet::new();
         for &cpu in &self.0 {
-            // SAFETY: `cpu` < CPU_SETSIZE (checked by `parse_cpu_list`), so the bit is inside
-            // `set`.
-            unsafe { libc::CPU_SET(cpu, &mut set) };
+            set.set(cpu)
+                .expect("a CPU below CPU_SETSIZE (checked by parse_cpu_list)");
         }
         // SAFETY: the closure runs in the forked child before exec; it only makes the
         // sched_setaffinity system call on a set built before the fork (async-signal-safe, no
         // allocation, no locks).
         unsafe {
             command.pre_exec(move || {
-                let size = std::mem::size_of::<libc::cpu_set_t>();
-                if libc::sched_setaffinity(0, size, &set) == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
+                sched_setaffinity(Pid::from_raw(0), &set).map_err(io::Error::from)
             });
         }
     }

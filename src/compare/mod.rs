@@ -15,6 +15,12 @@
 //! loaded server's resident memory (its descendants included) is sampled every 100 ms; its
 //! CPU time is read when the warm-up ends and when the measured window ends.
 //!
+//! `--tls` runs every model a second time behind `tls://` (named `MODEL+tls`), beside the
+//! plain one, so the report shows what TLS costs each; a model that does not serve TLS (its
+//! server refuses to start) is listed as skipped with its reason. The TLS servers present one
+//! certificate (`--tls-cert`, or one made at start and written into the report directory),
+//! and bench trusts exactly it.
+//!
 //! A model that cannot start here is listed as skipped with the server's last log line as
 //! the reason; a point whose load generator saw errors or mismatched bytes is kept, marked
 //! failed. After the report is written, compare exits non-zero if any server sent back wrong
@@ -72,10 +78,52 @@ pub struct ComparePlan {
     pub external: Vec<External>,
     /// Churn: bench opens a new connection every this many round trips.
     pub requests_per_conn: Option<u64>,
+    /// Compare UDP echo (`--udp`): the models that serve `udp://` listen on one too, the
+    /// others are skipped, and externals are UDP echo servers.
+    pub udp: bool,
+    /// bench's `--pipeline`; `None`: bench's default.
+    pub pipeline: Option<u64>,
+    /// Which transports `--tls` sweeps; `None`: plain TCP only.
+    pub tls: Option<TlsSweep>,
+    /// `--tls-cert` and `--tls-key`: the certificate the TLS servers present.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     /// Where report.json, report.md and the charts go.
     pub out: PathBuf,
     /// Measure nothing: redraw the report in this directory from its report.json.
     pub redraw: Option<PathBuf>,
+}
+
+/// Which transports `--tls` sweeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsSweep {
+    /// Plain TCP and TLS, side by side.
+    Both,
+    /// TLS alone.
+    Only,
+}
+
+/// The certificate and key the TLS servers of a comparison present.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl ComparePlan {
+    /// Whether any contender speaks TLS.
+    fn uses_tls(&self) -> bool {
+        self.tls.is_some() || self.external.iter().any(|e| e.tls)
+    }
+
+    /// The transports each model is started on: plain, TLS, or both.
+    fn transports(&self) -> Vec<bool> {
+        match self.tls {
+            None => vec![false],
+            Some(TlsSweep::Both) => vec![false, true],
+            Some(TlsSweep::Only) => vec![true],
+        }
+    }
 }
 
 /// An echo server compare does not start: `NAME=ADDR[@PID]`.
@@ -84,6 +132,8 @@ pub struct External {
     pub name: String,
     pub addr: SocketAddr,
     pub pid: Option<i32>,
+    /// Named with tls://ADDR.
+    pub tls: bool,
 }
 
 /// Whether the model takes `--workers`.
@@ -117,14 +167,21 @@ pub fn run(plan: &ComparePlan) -> anyhow::Result<()> {
         server_cpus: plan.server_cpus.as_ref().map(ToString::to_string),
         client_cpus: plan.client_cpus.as_ref().map(ToString::to_string),
         requests_per_conn: plan.requests_per_conn,
+        udp: plan.udp,
+        pipeline: plan.pipeline,
     };
     let models = &plan.models;
 
     let runs_per_server = (settings.conns.len() * settings.sizes.len()) as u64 * plan.repeat as u64;
-    let servers = (models.len() + plan.external.len()) as u64;
+    let servers = (models.len() * plan.transports().len() + plan.external.len()) as u64;
     let progress = Progress::new(servers * runs_per_server);
+    let tls = if plan.uses_tls() {
+        Some(tls_files(plan)?)
+    } else {
+        None
+    };
     // If one fails to start, dropping the others kills them.
-    let mut contenders = start_all(&exe, models, plan, &progress, runs_per_server)?;
+    let mut contenders = start_all(&exe, models, plan, tls.as_ref(), &progress, runs_per_server)?;
     let mut report = Report {
         environment: environment(),
         settings,
@@ -193,6 +250,28 @@ pub fn run(plan: &ComparePlan) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The TLS servers' certificate and key: `--tls-cert`/`--tls-key`, or a self-signed pair
+/// for localhost and 127.0.0.1 made now (rcgen) and written into the report directory.
+fn tls_files(plan: &ComparePlan) -> anyhow::Result<TlsFiles> {
+    if let (Some(cert), Some(key)) = (&plan.tls_cert, &plan.tls_key) {
+        return Ok(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        });
+    }
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .context("cannot make a TLS certificate")?;
+    let files = TlsFiles {
+        cert: plan.out.join("tls-cert.pem"),
+        key: plan.out.join("tls-key.pem"),
+    };
+    std::fs::write(&files.cert, made.cert.pem())
+        .with_context(|| format!("cannot write {}", files.cert.display()))?;
+    std::fs::write(&files.key, made.signing_key.serialize_pem())
+        .with_context(|| format!("cannot write {}", files.key.display()))?;
+    Ok(files)
+}
+
 /// Makes `command`'s process get SIGTERM if compare dies first (killed, say), so no server
 /// or load generator is left running behind it.
 fn end_with_parent(command: &mut std::process::Command) {
@@ -201,11 +280,8 @@ fn end_with_parent(command: &mut std::process::Command) {
     // system call (async-signal-safe, no allocation, no locks).
     unsafe {
         command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                .map_err(std::io::Error::from)
         });
     }
 }
@@ -284,22 +360,35 @@ impl Contender {
         exe: &Path,
         model: Model,
         plan: &ComparePlan,
+        tls: Option<&TlsFiles>,
         progress: &Progress,
         runs_per_server: u64,
     ) -> anyhow::Result<Contender> {
-        let mut contender = Contender::new(model.name().to_string(), "model");
-        progress.say(&format!("starting the {model} server"));
-        match ServerProcess::start(exe, model, plan)? {
+        let name = match tls {
+            Some(_) => format!("{}+tls", model.name()),
+            None => model.name().to_string(),
+        };
+        let mut contender = Contender::new(name.clone(), "model");
+        if plan.udp && !model.serves_udp() {
+            let reason = format!("no udp:// (these models serve it: {})", Model::udp_models());
+            progress.skip(runs_per_server);
+            contender.result.skipped = Some(reason);
+            return Ok(contender);
+        }
+        progress.say(&format!("starting the {name} server"));
+        match ServerProcess::start(exe, model, plan, tls)? {
             Ok(server) => {
-                contender.result.address = Some(server.addr.to_string());
+                let scheme = if tls.is_some() { "tls://" } else { "" };
+                contender.result.address = Some(format!("{scheme}{}", server.addr));
                 contender.target = Some(Target {
                     addr: server.addr,
                     pid: Some(server.child.id() as i32),
+                    tls_ca: tls.map(|files| files.cert.clone()),
                 });
                 contender.process = Some(server);
             }
             Err(reason) => {
-                progress.say(&format!("{model}: skipped: {reason}"));
+                progress.say(&format!("{name}: skipped: {reason}"));
                 progress.skip(runs_per_server);
                 contender.result.skipped = Some(reason);
             }
@@ -308,12 +397,14 @@ impl Contender {
     }
 
     /// A server that is already running.
-    fn external(external: &External) -> Contender {
+    fn external(external: &External, tls: Option<&TlsFiles>) -> Contender {
         let mut contender = Contender::new(external.name.clone(), "external");
-        contender.result.address = Some(external.addr.to_string());
+        let scheme = if external.tls { "tls://" } else { "" };
+        contender.result.address = Some(format!("{scheme}{}", external.addr));
         contender.target = Some(Target {
             addr: external.addr,
             pid: external.pid,
+            tls_ca: tls.filter(|_| external.tls).map(|files| files.cert.clone()),
         });
         contender
     }
@@ -329,7 +420,9 @@ impl Contender {
         round: u32,
         progress: &Progress,
     ) {
-        let Some(target) = self.target else { return };
+        let Some(target) = self.target.clone() else {
+            return;
+        };
         let name = &self.result.name;
         progress.start_run(name, conns, size, round, plan.repeat);
         let run = match self.process.as_mut().and_then(ServerProcess::exit_reason) {
@@ -371,15 +464,24 @@ fn start_all(
     exe: &Path,
     models: &[Model],
     plan: &ComparePlan,
+    tls: Option<&TlsFiles>,
     progress: &Progress,
     runs_per_server: u64,
 ) -> anyhow::Result<Vec<Contender>> {
     let mut contenders = Vec::new();
     for &model in models {
-        let contender = Contender::start_model(exe, model, plan, progress, runs_per_server)?;
-        contenders.push(contender);
+        for over_tls in plan.transports() {
+            let files = tls.filter(|_| over_tls);
+            let contender =
+                Contender::start_model(exe, model, plan, files, progress, runs_per_server)?;
+            contenders.push(contender);
+        }
     }
-    contenders.extend(plan.external.iter().map(Contender::external));
+    contenders.extend(
+        plan.external
+            .iter()
+            .map(|external| Contender::external(external, tls)),
+    );
     Ok(contenders)
 }
 

@@ -101,9 +101,11 @@ fn tree_from_full_scan(root: i32) -> Vec<i32> {
 
 /// Seconds per clock tick, the unit of /proc/PID/stat times.
 fn seconds_per_tick() -> f64 {
-    // SAFETY: sysconf only reads a system constant.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    1.0 / if ticks > 0 { ticks as f64 } else { 100.0 }
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK);
+    1.0 / match ticks {
+        Ok(Some(ticks)) if ticks > 0 => ticks as f64,
+        _ => 100.0,
+    }
 }
 
 /// CPU seconds used so far by `root` and its descendants (live and reaped), or `None` when

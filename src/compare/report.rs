@@ -116,6 +116,12 @@ pub struct Settings {
     /// Churn: bench opened a new connection every this many round trips.
     #[serde(default)]
     pub requests_per_conn: Option<u64>,
+    /// UDP echo (`--udp`): a round trip is a datagram echoed, a connection a flow.
+    #[serde(default)]
+    pub udp: bool,
+    /// Messages in flight per connection (`--pipeline`; `None`: bench's default).
+    #[serde(default)]
+    pub pipeline: Option<u64>,
 }
 
 /// One server's part of the comparison.
@@ -219,6 +225,15 @@ pub struct Figures {
     /// p99 of the time a connect took, in µs.
     #[serde(default)]
     pub connect_p99_us: Option<f64>,
+    /// UDP: datagrams sent and not echoed within bench's --udp-timeout, in % of those sent.
+    #[serde(default)]
+    pub lost_percent: Option<f64>,
+    /// UDP: echoes that came back more than once.
+    #[serde(default)]
+    pub duplicates: Option<f64>,
+    /// UDP: echoes that came back after a later one of their flow.
+    #[serde(default)]
+    pub reordered: Option<f64>,
 }
 
 /// Round-trip latency percentiles, in µs.
@@ -275,6 +290,9 @@ impl Figures {
             peak_rss_kib: of_some(|f| f.peak_rss_kib),
             connections_per_sec: of_some(|f| f.connections_per_sec),
             connect_p99_us: of_some(|f| f.connect_p99_us),
+            lost_percent: of_some(|f| f.lost_percent),
+            duplicates: of_some(|f| f.duplicates),
+            reordered: of_some(|f| f.reordered),
         })
     }
 }
@@ -286,15 +304,29 @@ pub enum Metric {
     P99Latency,
     CpuPerRoundTrip,
     PeakRss,
+    Lost,
+    Duplicates,
+    Reordered,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 4] = [
+    pub const ALL: [Metric; 7] = [
         Metric::RoundTripsPerSec,
         Metric::P99Latency,
         Metric::CpuPerRoundTrip,
         Metric::PeakRss,
+        Metric::Lost,
+        Metric::Duplicates,
+        Metric::Reordered,
     ];
+
+    /// The metrics a report shows: what the network did to datagrams only over UDP.
+    pub fn shown(settings: &Settings) -> impl Iterator<Item = Metric> {
+        let udp = settings.udp;
+        Metric::ALL.into_iter().filter(move |m| {
+            udp || !matches!(m, Metric::Lost | Metric::Duplicates | Metric::Reordered)
+        })
+    }
 
     /// A title for tables and charts.
     pub fn title(self) -> &'static str {
@@ -303,6 +335,9 @@ impl Metric {
             Metric::P99Latency => "p99 round-trip latency (µs)",
             Metric::CpuPerRoundTrip => "Server CPU time per round trip (µs)",
             Metric::PeakRss => "Peak server RSS (MiB)",
+            Metric::Lost => "Datagrams lost (% of those sent)",
+            Metric::Duplicates => "Duplicated datagrams (per run)",
+            Metric::Reordered => "Reordered datagrams (per run)",
         }
     }
 
@@ -313,6 +348,9 @@ impl Metric {
             Metric::P99Latency => "p99 latency (µs)",
             Metric::CpuPerRoundTrip => "CPU µs per round trip",
             Metric::PeakRss => "peak RSS (MiB)",
+            Metric::Lost => "lost (%)",
+            Metric::Duplicates => "duplicates",
+            Metric::Reordered => "reordered",
         }
     }
 
@@ -323,6 +361,9 @@ impl Metric {
             Metric::P99Latency => "p99_latency",
             Metric::CpuPerRoundTrip => "cpu_per_round_trip",
             Metric::PeakRss => "peak_rss",
+            Metric::Lost => "lost",
+            Metric::Duplicates => "duplicates",
+            Metric::Reordered => "reordered",
         }
     }
 
@@ -333,14 +374,19 @@ impl Metric {
             Metric::P99Latency => Some(figures.latency_us.p99),
             Metric::CpuPerRoundTrip => figures.server_cpu_us_per_round_trip,
             Metric::PeakRss => figures.peak_rss_kib.map(|kib| kib / 1024.0),
+            Metric::Lost => figures.lost_percent,
+            Metric::Duplicates => figures.duplicates,
+            Metric::Reordered => figures.reordered,
         }
     }
 
     fn format(self, value: f64) -> String {
         match self {
-            Metric::RoundTripsPerSec => thousands(value.round() as u64),
+            Metric::RoundTripsPerSec | Metric::Duplicates | Metric::Reordered => {
+                thousands(value.round() as u64)
+            }
             Metric::P99Latency if value >= 100.0 => thousands(value.round() as u64),
-            Metric::P99Latency | Metric::CpuPerRoundTrip | Metric::PeakRss => {
+            Metric::P99Latency | Metric::CpuPerRoundTrip | Metric::PeakRss | Metric::Lost => {
                 if value >= 100.0 {
                     format!("{value:.0}")
                 } else if value >= 10.0 {
@@ -522,6 +568,15 @@ pub fn markdown(report: &Report, charts: &[String]) -> String {
     if let Some(workers) = settings.workers {
         let _ = writeln!(out, "- Workers: {workers}");
     }
+    if settings.udp {
+        let _ =
+            writeln!(
+            out,
+            "- UDP echo: a connection is a flow (its own source port), a round trip a datagram \
+             echoed; {} datagram(s) in flight per flow",
+            settings.pipeline.map_or("bench's default number of".into(), |n| n.to_string())
+        );
+    }
     if let Some(n) = settings.requests_per_conn {
         let _ = writeln!(
             out,
@@ -568,7 +623,7 @@ pub fn markdown(report: &Report, charts: &[String]) -> String {
     );
     for &size in &settings.sizes {
         let _ = writeln!(out, "\n## {} messages\n", size_label(size));
-        for metric in Metric::ALL {
+        for metric in Metric::shown(settings) {
             let _ = writeln!(out, "### {}\n", metric.title());
             out.push_str(&table(report, size, metric));
             out.push('\n');
@@ -658,6 +713,9 @@ pub(crate) mod tests {
             peak_rss_kib: Some(4096.0),
             connections_per_sec: None,
             connect_p99_us: None,
+            lost_percent: None,
+            duplicates: None,
+            reordered: None,
         };
         let ran = |name: &str, scale: f64| ServerResult {
             name: name.into(),
@@ -716,6 +774,8 @@ pub(crate) mod tests {
                 server_cpus: Some("0".into()),
                 client_cpus: None,
                 requests_per_conn: None,
+                udp: false,
+                pipeline: None,
             },
             noise: None,
             servers: vec![

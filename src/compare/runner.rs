@@ -13,6 +13,7 @@ use super::report::{Figures, Latency, Run};
 use super::{describe, last_line, procfs, ComparePlan};
 use crate::bench::generator::LOAD_STARTED;
 use crate::bench::report::{self as bench_report, Report};
+use crate::bench::udp::UdpReport;
 
 /// How often peak memory is sampled during a point.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
@@ -21,16 +22,33 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 const BENCH_GRACE: Duration = Duration::from_secs(60);
 
 /// A server to load: where it listens and, if known, its process.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct Target {
     pub(super) addr: SocketAddr,
     pub(super) pid: Option<i32>,
+    /// Over TLS: the certificate bench trusts (`--tls-ca`).
+    pub(super) tls_ca: Option<std::path::PathBuf>,
 }
 
-/// Finds bench's JSON object in its stdout: the [`Report`] bench writes, read back through
-/// the same type, so the two cannot disagree on a field.
-fn parse_bench_output(stdout: &str) -> Result<Report, String> {
-    let whole = serde_json::from_str::<Report>(stdout.trim());
+/// What `bench --json` printed, read back through the very types bench writes (so the two
+/// cannot disagree on a field): its report for a TCP or TLS target, or for a udp:// one.
+enum BenchOutput {
+    Stream(Box<Report>),
+    Datagram(Box<UdpReport>),
+}
+
+/// Finds bench's JSON object in its stdout: `udp` says which report to expect.
+fn parse_bench_output(stdout: &str, udp: bool) -> Result<BenchOutput, String> {
+    if udp {
+        parse_json(stdout).map(|report| BenchOutput::Datagram(Box::new(report)))
+    } else {
+        parse_json(stdout).map(|report| BenchOutput::Stream(Box::new(report)))
+    }
+}
+
+/// The whole of `stdout` as one `T`, or else its last line that is one.
+fn parse_json<T: serde::de::DeserializeOwned>(stdout: &str) -> Result<T, String> {
+    let whole = serde_json::from_str::<T>(stdout.trim());
     whole.or_else(|e| {
         stdout
             .lines()
@@ -39,6 +57,64 @@ fn parse_bench_output(stdout: &str) -> Result<Report, String> {
             .find_map(|line| serde_json::from_str(line).ok())
             .ok_or_else(|| format!("cannot read bench's JSON output: {e}"))
     })
+}
+
+/// The figures compare takes from either report, in its own units.
+struct Output {
+    requests: u64,
+    duration_secs: f64,
+    requests_per_sec: f64,
+    bytes_per_sec: f64,
+    latency_us: bench_report::Latency,
+    connections: f64,
+    errors: f64,
+    mismatches: f64,
+    connections_per_sec: Option<f64>,
+    connect_p99_us: Option<f64>,
+    lost_percent: Option<f64>,
+    duplicates: Option<f64>,
+    reordered: Option<f64>,
+    first_error: Option<String>,
+}
+
+impl From<BenchOutput> for Output {
+    fn from(output: BenchOutput) -> Output {
+        match output {
+            BenchOutput::Stream(r) => Output {
+                requests: r.requests,
+                duration_secs: r.duration_secs,
+                requests_per_sec: r.requests_per_sec,
+                bytes_per_sec: r.bytes_per_sec,
+                latency_us: r.latency_us,
+                connections: r.connections as f64,
+                errors: r.errors as f64,
+                mismatches: r.mismatches as f64,
+                connections_per_sec: Some(r.connections_per_sec),
+                connect_p99_us: Some(r.connect_latency_us.p99),
+                lost_percent: None,
+                duplicates: None,
+                reordered: None,
+                first_error: r.first_error,
+            },
+            BenchOutput::Datagram(r) => Output {
+                requests: r.requests,
+                duration_secs: r.duration_secs,
+                requests_per_sec: r.requests_per_sec,
+                bytes_per_sec: r.bytes_per_sec,
+                latency_us: r.latency_us,
+                // A UDP run has flows, not connections.
+                connections: 0.0,
+                errors: r.errors as f64,
+                mismatches: r.mismatches as f64,
+                connections_per_sec: None,
+                connect_p99_us: None,
+                lost_percent: Some(r.loss_percent),
+                duplicates: Some(r.duplicates as f64),
+                reordered: Some(r.reordered as f64),
+                first_error: r.first_error,
+            },
+        }
+    }
 }
 
 /// One run of `multiecho bench` against one point, with the server's CPU time and peak
@@ -55,9 +131,16 @@ pub(super) fn run_bench(
         failure: Some(failure),
     };
     let mut command = Command::new(exe);
+    command.arg("bench");
+    match &target.tls_ca {
+        Some(ca) => command
+            .arg(format!("tls://{}", target.addr))
+            .arg("--tls-ca")
+            .arg(ca),
+        None if plan.udp => command.arg(format!("udp://{}", target.addr)),
+        None => command.arg(target.addr.to_string()),
+    };
     command
-        .arg("bench")
-        .arg(target.addr.to_string())
         .args(["--conns", &conns.to_string(), "--size", &size.to_string()])
         .args(["--duration", &plan.duration.as_secs_f64().to_string()])
         .args(["--warmup", &plan.warmup.as_secs_f64().to_string()])
@@ -69,6 +152,9 @@ pub(super) fn run_bench(
         .stderr(Stdio::piped());
     if let Some(threads) = plan.threads {
         command.args(["--threads", &threads.to_string()]);
+    }
+    if let Some(n) = plan.pipeline {
+        command.args(["--pipeline", &n.to_string()]);
     }
     if let Some(n) = plan.requests_per_conn {
         command.args(["--requests-per-conn", &n.to_string()]);
@@ -152,8 +238,8 @@ pub(super) fn run_bench(
     let stderr = stderr.join().unwrap_or_default();
     let last_err_line = last_line(&stderr);
 
-    let output = match parse_bench_output(&stdout) {
-        Ok(output) => output,
+    let output = match parse_bench_output(&stdout, plan.udp) {
+        Ok(output) => Output::from(output),
         Err(e) => {
             let why = last_err_line.unwrap_or(e);
             return failed(format!("bench {}: {why}", describe(status)));
@@ -178,11 +264,14 @@ pub(super) fn run_bench(
         server_cpu_cores: cpu,
         peak_rss_kib: peak_rss.map(|kib| kib as f64),
         latency_us: latency(&output.latency_us),
-        connections: output.connections as f64,
-        errors: output.errors as f64,
-        mismatches: output.mismatches as f64,
-        connections_per_sec: Some(output.connections_per_sec),
-        connect_p99_us: Some(output.connect_latency_us.p99),
+        connections: output.connections,
+        errors: output.errors,
+        mismatches: output.mismatches,
+        connections_per_sec: output.connections_per_sec,
+        connect_p99_us: output.connect_p99_us,
+        lost_percent: output.lost_percent,
+        duplicates: output.duplicates,
+        reordered: output.reordered,
     };
     let mut problems = Vec::new();
     if !status.success() {
@@ -282,15 +371,19 @@ mod tests {
             source_addrs: 1,
             requests_per_conn: None,
             interval_secs: None,
+            tls: false,
         };
         let written = Report::new(&outcome, 0.5, 0.0, config);
-        let output = parse_bench_output(&written.to_json()).unwrap();
+        let output = Output::from(parse_bench_output(&written.to_json(), false).unwrap());
         assert_eq!(output.requests, 10);
         assert_eq!(output.requests_per_sec, 20.0);
         assert_eq!(output.latency_us, written.latency_us);
         let one_line = serde_json::to_string(&written).unwrap();
         let noisy = format!("warming up\n{one_line}\n");
-        assert_eq!(parse_bench_output(&noisy).unwrap().requests, 10);
-        assert!(parse_bench_output("oops").is_err());
+        let output = Output::from(parse_bench_output(&noisy, false).unwrap());
+        assert_eq!(output.requests, 10);
+        assert!(parse_bench_output("oops", false).is_err());
+        // A TCP report is not a UDP one: the expected type is checked.
+        assert!(parse_bench_output(&written.to_json(), true).is_err());
     }
 }

@@ -1,6 +1,7 @@
-//! The `multiecho serve` child of a comparison: started on a free loopback port, its stderr
-//! drained on a thread (so it never blocks) into its last lines, probed with one round trip,
-//! and stopped with SIGTERM (it must exit 0).
+//! The `multiecho serve` child of a comparison: started on a free loopback port (and, with
+//! `--udp`, a UDP one: its address is the server's), its stderr drained on a thread (so it
+//! never blocks) into its last lines, probed with one round trip, and stopped with SIGTERM (it
+//! must exit 0).
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
@@ -13,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{describe, takes_workers, ComparePlan, StopOutcome};
+use super::{describe, takes_workers, ComparePlan, StopOutcome, TlsFiles};
 use crate::activation::{parse_ready_lines, ReadyPipe};
+use crate::listen::ListenerKind;
 use crate::server::Model;
 
 /// How long a model may take to say where it listens.
@@ -41,16 +43,29 @@ impl ServerProcess {
         exe: &Path,
         model: Model,
         plan: &ComparePlan,
+        tls: Option<&TlsFiles>,
     ) -> anyhow::Result<Result<ServerProcess, String>> {
         let mut command = Command::new(exe);
+        command.args(["serve", "--model", model.name(), "--listen"]);
+        match tls {
+            Some(files) => command
+                .arg("tls://127.0.0.1:0")
+                .arg("--tls-cert")
+                .arg(&files.cert)
+                .arg("--tls-key")
+                .arg(&files.key),
+            None => command.arg("127.0.0.1:0"),
+        };
         command
-            .args(["serve", "--model", model.name(), "--listen", "127.0.0.1:0"])
             // The readiness line is at info level; more would slow the server down.
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if plan.udp {
+            command.args(["--listen", "udp://127.0.0.1:0", "--udp-rate", "0"]);
+        }
         if let Some(workers) = plan.workers.filter(|_| takes_workers(model)) {
             command.args(["--workers", &workers.to_string()]);
         }
@@ -71,7 +86,14 @@ impl ServerProcess {
         let ready = ready.into_reader();
         let log = Arc::new(Mutex::new(VecDeque::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
-        thread::spawn(move || read_ready_fd(ready, ready_tx));
+        let kind = if plan.udp {
+            ListenerKind::Udp
+        } else if tls.is_some() {
+            ListenerKind::Tls
+        } else {
+            ListenerKind::Tcp
+        };
+        thread::spawn(move || read_ready_fd(ready, kind, ready_tx));
         let stderr = child.stderr.take().expect("stderr is piped");
         let log_reader = {
             let log = Arc::clone(&log);
@@ -90,7 +112,12 @@ impl ServerProcess {
                 server.addr = addr;
                 // A model that cannot run may still bind and log its address before it
                 // fails, so only a round trip shows it really serves.
-                match probe(addr) {
+                let probed = if plan.udp {
+                    probe_udp(addr)
+                } else {
+                    probe(addr, tls)
+                };
+                match probed {
                     Ok(()) => Ok(Ok(server)),
                     Err(e) => Ok(Err(server.not_serving(&e))),
                 }
@@ -236,18 +263,55 @@ impl Drop for ServerProcess {
     }
 }
 
-/// One small round trip to `addr`: does something there echo?
-fn probe(addr: SocketAddr) -> std::io::Result<()> {
-    use std::io::Write;
+/// One small round trip to `addr` (over TLS, trusting `tls`'s certificate, if given): does
+/// something there echo?
+fn probe(addr: SocketAddr, tls: Option<&TlsFiles>) -> std::io::Result<()> {
     let patience = Duration::from_secs(10);
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, patience)?;
-    stream.set_read_timeout(Some(patience))?;
-    stream.set_write_timeout(Some(patience))?;
+    let Some(files) = tls else {
+        let stream = std::net::TcpStream::connect_timeout(&addr, patience)?;
+        stream.set_read_timeout(Some(patience))?;
+        stream.set_write_timeout(Some(patience))?;
+        return round_trip(stream);
+    };
+    use crate::tls::client::{self as tls_client, Resumption, TlsClientArgs};
+    let args = TlsClientArgs {
+        tls_ca: Some(files.cert.clone()),
+        ..TlsClientArgs::default()
+    };
+    let mut stream = args
+        .target(&addr.to_string(), Resumption::Allowed)
+        .and_then(|target| tls_client::connect(addr, Some(patience), &target))
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    stream.sock.set_read_timeout(Some(patience))?;
+    stream.sock.set_write_timeout(Some(patience))?;
+    round_trip(&mut stream)?;
+    tls_client::close(stream);
+    Ok(())
+}
+
+/// Sends a line and reads its echo back.
+fn round_trip(mut stream: impl std::io::Read + std::io::Write) -> std::io::Result<()> {
     let hello = b"multiecho compare probe\n";
     stream.write_all(hello)?;
+    stream.flush()?;
     let mut back = [0; 24];
     stream.read_exact(&mut back)?;
     if &back[..] != hello {
+        return Err(std::io::Error::other("it sent back different bytes"));
+    }
+    Ok(())
+}
+
+/// One datagram to `addr`: does something there echo it?
+fn probe_udp(addr: SocketAddr) -> std::io::Result<()> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    socket.connect(addr)?;
+    socket.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let hello = b"multiecho compare probe";
+    socket.send(hello)?;
+    let mut back = [0; 64];
+    let n = socket.recv(&mut back)?;
+    if &back[..n] != hello {
         return Err(std::io::Error::other("it sent back different bytes"));
     }
     Ok(())
@@ -272,18 +336,15 @@ fn drain_log(stderr: impl Read, log: &Mutex<VecDeque<String>>) {
     }
 }
 
-/// Reports the first listener's address from the server's `--ready-fd`, which it closes once
-/// every listener accepts; sends nothing (drops the sender) if it closed it empty.
-fn read_ready_fd(ready: std::fs::File, tx: mpsc::Sender<SocketAddr>) {
+/// Reports the first `kind` listener's address from the server's `--ready-fd`, which it closes
+/// once every listener accepts; sends nothing (drops the sender) if it closed it without one.
+fn read_ready_fd(ready: std::fs::File, kind: ListenerKind, tx: mpsc::Sender<SocketAddr>) {
     let mut text = String::new();
     if BufReader::new(ready).read_to_string(&mut text).is_err() {
         return;
     }
-    if let Some(&(_, addr)) = parse_ready_lines(&text)
-        .ok()
-        .as_deref()
-        .and_then(<[_]>::first)
-    {
+    let listeners = parse_ready_lines(&text).unwrap_or_default();
+    if let Some(&(_, addr)) = listeners.iter().find(|(k, _)| *k == kind) {
         let _ = tx.send(addr);
     }
 }

@@ -24,6 +24,20 @@
 //! connection whose client does not read holds at most one read's worth (64 KiB) of pending
 //! echo, and the kernel stops the client once that connection's receive buffer is full.
 //!
+//! TLS (`tls://`, `tls+proxy://`): the connection carries a [`TlsSession`] (boxed, so plain
+//! connections stay as small as before and their path gains one branch). The socket is read
+//! into the same 64 KiB buffer and handed to the session, which decrypts, echoes into rustls's
+//! writer and queues ciphertext; the queue is written straight from rustls's buffers with one
+//! `writev`. The session wants no input while any output is unsent (plain echo's rule), and a
+//! writable edge flushes it as it flushes `pending`. A TLS connection costs one plaintext
+//! scratch buffer per worker (16 KiB) plus its session: a few KiB while idle, at most about
+//! 200 KiB for a client that stops reading (see `tls::session`). Handshakes: a connection
+//! handshakes only with a permit under the server's cap on handshakes in progress; without one
+//! it waits unread (a slab entry and a session, no CPU) and takes a permit when one comes back,
+//! oldest first (the cap's room descriptor wakes every worker, and a worker with waiting
+//! connections also retries every `HANDSHAKE_RETRY`). The sweep closes a connection whose
+//! handshake (waiting or running) is not done within the handshake timeout.
+//!
 //! Limits: `--max-conns` is a counter shared by the workers; at the limit they stop accepting
 //! (clients wait in the backlog) and retry every `FULL_RETRY`, and a worker that frees a slot
 //! retries at once. Accept errors follow `crate::net::classify_accept_error`: running out of
@@ -37,12 +51,15 @@
 //! A worker that fails fatally triggers the shutdown so that the others stop too.
 //!
 //! UDP (`udp.rs`): `--workers` more event loops, each with its own `Poll` and a duplicate of
-//! every `udp://` socket, receive until `WouldBlock` and echo each admitted datagram at once
-//! (a full send buffer holds the echo and pauses reading that socket). Cost: a `recvmsg` and a
-//! `sendto` per datagram plus a share of `epoll_wait`, one 64 KiB buffer per loop, no
-//! allocation unless the send buffer is full; every loop wakes on a burst. At shutdown the UDP
+//! every `udp://` socket, receive in batches (`recvmmsg`) until `WouldBlock` and echo each
+//! batch's admitted datagrams with one `sendmmsg` (a full send buffer holds the unsent echoes
+//! and pauses reading that socket). Cost: a `recvmmsg` and a `sendmmsg` per batch of up to 64
+//! plus a share of `epoll_wait`, a batch of 64 slots of 64 KiB per socket per loop (touched as
+//! far as datagrams fill them), no copy when the send buffer is full; every loop wakes on a
+//! burst. At shutdown the UDP
 //! loops stop at once while the TCP workers drain.
 
+use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown as Direction, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
@@ -63,6 +80,8 @@ use crate::server::conn::proxy::HeaderReader;
 use crate::server::conn::{Admitted, End, Lifecycle};
 use crate::server::{Server, ServerConfig};
 use crate::shutdown::Shutdown;
+use crate::tls::session::{Outcome, TlsSession, SCRATCH_SIZE};
+use crate::tls::{HandshakePermit, TlsServer};
 
 mod udp;
 
@@ -76,11 +95,16 @@ const READ_BUDGET: usize = 16;
 const ACCEPT_BUDGET: usize = 256;
 /// How often a worker retries accepting while the server is at `--max-conns`.
 const FULL_RETRY: Duration = Duration::from_millis(10);
-/// The shutdown descriptor's token; listeners count down from just below it.
+/// The shutdown descriptor's token; listeners count down from below the next one.
 const SHUTDOWN: Token = Token(usize::MAX);
+/// The handshake cap's room descriptor (with TLS listeners).
+const HANDSHAKE_ROOM: Token = Token(usize::MAX - 1);
+/// How often a worker with connections waiting for a handshake permit tries again, should the
+/// room signal have gone to another worker that took the room.
+const HANDSHAKE_RETRY: Duration = Duration::from_millis(50);
 
 fn listener_token(index: usize) -> Token {
-    Token(usize::MAX - 1 - index)
+    Token(usize::MAX - 2 - index)
 }
 
 /// Runs the epoll model.
@@ -140,6 +164,51 @@ struct Connection {
     /// An event reported the peer's FIN or an error: that edge is spent, so reads must go on
     /// until they see it (a short read no longer proves there is nothing left).
     peer_closing: bool,
+    /// On a `tls://` or `tls+proxy://` listener: the TLS session (boxed, so a plain
+    /// connection stays small).
+    tls: Option<Box<TlsConn>>,
+}
+
+/// A TLS connection's session and where its handshake stands.
+struct TlsConn {
+    session: TlsSession,
+    handshake: Handshake,
+    /// The handshake timeout, which starts again once a PROXY header admits the client.
+    timeout: Duration,
+}
+
+/// Where a TLS connection's handshake stands, for the handshake cap and timeout.
+#[derive(Debug)]
+enum Handshake {
+    /// Waiting for a permit under the server's handshake cap: not read at all yet.
+    Queued {
+        deadline: Instant,
+    },
+    /// Holding a permit (given back on drop) until the handshake completes or fails.
+    Running {
+        deadline: Instant,
+        _permit: HandshakePermit,
+    },
+    Done,
+}
+
+impl Handshake {
+    /// The handshake's time runs from `now` (the client was just admitted).
+    fn restart(&mut self, now: Instant, timeout: Duration) {
+        match self {
+            Handshake::Queued { deadline } | Handshake::Running { deadline, .. } => {
+                *deadline = now + timeout;
+            }
+            Handshake::Done => {}
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        match self {
+            Handshake::Queued { deadline } | Handshake::Running { deadline, .. } => Some(*deadline),
+            Handshake::Done => None,
+        }
+    }
 }
 
 /// Who a connection is for.
@@ -174,14 +243,23 @@ impl Connection {
     /// Does everything the socket allows now: reads the PROXY header if one is due, flushes
     /// pending echo, then reads and echoes until the socket is drained, full, or the budget is
     /// spent.
-    fn drive(&mut self, buffer: &mut [u8], now: Instant, lifecycle: &Lifecycle) -> Next {
+    fn drive(
+        &mut self,
+        buffer: &mut [u8],
+        scratch: &mut [u8],
+        now: Instant,
+        lifecycle: &Lifecycle,
+    ) -> Next {
+        if self.tls.is_some() {
+            return self.drive_tls(buffer, scratch, now, lifecycle);
+        }
         if let Peer::AwaitingHeader(_) = self.peer {
-            if let Some(next) = self.read_header(buffer, lifecycle) {
+            if let Some(next) = self.read_header(buffer, scratch, lifecycle) {
                 return next;
             }
         }
         if !self.pending.is_empty() {
-            match self.flush(now) {
+            match self.flush(now, lifecycle) {
                 Ok(true) => {}
                 Ok(false) => return Next::Wait,
                 Err(e) => return Next::Close(End::Failed(e)),
@@ -200,10 +278,12 @@ impl Connection {
                 Err(e) => return Next::Close(End::Failed(e)),
             };
             self.last_active = now;
+            lifecycle.received(read);
             let written = match write_some(&self.stream, &buffer[..read]) {
                 Ok(written) => written,
                 Err(e) => return Next::Close(End::Failed(e)),
             };
+            lifecycle.sent(written);
             self.bytes += written as u64;
             if written < read {
                 // Backpressure: keep the rest and stop reading until it is flushed.
@@ -219,9 +299,114 @@ impl Connection {
         Next::Defer
     }
 
+    /// [`Connection::drive`] for a TLS connection: once it holds a handshake slot, reads the
+    /// PROXY header if one is due, then sends what the session has queued, and reads and hands
+    /// the session ciphertext while it wants input, until the socket is drained or full, the
+    /// session finishes, or the budget is spent.
+    fn drive_tls(
+        &mut self,
+        buffer: &mut [u8],
+        scratch: &mut [u8],
+        now: Instant,
+        lifecycle: &Lifecycle,
+    ) -> Next {
+        if matches!(
+            self.tls.as_deref(),
+            Some(TlsConn {
+                handshake: Handshake::Queued { .. },
+                ..
+            })
+        ) {
+            // Driven again when it gets a slot.
+            return Next::Wait;
+        }
+        if let Peer::AwaitingHeader(_) = self.peer {
+            if let Some(next) = self.read_header(buffer, scratch, lifecycle) {
+                return next;
+            }
+        }
+        let tls = self.tls.as_deref_mut().expect("a TLS connection");
+        let mut drained = false;
+        for _ in 0..READ_BUDGET {
+            // Queued output goes first: nothing more is read while any of it is unsent.
+            while tls.session.wants_write() {
+                match tls.session.write_tls(&mut &self.stream) {
+                    Ok(0) => return Next::Close(End::Failed(ErrorKind::WriteZero.into())),
+                    Ok(_) => {
+                        self.last_active = now;
+                        tls.session.progress(scratch);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        return match tls.session.finished() {
+                            // The last echo and our close_notify wait for room.
+                            None | Some(Outcome::Closed) => Next::Wait,
+                            // A failure's alert goes out only if it fits at once.
+                            Some(_) => Next::Close(tls_end(&mut tls.session)),
+                        };
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Next::Close(End::Failed(e)),
+                }
+            }
+            if let Some(outcome) = tls.session.finished() {
+                if matches!(outcome, Outcome::Closed) {
+                    // Everything and our close_notify are out: the TLS half-close done, ours.
+                    let _ = self.stream.shutdown(Direction::Write);
+                }
+                return Next::Close(tls_end(&mut tls.session));
+            }
+            if drained || !tls.session.wants_input() {
+                return Next::Wait;
+            }
+            let read = match (&self.stream).read(buffer) {
+                Ok(0) => {
+                    tls.session.eof();
+                    continue;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Next::Wait,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Next::Close(End::Failed(e)),
+            };
+            self.last_active = now;
+            tls.session.receive(&buffer[..read], scratch);
+            // A short read drained the socket (see `drive`): send the echo, then wait.
+            drained = read < buffer.len() && !self.peer_closing;
+        }
+        Next::Defer
+    }
+
+    /// When its TLS handshake must be done, while it is not.
+    fn handshake_deadline(&self) -> Option<Instant> {
+        self.tls.as_ref().and_then(|tls| tls.handshake.deadline())
+    }
+
+    /// Whether echo is waiting for the socket to take it (plain or TLS).
+    fn output_pending(&self) -> bool {
+        !self.pending.is_empty()
+            || self
+                .tls
+                .as_ref()
+                .is_some_and(|tls| tls.session.wants_write())
+    }
+
+    /// The bytes echoed: plaintext for a TLS connection.
+    fn echoed(&self) -> u64 {
+        match &self.tls {
+            Some(tls) => tls.session.echoed(),
+            None => self.bytes,
+        }
+    }
+
     /// Reads and parses the PROXY header; `None` once it is complete and the client admitted
-    /// (what came after it waits in `pending`, to be echoed first).
-    fn read_header(&mut self, buffer: &mut [u8], lifecycle: &Lifecycle) -> Option<Next> {
+    /// (what came after it waits in `pending`, to be echoed first, or goes to the TLS
+    /// session).
+    fn read_header(
+        &mut self,
+        buffer: &mut [u8],
+        scratch: &mut [u8],
+        lifecycle: &Lifecycle,
+    ) -> Option<Next> {
         let Peer::AwaitingHeader(waiting) = &mut self.peer else {
             return None;
         };
@@ -242,11 +427,20 @@ impl Connection {
             match waiting.reader.feed(&buffer[..read]) {
                 Ok(None) => continue,
                 Ok(Some((header, rest))) => {
-                    self.pending.extend_from_slice(rest);
-                    self.pending_sent = 0;
+                    match self.tls.as_deref_mut() {
+                        Some(tls) => {
+                            tls.handshake.restart(Instant::now(), tls.timeout);
+                            tls.session.receive(rest, scratch);
+                        }
+                        None => {
+                            self.pending.extend_from_slice(rest);
+                            self.pending_sent = 0;
+                        }
+                    }
                     let Ok(admitted) = lifecycle.admit_proxied(listener, proxy, &header) else {
                         return Some(Next::Drop);
                     };
+                    lifecycle.received(self.pending.len());
                     self.peer = Peer::Admitted(admitted);
                     return None;
                 }
@@ -256,9 +450,10 @@ impl Connection {
     }
 
     /// Writes pending echo; returns whether all of it is out.
-    fn flush(&mut self, now: Instant) -> io::Result<bool> {
+    fn flush(&mut self, now: Instant, lifecycle: &Lifecycle) -> io::Result<bool> {
         let written = write_some(&self.stream, &self.pending[self.pending_sent..])?;
         if written > 0 {
+            lifecycle.sent(written);
             self.last_active = now;
             self.bytes += written as u64;
             self.pending_sent += written;
@@ -271,6 +466,11 @@ impl Connection {
         self.pending_sent = 0;
         Ok(true)
     }
+}
+
+/// The end to record for a finished TLS session.
+fn tls_end(session: &mut TlsSession) -> End {
+    session.take_outcome().map_or(End::ClientClosed, End::from)
 }
 
 /// Writes as much of `data` as the socket takes now.
@@ -312,6 +512,18 @@ struct Worker<'a> {
     next_sweep: Option<Instant>,
     /// Set once shutdown has begun: when the remaining connections get closed.
     drain_deadline: Option<Instant>,
+    /// For TLS listeners: the configuration, the handshake rules, and the slots.
+    tls: Option<WorkerTls>,
+    /// Plaintext scratch lent to TLS sessions (empty without TLS listeners).
+    scratch: Box<[u8]>,
+}
+
+/// What a worker needs for its TLS connections.
+struct WorkerTls {
+    server: Arc<TlsServer>,
+    /// This worker's connections waiting for a handshake permit, oldest first (stale keys
+    /// are skipped).
+    queued: VecDeque<usize>,
 }
 
 impl<'a> Worker<'a> {
@@ -337,7 +549,25 @@ impl<'a> Worker<'a> {
         poll.registry()
             .register(&mut SourceFd(&shutdown_fd), SHUTDOWN, Interest::READABLE)
             .map_err(|e| crate::Error::io("cannot watch the shutdown signal", e))?;
+        let tls = server.tls.as_ref().map(|tls| WorkerTls {
+            server: Arc::clone(tls),
+            queued: VecDeque::new(),
+        });
+        if let Some(tls) = &tls {
+            // Readable when a full handshake cap has room again (edge-triggered: every
+            // worker's epoll sees the edge, whichever drains it).
+            let room = tls.server.handshakes().room_fd().as_raw_fd();
+            poll.registry()
+                .register(&mut SourceFd(&room), HANDSHAKE_ROOM, Interest::READABLE)
+                .map_err(|e| crate::Error::io("cannot watch the TLS handshake cap", e))?;
+        }
+        let scratch = match tls {
+            Some(_) => vec![0; SCRATCH_SIZE].into_boxed_slice(),
+            None => Box::default(),
+        };
         Ok(Worker {
+            tls,
+            scratch,
             poll,
             listeners,
             connections: Slab::new(),
@@ -350,8 +580,8 @@ impl<'a> Worker<'a> {
             accept_ready: true,
             accept_paused_until: None,
             deferred: Vec::new(),
-            sweep_every: sweep_every(server),
-            next_sweep: sweep_every(server).map(|period| Instant::now() + period),
+            sweep_every: server.sweep_every(),
+            next_sweep: server.sweep_every().map(|period| Instant::now() + period),
             drain_deadline: None,
         })
     }
@@ -382,6 +612,11 @@ impl<'a> Worker<'a> {
             for event in events.iter() {
                 match event.token() {
                     SHUTDOWN => {}
+                    HANDSHAKE_ROOM => {
+                        if let Some(tls) = &self.tls {
+                            tls.server.handshakes().clear_room_signal();
+                        }
+                    }
                     Token(key) if key > listener_token(self.listeners.len()).0 => {
                         self.accept_ready = true;
                     }
@@ -396,7 +631,7 @@ impl<'a> Worker<'a> {
                         // Skip what cannot make progress: a writable edge with nothing to
                         // flush, or a readable edge while the echo is stuck (it is not read
                         // before the writable edge comes anyway).
-                        let useless = if conn.pending.is_empty() {
+                        let useless = if !conn.output_pending() {
                             event.is_writable() && !event.is_readable() && !conn.peer_closing
                         } else {
                             !event.is_writable() && !conn.peer_closing
@@ -406,6 +641,9 @@ impl<'a> Worker<'a> {
                         }
                     }
                 }
+            }
+            if self.tls.as_ref().is_some_and(|tls| !tls.queued.is_empty()) {
+                self.admit_queued_handshakes();
             }
             std::mem::swap(&mut deferred, &mut self.deferred);
             for key in deferred.drain(..) {
@@ -456,6 +694,9 @@ impl<'a> Worker<'a> {
         if let Some(at) = self.next_sweep {
             wake_by(at);
         }
+        if self.tls.as_ref().is_some_and(|tls| !tls.queued.is_empty()) {
+            wake_by(now + HANDSHAKE_RETRY);
+        }
         if let Some(at) = self.drain_deadline {
             wake_by(at);
         }
@@ -467,7 +708,18 @@ impl<'a> Worker<'a> {
         let Some(conn) = self.connections.get_mut(key) else {
             return;
         };
-        match conn.drive(&mut self.buffer, now, self.lifecycle) {
+        let next = conn.drive(&mut self.buffer, &mut self.scratch, now, self.lifecycle);
+        if let Some(tls) = conn.tls.as_deref_mut() {
+            if matches!(tls.handshake, Handshake::Running { .. }) && !tls.session.is_handshaking() {
+                // Its permit goes back: a waiting connection may take it.
+                tls.handshake = Handshake::Done;
+                if let Peer::Admitted(admitted) = &conn.peer {
+                    self.lifecycle.handshake_completed(admitted.peer);
+                }
+                self.admit_queued_handshakes();
+            }
+        }
+        match next {
             Next::Wait => {}
             Next::Defer => self.deferred.push(key),
             Next::Close(end) => self.close(key, end),
@@ -547,22 +799,40 @@ impl<'a> Worker<'a> {
                 Err(_) => return,
             }
         };
-        let entry = self.connections.vacant_entry();
+        let key = self.connections.vacant_key();
+        let tls = if kind.is_tls() {
+            match self.start_tls(key, now) {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    tracing::warn!(%peer, "cannot start a TLS session: {e}; closed it");
+                    if let Peer::Admitted(admitted) = peer_state {
+                        self.lifecycle.close(admitted, 0, &End::Failed(e));
+                    }
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         // Registered once for both directions and never changed: edges cost no epoll_ctl.
         // Data that arrived before this registration is reported by it.
         let interest = Interest::READABLE | Interest::WRITABLE;
         if let Err(e) = self
             .poll
             .registry()
-            .register(&mut stream, Token(entry.key()), interest)
+            .register(&mut stream, Token(key), interest)
         {
             tracing::warn!(%peer, "cannot watch a new connection: {e}; closed it");
             if let Peer::Admitted(admitted) = peer_state {
                 self.lifecycle.close(admitted, 0, &End::Failed(e));
             }
+            if tls.is_some_and(|tls| matches!(tls.handshake, Handshake::Running { .. })) {
+                // Its permit went back with it.
+                self.admit_queued_handshakes();
+            }
             return;
         }
-        entry.insert(Connection {
+        self.connections.insert(Connection {
             stream,
             peer: peer_state,
             permit,
@@ -571,14 +841,82 @@ impl<'a> Worker<'a> {
             pending: Vec::new(),
             pending_sent: 0,
             peer_closing: false,
+            tls,
         });
+    }
+
+    /// A TLS session for the connection about to take slab entry `key`, with a handshake
+    /// permit if the cap has room, else queued for one (unread, its timeout running).
+    fn start_tls(&mut self, key: usize, now: Instant) -> io::Result<Box<TlsConn>> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Err(io::Error::other("the server has no TLS configuration"));
+        };
+        let session = TlsSession::new(Arc::clone(tls.server.config())).map_err(io::Error::other)?;
+        let deadline = now + tls.server.handshake_timeout();
+        // Behind connections already waiting: first come, first served.
+        let permit = match tls.queued.is_empty() {
+            true => tls.server.handshakes().try_acquire(),
+            false => None,
+        };
+        let handshake = match permit {
+            Some(permit) => Handshake::Running {
+                deadline,
+                _permit: permit,
+            },
+            None => {
+                tls.queued.push_back(key);
+                Handshake::Queued { deadline }
+            }
+        };
+        Ok(Box::new(TlsConn {
+            session,
+            handshake,
+            timeout: tls.server.handshake_timeout(),
+        }))
+    }
+
+    /// Gives handshake permits, while the cap has room, to this worker's connections that
+    /// have waited longest; they are driven at once.
+    fn admit_queued_handshakes(&mut self) {
+        let Some(tls) = self.tls.as_mut() else {
+            return;
+        };
+        while let Some(&key) = tls.queued.front() {
+            let waiting = self
+                .connections
+                .get_mut(key)
+                .and_then(|conn| conn.tls.as_deref_mut())
+                .filter(|waiting| matches!(waiting.handshake, Handshake::Queued { .. }));
+            let Some(waiting) = waiting else {
+                tls.queued.pop_front(); // closed, or its slab entry reused since
+                continue;
+            };
+            let Some(permit) = tls.server.handshakes().try_acquire() else {
+                return;
+            };
+            tls.queued.pop_front();
+            let deadline = waiting.handshake.deadline().expect("queued");
+            waiting.handshake = Handshake::Running {
+                deadline,
+                _permit: permit,
+            };
+            self.deferred.push(key);
+        }
     }
 
     /// Closes a connection, logs it and frees its slot.
     fn close(&mut self, key: usize, end: End) {
+        let tls = self.connections[key].tls.is_some();
         let (peer, bytes) = self.remove(key);
         match peer {
-            Peer::Admitted(admitted) => self.lifecycle.close(admitted, bytes, &end),
+            Peer::Admitted(admitted) => {
+                if tls {
+                    // A TLS session's plaintext is counted when it ends; plain echo counts as
+                    // the bytes flow.
+                    self.lifecycle.echoed(bytes as usize);
+                }
+                self.lifecycle.close(admitted, bytes, &end)
+            }
             Peer::AwaitingHeader(waiting) => self.lifecycle.refuse_because(
                 waiting.proxy,
                 Refusal::ProxyHeader,
@@ -595,13 +933,19 @@ impl<'a> Worker<'a> {
     /// Takes a connection out: its socket closes and its slot is free. Returns who it was for
     /// and the bytes it echoed.
     fn remove(&mut self, key: usize) -> (Peer, u64) {
+        let conn = self.connections.remove(key);
+        let bytes = conn.echoed();
         let Connection {
             stream,
             peer,
             permit,
-            bytes,
+            tls,
             ..
-        } = self.connections.remove(key);
+        } = conn;
+        if tls.is_some_and(|tls| matches!(tls.handshake, Handshake::Running { .. })) {
+            // The permit went back with it.
+            self.admit_queued_handshakes();
+        }
         // Dropping the stream closes the socket, which also removes it from epoll (it is
         // never duplicated), so no deregister call is needed.
         drop(stream);
@@ -612,21 +956,39 @@ impl<'a> Worker<'a> {
         (peer, bytes)
     }
 
-    /// Closes idle connections and those whose PROXY header is late.
+    /// Closes idle connections, those whose PROXY header is late and those whose TLS
+    /// handshake is.
     fn sweep(&mut self, now: Instant) {
         let idle = self.config.idle_timeout;
-        let expired: Vec<(usize, bool)> = self
+        let expired: Vec<(usize, Expired)> = self
             .connections
             .iter()
             .filter_map(|(key, conn)| match &conn.peer {
-                Peer::AwaitingHeader(waiting) => (now >= waiting.deadline).then_some((key, true)),
-                Peer::Admitted(_) => idle
-                    .is_some_and(|idle| now.saturating_duration_since(conn.last_active) >= idle)
-                    .then_some((key, false)),
+                Peer::AwaitingHeader(waiting) => {
+                    (now >= waiting.deadline).then_some((key, Expired::Header))
+                }
+                Peer::Admitted(_) => {
+                    if let Some(deadline) = conn.handshake_deadline() {
+                        (now >= deadline).then_some((key, Expired::Handshake))
+                    } else {
+                        idle.is_some_and(|idle| {
+                            now.saturating_duration_since(conn.last_active) >= idle
+                        })
+                        .then_some((key, Expired::Idle))
+                    }
+                }
             })
             .collect();
-        for (key, late_header) in expired {
-            if late_header {
+        for (key, expired) in expired {
+            if expired == Expired::Handshake {
+                let Some(tls) = self.connections[key].tls.as_deref_mut() else {
+                    continue;
+                };
+                let waiting = matches!(tls.handshake, Handshake::Queued { .. });
+                tls.session.handshake_timed_out(waiting);
+                let end = tls_end(&mut tls.session);
+                self.close(key, end);
+            } else if expired == Expired::Header {
                 if let (Peer::AwaitingHeader(waiting), _) = self.remove(key) {
                     self.lifecycle.refuse_because(
                         waiting.proxy,
@@ -662,22 +1024,12 @@ impl<'a> Worker<'a> {
     }
 }
 
-/// How often idle connections are looked for: often enough that one is closed within a
-/// quarter of the timeout after it expires.
-fn sweep_period(idle: Duration) -> Duration {
-    (idle / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
-}
-
-/// The sweep period of a server: the idle timeout's, and the PROXY header timeout's when a
-/// listener expects headers; no sweep without either.
-fn sweep_every(server: &Server) -> Option<Duration> {
-    let idle = server.config.idle_timeout.map(sweep_period);
-    let header = server
-        .kinds
-        .iter()
-        .any(|kind| kind.expects_proxy_header())
-        .then(|| sweep_period(server.config.admission.proxy_timeout));
-    idle.into_iter().chain(header).min()
+/// What the sweep found late.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    Header,
+    Handshake,
+    Idle,
 }
 
 #[cfg(test)]
@@ -685,24 +1037,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sweep_period_is_a_fraction_of_the_idle_timeout() {
-        assert_eq!(
-            sweep_period(Duration::from_secs(2)),
-            Duration::from_millis(500)
-        );
-        assert_eq!(
-            sweep_period(Duration::from_millis(1)),
-            Duration::from_millis(5)
-        );
-        assert_eq!(
-            sweep_period(Duration::from_secs(60)),
-            Duration::from_secs(1)
-        );
-    }
-
-    #[test]
     fn listener_tokens_stay_clear_of_connections_and_shutdown() {
         assert_ne!(listener_token(0), SHUTDOWN);
+        assert_ne!(listener_token(0), HANDSHAKE_ROOM);
         assert!(listener_token(1).0 < listener_token(0).0);
         assert!(listener_token(16).0 > 1 << 40);
     }

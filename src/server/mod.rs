@@ -24,7 +24,7 @@ pub mod udp;
 pub mod uring;
 
 use std::fmt;
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +32,7 @@ use crate::activation::Readiness;
 use crate::listen::{ListenSpec, ListenerKind};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
+use crate::tls::{TlsOptions, TlsServer};
 use conn::admission::AdmissionConfig;
 use conn::Lifecycle;
 
@@ -147,6 +148,8 @@ pub struct ServerConfig {
     pub admission: AdmissionConfig,
     /// Where to serve `/metrics` and `/healthz` (`--metrics`), if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Certificates and handshake limits for `tls://` and `tls+proxy://` listeners.
+    pub tls: TlsOptions,
 }
 
 impl Default for ServerConfig {
@@ -160,6 +163,7 @@ impl Default for ServerConfig {
             thread_stack: 128 * 1024,
             admission: AdmissionConfig::default(),
             metrics: None,
+            tls: TlsOptions::default(),
         }
     }
 }
@@ -186,6 +190,8 @@ pub struct Server {
     pub stats: Arc<Stats>,
     /// The connection lifecycle every model calls: admission, records, shared warnings.
     pub conn: Arc<Lifecycle>,
+    /// The TLS configuration, when a listener is `tls://` or `tls+proxy://`.
+    pub tls: Option<Arc<TlsServer>>,
 }
 
 impl Server {
@@ -220,7 +226,13 @@ impl Server {
             shutdown,
             stats,
             conn: Arc::new(conn),
+            tls: None,
         })
+    }
+
+    /// The same server with this TLS configuration for its TLS listeners.
+    pub fn with_tls(self, tls: Option<Arc<TlsServer>>) -> Server {
+        Server { tls, ..self }
     }
 
     /// The same server with these UDP sockets to serve too.
@@ -239,30 +251,37 @@ impl Server {
             shutdown,
             stats: Arc::clone(&self.stats),
             conn: Arc::clone(&self.conn),
+            tls: self.tls.clone(),
         }
-    }
-
-    /// The index of the listener that accepted `stream`, found by its local address (for a
-    /// model that does not keep track of it); 0 when none matches.
-    pub fn listener_of(&self, stream: &TcpStream) -> usize {
-        let Ok(local) = stream.local_addr() else {
-            return 0;
-        };
-        self.listeners
-            .iter()
-            .position(|listener| {
-                listener.local_addr().is_ok_and(|bound| {
-                    bound.port() == local.port()
-                        && (bound.ip().is_unspecified() || bound.ip() == local.ip())
-                })
-            })
-            .unwrap_or(0)
     }
 
     /// What connections on listener `index` start with.
     pub fn kind(&self, index: usize) -> ListenerKind {
         self.kinds[index]
     }
+
+    /// How often a model that sweeps its connections (epoll, uring) looks for idle ones and
+    /// for late PROXY headers: often enough that one is closed within a quarter of its timeout
+    /// after it expires. `None` without an idle timeout and without a `+proxy` listener.
+    pub fn sweep_every(&self) -> Option<Duration> {
+        let idle = self.config.idle_timeout.map(sweep_period);
+        let header = self
+            .kinds
+            .iter()
+            .any(|kind| kind.expects_proxy_header())
+            .then(|| sweep_period(self.config.admission.proxy_timeout));
+        let handshake = self
+            .tls
+            .as_ref()
+            .filter(|_| self.kinds.iter().any(|kind| kind.is_tls()))
+            .map(|tls| sweep_period(tls.handshake_timeout()));
+        idle.into_iter().chain(header).chain(handshake).min()
+    }
+}
+
+/// A quarter of `timeout`, between 5 ms and 1 s.
+fn sweep_period(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
 }
 
 /// In the models that serve one connection per worker (iterative, prefork, pool), one slow or
@@ -298,43 +317,52 @@ pub fn run_with(
     let passed = crate::activation::passed_listeners()?;
     // Passed sockets replace every --listen.
     let listen = if passed.is_some() { &[][..] } else { listen };
-    if let Some(spec) = listen.iter().find(|spec| {
-        !matches!(
-            spec.kind,
-            ListenerKind::Tcp | ListenerKind::TcpProxy | ListenerKind::Udp
-        )
-    }) {
-        return Err(crate::Error::Unsupported(format!(
-            "cannot listen on {spec}: {}:// listeners are not available yet (tcp://, tcp+proxy:// and udp:// are)",
-            spec.kind
-        )));
+    let kinds: Vec<ListenerKind> = match &passed {
+        Some(passed) => passed.stream.iter().map(|(_, kind)| *kind).collect(),
+        None => listen.iter().map(|spec| spec.kind).collect(),
+    };
+    let serves_tls = kinds.iter().any(|kind| kind.is_tls());
+    if serves_tls && model == Model::Uring {
+        // Its TLS state machine is written (branch tls-event) but not yet merged with the
+        // PROXY header phase; every other model serves TLS.
+        return Err(crate::Error::Unsupported(
+            "the uring model does not serve tls:// or tls+proxy:// listeners yet; every other model does"
+                .into(),
+        ));
     }
+    // Certificates are loaded (or made) before anything is bound: a bad file is one line.
+    let tls = if serves_tls {
+        let hosts: Vec<std::net::IpAddr> = listen.iter().map(|spec| spec.addr.ip()).collect();
+        Some(Arc::new(TlsServer::new(&config.tls, &hosts)?))
+    } else {
+        None
+    };
     let (udp_specs, tcp_specs): (Vec<ListenSpec>, Vec<ListenSpec>) = listen
         .iter()
         .partition(|spec| spec.kind == ListenerKind::Udp);
-    if !udp_specs.is_empty() && !model.serves_udp() {
+    // A passed datagram socket is a udp:// listener like one in --listen.
+    let first_udp = match &passed {
+        Some(passed) => passed
+            .datagram
+            .first()
+            .map(|socket| match socket.local_addr() {
+                Ok(addr) => format!("udp://{addr}, passed in LISTEN_FDS"),
+                Err(_) => "a UDP socket passed in LISTEN_FDS".to_string(),
+            }),
+        None => udp_specs.first().map(ToString::to_string),
+    };
+    if let Some(first_udp) = first_udp.as_ref().filter(|_| !model.serves_udp()) {
         // uring: another rewrite is under way; it refuses UDP until then.
         return Err(crate::Error::Unsupported(format!(
-            "the {model} model does not serve udp:// listeners ({}); these models do: {}",
-            udp_specs[0],
+            "the {model} model does not serve udp:// listeners ({first_udp}); these models do: {}",
             Model::udp_models()
         )));
     }
-    if udp_specs.is_empty() {
+    if first_udp.is_none() {
         // No UDP listener: no datagram rules (and no per-source table kept for them).
         config.admission.udp = None;
     }
     let listen = &tcp_specs[..];
-    let expects_proxy = match &passed {
-        Some(passed) => passed.iter().any(|(_, kind)| kind.expects_proxy_header()),
-        None => listen.iter().any(|spec| spec.kind.expects_proxy_header()),
-    };
-    if model == Model::Uring && expects_proxy {
-        return Err(crate::Error::Unsupported(
-            "the uring model does not serve tcp+proxy:// listeners yet; every other model does"
-                .into(),
-        ));
-    }
     // A model that cannot run on this machine says so before it claims to listen.
     if model == Model::Uring {
         uring::probe()?;
@@ -344,16 +372,24 @@ pub fn run_with(
         Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
     }
     let metrics_listener = config.metrics.map(crate::metrics::bind).transpose()?;
-    let (listeners, kinds): (Vec<TcpListener>, Vec<ListenerKind>) = match passed {
-        Some(passed) => passed.into_iter().unzip(),
-        None => (
-            listen
-                .iter()
-                .map(|spec| crate::net::bind(spec.addr, config.backlog))
-                .collect::<crate::Result<Vec<_>>>()?,
-            listen.iter().map(|spec| spec.kind).collect(),
-        ),
-    };
+    let (listeners, kinds, udp): (Vec<TcpListener>, Vec<ListenerKind>, Vec<UdpSocket>) =
+        match passed {
+            Some(passed) => {
+                let (listeners, kinds) = passed.stream.into_iter().unzip();
+                (listeners, kinds, passed.datagram)
+            }
+            None => (
+                listen
+                    .iter()
+                    .map(|spec| crate::net::bind(spec.addr, config.backlog))
+                    .collect::<crate::Result<Vec<_>>>()?,
+                listen.iter().map(|spec| spec.kind).collect(),
+                udp_specs
+                    .iter()
+                    .map(|spec| udp::bind(spec.addr))
+                    .collect::<crate::Result<Vec<_>>>()?,
+            ),
+        };
     let shutdown = Shutdown::on_signals()
         .map_err(|e| crate::Error::io("cannot install signal handlers", e))?;
     readiness
@@ -363,7 +399,7 @@ pub fn run_with(
     shutdown
         .stop_listening_on_trigger(&listeners)
         .map_err(|e| crate::Error::io("cannot prepare the listeners for shutdown", e))?;
-    let mut bound = Vec::with_capacity(listeners.len() + udp_specs.len());
+    let mut bound = Vec::with_capacity(listeners.len() + udp.len());
     for (listener, &kind) in listeners.iter().zip(&kinds) {
         let addr = listener
             .local_addr()
@@ -374,10 +410,6 @@ pub fn run_with(
         }
         bound.push((kind, addr));
     }
-    let udp = udp_specs
-        .iter()
-        .map(|spec| udp::bind(spec.addr))
-        .collect::<crate::Result<Vec<_>>>()?;
     for socket in &udp {
         let addr = socket
             .local_addr()
@@ -386,7 +418,9 @@ pub fn run_with(
         bound.push((ListenerKind::Udp, addr));
     }
     warn_if_one_client_can_stall(model, listen);
-    let server = Server::with_kinds(listeners, kinds, config, shutdown)?.with_udp(udp);
+    let server = Server::with_kinds(listeners, kinds, config, shutdown)?
+        .with_udp(udp)
+        .with_tls(tls);
     // Listening sockets complete handshakes (and UDP sockets queue datagrams) from now on,
     // before the model first accepts. Announced and closed before the metrics process is
     // forked, so that no child holds the ready descriptor open (its reader waits for EOF).
@@ -432,11 +466,32 @@ pub fn run_with(
         tracing::info!(
             connections = server.stats.accepted(),
             bytes = server.stats.bytes(),
-            datagrams = server.conn.datagrams_echoed(),
-            datagram_bytes = server.conn.datagram_bytes(),
+            datagrams = server.stats.datagrams_echoed(),
+            datagram_bytes = server.stats.datagram_bytes_sent(),
             "server stopped"
         );
         server.conn.log_datagram_refusals();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_period_is_a_fraction_of_the_timeout() {
+        assert_eq!(
+            sweep_period(Duration::from_secs(2)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            sweep_period(Duration::from_millis(1)),
+            Duration::from_millis(5)
+        );
+        assert_eq!(
+            sweep_period(Duration::from_secs(60)),
+            Duration::from_secs(1)
+        );
+    }
 }

@@ -12,8 +12,9 @@
 //!
 //! UDP: `--workers` more threads run the blocking UDP loop on the shared `udp://` sockets
 //! (the kernel hands each datagram to one of them); no queue, since a datagram is served in
-//! one step. Cost: a thread and a 64 KiB buffer each, two system calls per datagram plus a
-//! `poll` per burst; the threads all wake on each burst and those that find the queue empty
+//! one step, in batches (`recvmmsg`, `sendmmsg`). Cost: a thread and a batch per socket each
+//! (64 slots of 64 KiB, touched as far as datagrams fill them), two system calls per batch
+//! plus a `poll` per burst; the threads all wake on each burst and those that find the queue empty
 //! go back to sleep. At shutdown they stop at once.
 
 use std::sync::mpsc;
@@ -55,6 +56,7 @@ fn serve_tcp(server: &Server) -> crate::Result<()> {
         let receiver = Arc::clone(&receiver);
         let config = config.clone();
         let lifecycle = Arc::clone(&server.conn);
+        let tls = server.tls.clone();
         let handle = thread::Builder::new()
             .name(format!("pool-{id}"))
             .spawn(move || loop {
@@ -63,7 +65,7 @@ fn serve_tcp(server: &Server) -> crate::Result<()> {
                 let Ok((mut conn, screened)) = next else {
                     break;
                 };
-                echo::serve_connection(&mut conn, screened, &config, &lifecycle);
+                echo::serve_connection(&mut conn, screened, &config, &lifecycle, tls.as_deref());
             })
             .map_err(|e| crate::Error::io("cannot start a pool thread", e))?;
         handles.push(handle);

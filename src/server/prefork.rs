@@ -33,8 +33,9 @@
 //!
 //! UDP: each worker also runs the blocking UDP loop on its inherited `udp://` sockets, on a
 //! thread of its own, so N processes share each socket (the kernel hands each datagram to one
-//! of them). Cost: that thread and its 64 KiB buffer per worker, two system calls per datagram
-//! plus a `poll` per burst, and every worker wakes on a burst. The policy's per-source
+//! of them), in batches (`recvmmsg`, `sendmmsg`). Cost: that thread and its batch per worker
+//! and socket (64 slots of 64 KiB, touched as far as datagrams fill them), two system calls
+//! per batch plus a `poll` per burst, and every worker wakes on a burst. The policy's per-source
 //! `--udp-rate` buckets are in the shared table, so the workers count together. At shutdown
 //! each worker's UDP loop stops when it gets its SIGTERM.
 

@@ -147,7 +147,13 @@ fn serve_in_child(mut stream: TcpStream, screened: Screened, server: &Server) ->
         // The parent's SIGKILL after the deadline still bounds the shutdown.
         tracing::warn!(peer = %screened.peer, "cannot install the shutdown handlers: {e}");
     }
-    echo::serve_connection(&mut stream, screened, &server.config, &server.conn);
+    echo::serve_connection(
+        &mut stream,
+        screened,
+        &server.config,
+        &server.conn,
+        server.tls.as_deref(),
+    );
     0
 }
 
@@ -223,9 +229,9 @@ extern "C" fn close_connection(_: libc::c_int) {
     let saved = Errno::last_raw();
     let fd = CONNECTION_FD.load(Ordering::SeqCst);
     if fd >= 0 {
-        // SAFETY: shutdown(2) on the connection's descriptor, which stays open for the child's
-        // whole life (the child exits right after the echo loop); it does not close it.
-        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        // The connection's descriptor stays open for the child's whole life (the child exits
+        // right after the echo loop); shutdown(2) does not close it.
+        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
     }
     Errno::set_raw(saved);
 }

@@ -32,10 +32,13 @@ pub fn serve(server: &Server) -> crate::Result<()> {
         let mut conn = connections.track(stream, permit);
         let config = config.clone();
         let lifecycle = Arc::clone(&server.conn);
+        let tls = server.tls.clone();
         let spawned = thread::Builder::new()
             .name("connection".into())
             .stack_size(config.thread_stack)
-            .spawn(move || echo::serve_connection(&mut conn, screened, &config, &lifecycle));
+            .spawn(move || {
+                echo::serve_connection(&mut conn, screened, &config, &lifecycle, tls.as_deref())
+            });
         if let Err(e) = spawned {
             // The closure, and with it the connection, was dropped: the client sees a close. (Its
             // close line is not logged and a per-source slot, if any, stays counted: rare.)

@@ -40,10 +40,15 @@
 //! and each runtime is shut down.
 //!
 //! UDP (`udp.rs`): each worker's runtime has a task per `udp://` socket, all sharing the one
-//! socket; each waits for readability, receives with `try_io` until `WouldBlock`, and awaits
-//! `send_to` for each admitted datagram's echo. Cost: a `recvmsg` and a `sendto` per datagram
-//! plus tokio's readiness bookkeeping and a share of `epoll_wait`; one 64 KiB buffer per task.
-//! At shutdown the UDP tasks end at once while the TCP connections drain.
+//! socket; each waits for readability, receives in batches (`recvmmsg` through `try_io`) until
+//! `WouldBlock`, and sends each batch's admitted echoes with one `sendmmsg` (awaiting
+//! writability if the send buffer is full). Cost: a `recvmmsg` and a `sendmmsg` per batch of
+//! up to 64 plus tokio's readiness bookkeeping and a share of `epoll_wait`; a batch of 64
+//! slots of 64 KiB per task (touched as far as datagrams fill them). At shutdown
+//! the UDP tasks end at once while the TCP connections drain.
+//!
+//! TLS (`tls.rs`): a `tls://` connection's task runs tokio-rustls's handshake under the
+//! server's handshake cap and timeout, then echoes plaintext with a buffer of its own.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -71,6 +76,7 @@ use crate::server::conn::{Admitted, End, Lifecycle};
 use crate::server::{Server, ServerConfig};
 use crate::shutdown::Shutdown;
 
+mod tls;
 mod udp;
 
 /// The read buffer each worker thread lends to the connection it is running.
@@ -88,6 +94,7 @@ thread_local! {
 pub fn serve(server: &Server) -> crate::Result<()> {
     let limit = Limit::new(server.config.max_conns)
         .map_err(|e| crate::Error::io("cannot create the connection limit", e))?;
+    let tls = server.tls.clone().map(tls::AsyncTls::new);
     let shared = Arc::new(Shared {
         config: server.config.clone(),
         lifecycle: Arc::clone(&server.conn),
@@ -97,6 +104,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
         close_connections: CancellationToken::new(),
         drained: CancellationToken::new(),
         failure: Mutex::new(None),
+        tls,
     });
     // Every runtime, registration and descriptor is made before any worker accepts, so that
     // running out of descriptors later (which accept survives) cannot stop a worker starting.
@@ -149,6 +157,8 @@ struct Shared {
     /// The first error that ends the server (a fatal accept error, a runtime that would not
     /// start), returned by [`serve`].
     failure: Mutex<Option<crate::Error>>,
+    /// For `tls://` and `tls+proxy://` listeners.
+    tls: Option<tls::AsyncTls>,
 }
 
 impl Shared {
@@ -386,7 +396,7 @@ async fn accept_loop(
             if shared.lifecycle.check_proxy_peer(peer).is_ok() {
                 connections.spawn(serve_proxied(
                     stream,
-                    index,
+                    (index, kind),
                     peer,
                     permit,
                     Arc::clone(shared),
@@ -397,6 +407,16 @@ async fn accept_loop(
         let Ok(admitted) = shared.lifecycle.admit(index, peer) else {
             continue;
         };
+        if kind == ListenerKind::Tls {
+            connections.spawn(tls::serve(
+                stream,
+                admitted,
+                Vec::new(),
+                permit,
+                Arc::clone(shared),
+            ));
+            continue;
+        }
         connections.spawn(serve_connection(
             stream,
             admitted,
@@ -421,9 +441,11 @@ async fn serve_connection(
         () = shared.close_connections.cancelled() => End::Shutdown,
         ended = async {
             // What came with the PROXY header is the start of the stream: echoed first.
+            shared.lifecycle.received(leftover.len());
             stream.write_all(&leftover).await.map_err(End::Failed)?;
+            shared.lifecycle.sent(leftover.len());
             bytes += leftover.len() as u64;
-            echo_until_end(&mut stream, &mut bytes, shared.config.idle_timeout).await
+            echo_until_end(&mut stream, &mut bytes, shared.config.idle_timeout, &shared.lifecycle).await
         } => {
             match ended {
                 Ok(()) => End::ClientClosed,
@@ -439,7 +461,7 @@ async fn serve_connection(
 /// it names and serves it; a missing, bad or late header closes it (counted and logged).
 async fn serve_proxied(
     mut stream: TcpStream,
-    listener: usize,
+    (listener, kind): (usize, ListenerKind),
     proxy: SocketAddr,
     permit: Permit,
     shared: Arc<Shared>,
@@ -464,7 +486,12 @@ async fn serve_proxied(
     let Ok(admitted) = shared.lifecycle.admit_proxied(listener, proxy, &header) else {
         return;
     };
-    serve_connection(stream, admitted, leftover, permit, shared).await;
+    if kind == ListenerKind::TlsProxy {
+        // What followed the header is the start of the TLS stream.
+        tls::serve(stream, admitted, leftover, permit, shared).await;
+    } else {
+        serve_connection(stream, admitted, leftover, permit, shared).await;
+    }
 }
 
 /// Reads until the PROXY header is complete; returns it and the bytes that followed it.
@@ -485,7 +512,8 @@ async fn read_header(
 }
 
 /// Echoes until the client half-closes (then closes our side too), an error, or the idle
-/// timeout. Counts echoed bytes in `echoed` as they go, so a cancelled echo still reports them.
+/// timeout. Counts echoed bytes in `echoed` as they go, so a cancelled echo still reports them,
+/// and in `lifecycle`'s counters.
 ///
 /// This future is what an idle connection costs, so whatever only some connections need (the
 /// idle timer, a pending echo) is boxed rather than stored in it.
@@ -493,6 +521,7 @@ async fn echo_until_end(
     stream: &mut TcpStream,
     echoed: &mut u64,
     idle: Option<Duration>,
+    lifecycle: &Lifecycle,
 ) -> Result<(), End> {
     let mut timer = IdleTimer::new(idle);
     loop {
@@ -504,9 +533,14 @@ async fn echo_until_end(
         timer.restart();
         match step {
             Ok(Step::Ended) => break,
-            Ok(Step::Echoed(n)) => *echoed += n as u64,
+            Ok(Step::Echoed(n)) => {
+                lifecycle.echoed(n);
+                *echoed += n as u64;
+            }
             Ok(Step::Pending { read, rest }) => {
-                Box::pin(write_rest(stream, &rest, &mut timer)).await?;
+                lifecycle.received(read);
+                lifecycle.sent(read - rest.len());
+                Box::pin(write_rest(stream, &rest, &mut timer, lifecycle)).await?;
                 *echoed += read as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -602,7 +636,12 @@ fn echo_now(stream: &TcpStream, data: &[u8]) -> io::Result<Step> {
 
 /// Writes `rest` in full, waiting for the socket to become writable; any progress restarts the
 /// idle timer.
-async fn write_rest(stream: &TcpStream, mut rest: &[u8], timer: &mut IdleTimer) -> Result<(), End> {
+async fn write_rest(
+    stream: &TcpStream,
+    mut rest: &[u8],
+    timer: &mut IdleTimer,
+    lifecycle: &Lifecycle,
+) -> Result<(), End> {
     while !rest.is_empty() {
         tokio::select! {
             biased;
@@ -611,6 +650,7 @@ async fn write_rest(stream: &TcpStream, mut rest: &[u8], timer: &mut IdleTimer) 
         }
         match stream.try_write(rest) {
             Ok(n) => {
+                lifecycle.sent(n);
                 rest = &rest[n..];
                 timer.restart();
             }

@@ -1,20 +1,22 @@
 //! UDP sockets for `udp://` listeners, and what every model's UDP loop shares: binding, the
-//! receive that never truncates silently, and the blocking loop of iterative, prefork and pool.
+//! batch that receives with `recvmmsg` and echoes with `sendmmsg` ([`Batch`], in `batch.rs`),
+//! and the blocking loop of iterative, prefork and pool.
 //!
-//! Every datagram goes back to its sender byte-exact: the receive buffer ([`BUFFER_SIZE`])
+//! Every datagram goes back to its sender byte-exact: each receive slot ([`BUFFER_SIZE`])
 //! holds the largest datagram there is (65,507 bytes over IPv4, 65,527 over IPv6), and the
-//! kernel's `MSG_TRUNC` flag is checked anyway, so a datagram is echoed whole or not at all.
-//! A zero-length datagram is echoed as zero bytes. Before the echo every datagram goes through
-//! the one UDP policy, [`Lifecycle::admit_datagram`] (loop guard, allow/deny, `--udp-rate`).
+//! kernel's `MSG_TRUNC` flag is checked for every message anyway, so a datagram is echoed whole
+//! or not at all. A zero-length datagram is echoed as zero bytes. Before the echo every
+//! datagram goes through the one UDP policy, [`Lifecycle::admit_datagram`] (loop guard,
+//! allow/deny, `--udp-rate`), one message at a time even when they arrive in one batch.
 //!
 //! Shutdown: every UDP loop watches the shutdown descriptor and stops at once when it fires
 //! (datagrams have no drain); the TCP side of the same server drains as usual.
 
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::AsFd;
 
-use nix::sys::socket::{recvmsg, MsgFlags, SockaddrStorage};
+use nix::sys::socket::{MsgFlags, SockaddrStorage};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::server::conn::Lifecycle;
@@ -26,8 +28,21 @@ pub const BUFFER_SIZE: usize = 64 * 1024;
 /// The receive buffer the kernel is asked for: enough for dozens of the largest datagrams, so
 /// bursts from several senders are not dropped before the server reads them.
 const SOCKET_RECEIVE_BUFFER: usize = 4 << 20;
-/// Datagrams a loop takes from one socket before it looks at the others (and at shutdown).
-pub const RECEIVE_BUDGET: usize = 64;
+/// Datagrams a loop takes from one socket before it looks at the others (and at shutdown
+/// and, in the event loops, at their other events): a few batches.
+pub const RECEIVE_BUDGET: usize = 4 * BATCH_SLOTS;
+
+mod batch;
+pub use batch::{Batch, BATCH_SLOTS};
+
+/// One received datagram, as the policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    pub len: usize,
+    pub source: SocketAddr,
+    /// The datagram was longer than its buffer (`MSG_TRUNC`): it must not be echoed.
+    pub truncated: bool,
+}
 
 /// Binds a UDP socket for `addr`. No SO_REUSEADDR (on UDP it would let a second server share
 /// the port); IPv6 sockets are IPv6-only, as for TCP listeners.
@@ -54,41 +69,6 @@ pub fn bind(addr: SocketAddr) -> crate::Result<UdpSocket> {
         .bind(&addr.into())
         .map_err(|e| crate::Error::io(context(), e))?;
     Ok(socket.into())
-}
-
-/// One received datagram.
-#[derive(Debug, Clone, Copy)]
-pub struct Received {
-    pub len: usize,
-    pub source: SocketAddr,
-    /// The datagram was longer than the buffer (`MSG_TRUNC`): it must not be echoed.
-    pub truncated: bool,
-}
-
-/// Receives one datagram into `buf` (at least [`BUFFER_SIZE`] long) without blocking;
-/// `WouldBlock` when none is queued.
-pub fn recv(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
-    loop {
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = match recvmsg::<SockaddrStorage>(
-            socket.as_raw_fd(),
-            &mut iov,
-            None,
-            MsgFlags::MSG_DONTWAIT,
-        ) {
-            Ok(msg) => msg,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let source = msg.address.as_ref().and_then(socket_addr).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, "a datagram without a source")
-        })?;
-        return Ok(Received {
-            len: msg.bytes,
-            source,
-            truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
-        });
-    }
 }
 
 fn socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
@@ -118,17 +98,17 @@ pub fn is_transient(err: &io::Error) -> bool {
 }
 
 /// The blocking UDP loop of iterative, prefork and pool: waits on every socket and the
-/// shutdown descriptor (`poll`), then drains each readable socket up to [`RECEIVE_BUDGET`]
-/// datagrams, echoing each one that the policy admits with a blocking `sendto` (a full send
-/// buffer waits, as TCP's `write_all` does). Several threads or processes may run it on the
-/// same sockets: the kernel gives each datagram to one of them; the others find the queue
-/// empty. Returns at shutdown, or with the error that ended it.
+/// shutdown descriptor (`poll`), then serves each readable socket in batches until its queue
+/// is empty or [`RECEIVE_BUDGET`] datagrams have been taken. The sockets are blocking, so
+/// `sendmmsg` waits for room in a full send buffer, as TCP's `write_all` does. Several threads
+/// or processes may run it on the same sockets: the kernel gives each datagram to one of
+/// them; the others find the queue empty. Returns at shutdown, or with the error that ended it.
 pub fn serve_blocking(
     sockets: &[UdpSocket],
     lifecycle: &Lifecycle,
     shutdown: &Shutdown,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; BUFFER_SIZE];
+    let mut batches: Vec<Batch> = sockets.iter().map(|_| Batch::default()).collect();
     loop {
         if shutdown.is_triggered() {
             return Ok(());
@@ -136,34 +116,34 @@ pub fn serve_blocking(
         let mut fds = vec![shutdown.as_fd()];
         fds.extend(sockets.iter().map(|s| s.as_fd()));
         let ready = poll_readable(&fds, None)?;
-        for (socket, _) in sockets.iter().zip(&ready[1..]).filter(|(_, r)| **r) {
-            for _ in 0..RECEIVE_BUDGET {
+        let readable = sockets.iter().zip(&mut batches).zip(&ready[1..]);
+        for ((socket, batch), _) in readable.filter(|(_, r)| **r) {
+            let mut budget = RECEIVE_BUDGET;
+            while budget > 0 {
                 if shutdown.is_triggered() {
                     return Ok(());
                 }
-                let received = match recv(socket.as_fd(), &mut buf) {
-                    Ok(received) => received,
+                let drained = match batch.receive(socket.as_fd(), lifecycle) {
+                    Ok(received) => {
+                        budget = budget.saturating_sub(received.max(1));
+                        received < batch.slots()
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if is_transient(&e) => continue,
+                    Err(e) if is_transient(&e) => {
+                        budget -= 1;
+                        continue;
+                    }
                     Err(e) => return Err(e),
                 };
-                if lifecycle.admit_datagram(received.source, received.truncated) {
-                    echo(socket, &buf[..received.len], received.source, lifecycle);
+                // Blocking: `WouldBlock` cannot come back, so any error ends the loop.
+                batch.send(socket.as_fd(), MsgFlags::empty(), lifecycle)?;
+                if drained {
+                    // The queue was empty: `poll` says when more comes, without the
+                    // `recvmmsg` that would only find it empty.
+                    break;
                 }
             }
         }
-    }
-}
-
-/// Sends `data` back to `dest` on a blocking socket and counts it.
-fn echo(socket: &UdpSocket, data: &[u8], dest: SocketAddr, lifecycle: &Lifecycle) {
-    match socket.send_to(data, dest) {
-        Ok(n) if n == data.len() => lifecycle.datagram_echoed(n),
-        Ok(n) => lifecycle.datagram_send_failed(
-            dest,
-            &io::Error::other(format!("sent {n} of {} bytes", data.len())),
-        ),
-        Err(e) => lifecycle.datagram_send_failed(dest, &e),
     }
 }
 

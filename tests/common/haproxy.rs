@@ -248,14 +248,7 @@ impl Haproxy {
 
     fn child_exited(&self) -> bool {
         // try_wait needs &mut; /proc tells whether the process is gone or a zombie.
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()));
-        match stat {
-            Err(_) => true,
-            Ok(stat) => stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        }
+        !super::alive(self.child.id())
     }
 }
 

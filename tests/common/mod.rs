@@ -1,9 +1,12 @@
 //! Shared test helpers: start the built `multiecho` binary as a subprocess on a free loopback
-//! port, wait for it to announce where it listens on `--ready-fd` (no sleeping, no log
-//! parsing), and talk to it.
+//! port ([`ServerBuilder`]), wait for it to announce where it listens on `--ready-fd` (no
+//! sleeping, no log parsing), talk to it, wait for child processes with a deadline
+//! ([`wait_child`]) and read their state from /proc (`procfs`). [`in_process`] runs the
+//! models that do not fork inside the test instead, watched through their `Stats`.
 #![allow(dead_code)]
 
 pub mod haproxy;
+pub mod in_process;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -17,7 +20,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_multiecho");
 /// How long any single wait in a test may take before the test fails instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-/// A `multiecho serve` subprocess. Killed on drop.
+/// A `multiecho serve` subprocess. Killed on drop. Started by a [`ServerBuilder`].
 pub struct Server {
     child: Child,
     /// The first listener's address.
@@ -28,36 +31,64 @@ pub struct Server {
     log: Arc<Mutex<String>>,
 }
 
-impl Server {
-    /// Starts `multiecho serve --model MODEL --listen 127.0.0.1:0 EXTRA...` and waits until it
-    /// announces its listeners on `--ready-fd` (a pipe). Returns `None` when the server refused to start (its log says why).
-    pub fn try_start(model: &str, extra: &[&str]) -> Result<Server, String> {
-        Server::try_start_limited(model, extra, None)
+/// How to start a `multiecho serve` subprocess: `multiecho serve --model MODEL --listen
+/// 127.0.0.1:0 ARGS... --ready-fd 3`, with `RUST_LOG=info` and no service manager's
+/// variables, waiting until it announces its listeners on `--ready-fd` (a pipe). The one way
+/// tests start a server:
+///
+/// ```ignore
+/// let server = ServerBuilder::new("epoll").args(&["--workers", "1"]).nofile(64).start();
+/// ```
+#[derive(Clone, Debug)]
+pub struct ServerBuilder {
+    model: String,
+    args: Vec<String>,
+    nofile: Option<u64>,
+    envs: Vec<(String, String)>,
+}
+
+impl ServerBuilder {
+    /// A server of `model` on a free loopback port.
+    pub fn new(model: &str) -> ServerBuilder {
+        ServerBuilder {
+            model: model.to_string(),
+            args: Vec::new(),
+            nofile: None,
+            envs: Vec::new(),
+        }
     }
 
-    /// Like [`Server::try_start`], with the server's open-files limit (soft and hard) set to
-    /// `nofile` before it runs, so it cannot raise it.
-    pub fn try_start_limited(
-        model: &str,
-        extra: &[&str],
-        nofile: Option<u64>,
-    ) -> Result<Server, String> {
-        Server::try_start_with(model, extra, nofile, &[])
+    /// More command-line arguments (after `--listen 127.0.0.1:0`).
+    pub fn args(mut self, args: &[&str]) -> ServerBuilder {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
     }
 
-    /// Like [`Server::try_start_limited`], with extra environment variables for the server
-    /// (they may override `RUST_LOG`).
-    pub fn try_start_with(
-        model: &str,
-        extra: &[&str],
-        nofile: Option<u64>,
-        envs: &[(&str, &str)],
-    ) -> Result<Server, String> {
+    /// Sets the server's open-files limit (soft and hard) to `limit` before it runs, so it
+    /// cannot raise it.
+    pub fn nofile(mut self, limit: u64) -> ServerBuilder {
+        self.nofile = Some(limit);
+        self
+    }
+
+    /// An environment variable for the server (it may override `RUST_LOG`).
+    pub fn env(mut self, key: &str, value: &str) -> ServerBuilder {
+        self.envs.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Several environment variables, as [`ServerBuilder::env`].
+    pub fn envs(self, envs: &[(&str, &str)]) -> ServerBuilder {
+        envs.iter().fold(self, |b, (k, v)| b.env(k, v))
+    }
+
+    /// Starts the server; `Err` with its log when it refused to start.
+    pub fn try_start(self) -> Result<Server, String> {
         use std::os::unix::process::CommandExt;
         let mut command = Command::new(BIN);
         command
-            .args(["serve", "--model", model, "--listen", "127.0.0.1:0"])
-            .args(extra)
+            .args(["serve", "--model", &self.model, "--listen", "127.0.0.1:0"])
+            .args(&self.args)
             .args(["--ready-fd", &READY_FD.to_string()])
             .env("RUST_LOG", "info")
             // A service manager's variables in the test's own environment are not for it.
@@ -65,22 +96,20 @@ impl Server {
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_FDNAMES")
-            .envs(envs.iter().copied())
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if let Some(limit) = nofile {
-            // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
+        if let Some(limit) = self.nofile {
+            // SAFETY: setrlimit(2) is async-signal-safe and touches no memory of the parent.
             unsafe {
                 command.pre_exec(move || {
-                    let rlim = libc::rlimit {
-                        rlim_cur: limit,
-                        rlim_max: limit,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        limit,
+                        limit,
+                    )
+                    .map_err(std::io::Error::from)
                 });
             }
         }
@@ -120,10 +149,62 @@ impl Server {
         }
     }
 
-    /// Like [`Server::try_start`], but panics with the server's log if it did not start.
-    pub fn start(model: &str, extra: &[&str]) -> Server {
-        Server::try_start(model, extra)
+    /// Starts the server, or panics with its log if it did not start.
+    pub fn start(self) -> Server {
+        let model = self.model.clone();
+        self.try_start()
             .unwrap_or_else(|log| panic!("{model} server did not start; its log:\n{log}"))
+    }
+
+    /// Starts the server, or returns `None` (after [`skip_unless_ci`] says why) when the model
+    /// is `uring` and the machine has no io_uring: that is a skip, not a failure. Any other
+    /// failure to start panics with the server's log.
+    pub fn start_or_skip(self) -> Option<Server> {
+        let model = self.model.clone();
+        match self.try_start() {
+            Ok(server) => Some(server),
+            Err(log) if model == "uring" && uring_unavailable(&log) => {
+                skip_unless_ci(&format!("io_uring is not available here: {log}"));
+                None
+            }
+            Err(log) => panic!("{model} server did not start; its log:\n{log}"),
+        }
+    }
+}
+
+impl Server {
+    /// `ServerBuilder::new(model).args(extra).try_start()`.
+    pub fn try_start(model: &str, extra: &[&str]) -> Result<Server, String> {
+        ServerBuilder::new(model).args(extra).try_start()
+    }
+
+    /// [`Server::try_start`] with an open-files limit ([`ServerBuilder::nofile`]).
+    pub fn try_start_limited(
+        model: &str,
+        extra: &[&str],
+        nofile: Option<u64>,
+    ) -> Result<Server, String> {
+        Server::try_start_with(model, extra, nofile, &[])
+    }
+
+    /// [`Server::try_start_limited`] with environment variables ([`ServerBuilder::envs`]).
+    pub fn try_start_with(
+        model: &str,
+        extra: &[&str],
+        nofile: Option<u64>,
+        envs: &[(&str, &str)],
+    ) -> Result<Server, String> {
+        let builder = ServerBuilder::new(model).args(extra).envs(envs);
+        match nofile {
+            Some(limit) => builder.nofile(limit),
+            None => builder,
+        }
+        .try_start()
+    }
+
+    /// `ServerBuilder::new(model).args(extra).start()`.
+    pub fn start(model: &str, extra: &[&str]) -> Server {
+        ServerBuilder::new(model).args(extra).start()
     }
 
     pub fn pid(&self) -> u32 {
@@ -142,16 +223,7 @@ impl Server {
 
     /// Waits for the server to exit, up to `timeout`; `None` if it is still running.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        wait_child(&mut self.child, timeout)
     }
 
     /// SIGTERM, then wait; panics if the server does not exit in time.
@@ -163,14 +235,8 @@ impl Server {
 
     /// Waits until `check(log)` holds, or panics after [`PATIENCE`].
     pub fn wait_for_log(&self, what: &str, check: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + PATIENCE;
-        while !check(&self.log()) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; log:\n{}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(10));
+        if !wait_until(PATIENCE, || check(&self.log())) {
+            panic!("timed out waiting for {what}; log:\n{}", self.log());
         }
     }
 }
@@ -252,9 +318,47 @@ pub fn read_ready_lines(ready: std::fs::File) -> Option<Vec<(String, SocketAddr)
     (!listeners.is_empty()).then_some(listeners)
 }
 
+/// Sends `sig` to `pid` (a process the test started; one gone already is no error).
 pub fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe { libc::kill(pid as i32, sig) };
+    let sig = nix::sys::signal::Signal::try_from(sig).expect("a known signal");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+}
+
+/// Waits up to `timeout` for `child` to exit (and reaps it); `None` if it is still running.
+/// The one "wait with a deadline" for child processes: `wait-timeout` blocks until the child
+/// exits or the time is up, instead of polling `try_wait`. (It installs a SIGCHLD handler in
+/// the test process, with SA_RESTART; a socket read with a timeout can still return
+/// `Interrupted`, which the read helpers here retry.)
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    use wait_timeout::ChildExt;
+    child
+        .wait_timeout(timeout)
+        .expect("wait for a child process")
+}
+
+/// Waits up to [`PATIENCE`] for `child` to exit; kills it and panics (naming `what`) if it
+/// does not.
+pub fn wait_or_kill(child: &mut Child, what: &str) -> ExitStatus {
+    wait_child(child, PATIENCE).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{what} did not exit within {PATIENCE:?}")
+    })
+}
+
+/// Polls `condition` every few milliseconds until it holds (`true`) or `timeout` passes
+/// (`false`): for states no descriptor or child exit announces (a log line, a counter).
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Connects with the test patience as read/write timeout, so a broken server fails the test
@@ -288,11 +392,15 @@ pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
 pub fn refused_without_echo(stream: &mut TcpStream) -> bool {
     let _ = stream.write_all(b"?");
     let mut buf = [0u8; 16];
-    match stream.read(&mut buf) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
-        Err(e) => panic!("waiting for a refused connection to close: {e}"),
+    loop {
+        return match stream.read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
+            // A signal (wait-timeout's SIGCHLD handler) interrupted the read: read again.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("waiting for a refused connection to close: {e}"),
+        };
     }
 }
 
@@ -355,6 +463,18 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
     }
 }
 
+/// The /proc stat lines of `pid`'s children (zombies included).
+fn children_of(pid: u32) -> Vec<procfs::process::Stat> {
+    let Ok(processes) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    processes
+        .flatten()
+        .filter_map(|process| process.stat().ok())
+        .filter(|stat| stat.ppid == pid as i32)
+        .collect()
+}
+
 /// Number of zombie children of `pid` (state Z in /proc).
 pub fn zombie_children(pid: u32) -> usize {
     children_states(pid).iter().filter(|s| *s == "Z").count()
@@ -362,76 +482,43 @@ pub fn zombie_children(pid: u32) -> usize {
 
 /// The states of `pid`'s children, from /proc.
 pub fn children_states(pid: u32) -> Vec<String> {
-    let mut states = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return states;
-    };
-    for entry in entries.flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...; comm may contain spaces, so split after the last ')'.
-        let Some(after) = stat.rsplit_once(')').map(|(_, a)| a) else {
-            continue;
-        };
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        if fields.len() > 1 && fields[1] == pid.to_string() {
-            states.push(fields[0].to_string());
-        }
-    }
-    states
+    children_of(pid)
+        .iter()
+        .map(|stat| stat.state.to_string())
+        .collect()
 }
 
 /// The process ids of `pid`'s live (not zombie) children, from /proc.
 pub fn live_children(pid: u32) -> Vec<u32> {
-    let mut children = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return children;
-    };
-    for entry in entries.flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some(after) = stat.rsplit_once(')').map(|(_, a)| a) else {
-            continue;
-        };
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        if fields.len() > 1 && fields[1] == pid.to_string() && fields[0] != "Z" {
-            children.push(child);
-        }
-    }
-    children
+    children_of(pid)
+        .iter()
+        .filter(|stat| stat.state != 'Z')
+        .map(|stat| stat.pid as u32)
+        .collect()
+}
+
+/// Whether `pid` runs: a zombie (reaped by nobody yet) counts as gone, as it runs no code and
+/// holds no socket.
+pub fn alive(pid: u32) -> bool {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|process| process.stat())
+        .is_ok_and(|stat| stat.state != 'Z')
 }
 
 /// Resident memory of a process in KiB, from /proc/PID/status.
 pub fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
+    procfs::process::Process::new(pid as i32)
+        .and_then(|process| process.status())
+        .ok()
+        .and_then(|status| status.vmrss)
         .unwrap_or(0)
 }
 
 /// CPU time (user + system) a process has used so far, in clock ticks (1/100 s).
 pub fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some((_, after)) = stat.rsplit_once(')') else {
-        return 0;
-    };
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // After "pid (comm)": state is field 0, utime field 11, stime field 12.
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
+    procfs::process::Process::new(pid as i32)
+        .and_then(|process| process.stat())
+        .map_or(0, |stat| stat.utime + stat.stime)
 }
 
 /// A test that cannot run here says so loudly; on CI (`CI=true`), where everything it needs is
@@ -448,22 +535,19 @@ pub fn uring_unavailable(log: &str) -> bool {
     log.contains("io_uring is not available")
 }
 
-/// Starts a server, or returns `None` (after printing why) when the model is `uring` and the
-/// machine has no io_uring: that is a skip, not a failure.
+/// `ServerBuilder::new(model).args(extra).start_or_skip()`.
 pub fn start_or_skip(model: &str, extra: &[&str]) -> Option<Server> {
-    start_limited_or_skip(model, extra, None)
+    ServerBuilder::new(model).args(extra).start_or_skip()
 }
 
-/// [`start_or_skip`] with an open-files limit for the server.
+/// [`start_or_skip`] with an open-files limit for the server ([`ServerBuilder::nofile`]).
 pub fn start_limited_or_skip(model: &str, extra: &[&str], nofile: Option<u64>) -> Option<Server> {
-    match Server::try_start_limited(model, extra, nofile) {
-        Ok(server) => Some(server),
-        Err(log) if model == "uring" && uring_unavailable(&log) => {
-            skip_unless_ci(&format!("io_uring is not available here: {log}"));
-            None
-        }
-        Err(log) => panic!("{model} server did not start; its log:\n{log}"),
+    let builder = ServerBuilder::new(model).args(extra);
+    match nofile {
+        Some(limit) => builder.nofile(limit),
+        None => builder,
     }
+    .start_or_skip()
 }
 
 /// Reads exactly `want.len()` bytes and checks them.
@@ -479,17 +563,21 @@ pub fn expect_echo(stream: &mut TcpStream, want: &[u8], what: &str) {
 pub fn receives_within(stream: &mut TcpStream, wait: Duration) -> bool {
     stream.set_read_timeout(Some(wait)).unwrap();
     let mut byte = [0u8; 1];
-    let got = match stream.read(&mut byte) {
-        Ok(n) => n > 0,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            false
-        }
-        Err(e) => panic!("unexpected read error: {e}"),
+    let got = loop {
+        break match stream.read(&mut byte) {
+            Ok(n) => n > 0,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                false
+            }
+            // A signal (wait-timeout's SIGCHLD handler) interrupted the wait: wait again.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("unexpected read error: {e}"),
+        };
     };
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
     got

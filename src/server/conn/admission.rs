@@ -160,6 +160,28 @@ impl Refusal {
         Refusal::DatagramTruncated,
     ];
 
+    /// The reasons a connection can be refused for (its counter's label values).
+    pub const CONNECTION: [Refusal; 7] = [
+        Refusal::Denied,
+        Refusal::NotAllowed,
+        Refusal::PerSource,
+        Refusal::Rate,
+        Refusal::SourceTableFull,
+        Refusal::UntrustedProxy,
+        Refusal::ProxyHeader,
+    ];
+
+    /// The reasons a datagram can be refused for (the UDP policy's, in `datagram`).
+    pub const DATAGRAM: [Refusal; 7] = [
+        Refusal::Denied,
+        Refusal::NotAllowed,
+        Refusal::SourceTableFull,
+        Refusal::DatagramPortZero,
+        Refusal::DatagramReflectionPort,
+        Refusal::DatagramRate,
+        Refusal::DatagramTruncated,
+    ];
+
     /// The reason's name in logs and counters.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -16,13 +16,18 @@
 //!
 //! A datagram has no lifetime, so `--max-conns`, `--idle-timeout` and `--max-per-source` do
 //! not apply; nothing is held after the decision.
+//!
+//! Every datagram is counted here, in the server's shared counters ([`crate::stats`]): as
+//! received (with its bytes) when it reaches the policy, then as refused (by reason), echoed
+//! (with its bytes) or not sent. So `received = echoed + refused + not sent` once the loops
+//! are idle, in every model, the fork models' workers included.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::admission::Refusal;
 use super::{canonical_ip, Lifecycle, REFUSAL_LOG_INTERVAL};
+use crate::server::udp::Received;
 
 /// Source ports of services that answer unsolicited datagrams; replying to one could start a
 /// loop or reflect a flood: echo, daytime, qotd, chargen, time, DNS, TFTP, portmap, NTP,
@@ -63,18 +68,16 @@ pub fn guard(port: u16) -> Option<Refusal> {
     }
 }
 
-/// What a server's UDP side did (per process).
-#[derive(Debug, Default)]
-pub struct DatagramCounters {
-    echoed: AtomicU64,
-    bytes: AtomicU64,
-    send_failed: AtomicU64,
-}
-
 impl Lifecycle {
-    /// Whether a received datagram from `source` is echoed. A refusal is counted (in the
-    /// server's refusal counters, by reason) and logged at most once per source per interval.
-    pub fn admit_datagram(&self, source: SocketAddr, truncated: bool) -> bool {
+    /// Whether `received` (a datagram just received) is echoed. It is counted as received; a
+    /// refusal is counted by reason and logged at most once per source per interval.
+    pub fn admit_datagram(&self, received: &Received) -> bool {
+        let Received {
+            len,
+            source,
+            truncated,
+        } = *received;
+        self.stats.datagram_received(len as u64);
         let policy = self.udp.unwrap_or_default();
         let verdict = if truncated {
             Err(Refusal::DatagramTruncated)
@@ -86,7 +89,7 @@ impl Lifecycle {
         match verdict {
             Ok(()) => true,
             Err(reason) => {
-                self.stats.connection_refused(reason);
+                self.stats.datagram_refused(reason);
                 if self
                     .admission
                     .should_log(canonical_ip(source), REFUSAL_LOG_INTERVAL)
@@ -100,52 +103,28 @@ impl Lifecycle {
 
     /// Counts a datagram echoed in full.
     pub fn datagram_echoed(&self, len: usize) {
-        self.datagrams.echoed.fetch_add(1, Ordering::Relaxed);
-        self.datagrams
-            .bytes
-            .fetch_add(len as u64, Ordering::Relaxed);
+        self.stats.datagram_echoed(len as u64);
     }
 
     /// Counts an echo the kernel would not send (for example an ICMP error from an earlier
     /// datagram to that peer, or no buffer space); the datagram is lost, as on a network.
     pub fn datagram_send_failed(&self, dest: SocketAddr, err: &io::Error) {
-        self.datagrams.send_failed.fetch_add(1, Ordering::Relaxed);
+        self.stats.datagram_send_failed();
         tracing::debug!(%dest, "cannot send an echo: {err}");
     }
 
     /// One line per reason datagrams were refused for (at stop), and the echoes not sent.
     pub fn log_datagram_refusals(&self) {
-        let datagram_reasons = [
-            Refusal::DatagramPortZero,
-            Refusal::DatagramReflectionPort,
-            Refusal::DatagramRate,
-            Refusal::DatagramTruncated,
-        ];
-        for reason in datagram_reasons {
-            let count = self.stats.refused(reason);
+        for reason in Refusal::DATAGRAM {
+            let count = self.stats.datagrams_refused(reason);
             if count > 0 {
                 tracing::info!("{count} datagrams refused: {reason}");
             }
         }
-        let failed = self.datagram_send_failures();
+        let failed = self.stats.datagram_send_errors();
         if failed > 0 {
             tracing::info!("{failed} echoes could not be sent");
         }
-    }
-
-    /// Datagrams echoed so far.
-    pub fn datagrams_echoed(&self) -> u64 {
-        self.datagrams.echoed.load(Ordering::Relaxed)
-    }
-
-    /// Bytes of the datagrams echoed so far.
-    pub fn datagram_bytes(&self) -> u64 {
-        self.datagrams.bytes.load(Ordering::Relaxed)
-    }
-
-    /// Echoes that could not be sent.
-    pub fn datagram_send_failures(&self) -> u64 {
-        self.datagrams.send_failed.load(Ordering::Relaxed)
     }
 }
 
@@ -168,20 +147,39 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
+    /// A datagram of 5 bytes from `source`.
+    fn datagram(source: SocketAddr, truncated: bool) -> Received {
+        Received {
+            len: 5,
+            source,
+            truncated,
+        }
+    }
+
     #[test]
     fn the_guard_refuses_service_ports_and_port_zero() {
         let life = lifecycle(UdpPolicy::default());
         for port in REFLECTION_PORTS.into_iter().chain([0]) {
-            assert!(!life.admit_datagram(from(port), false), "port {port}");
+            assert!(
+                !life.admit_datagram(&datagram(from(port), false)),
+                "port {port}"
+            );
         }
-        assert!(life.admit_datagram(from(40_000), false));
-        assert_eq!(life.stats().refused(Refusal::DatagramPortZero), 1);
+        assert!(life.admit_datagram(&datagram(from(40_000), false)));
+        assert_eq!(life.stats().datagrams_refused(Refusal::DatagramPortZero), 1);
         assert_eq!(
-            life.stats().refused(Refusal::DatagramReflectionPort),
+            life.stats()
+                .datagrams_refused(Refusal::DatagramReflectionPort),
             REFLECTION_PORTS.len() as u64
         );
-        assert!(!life.admit_datagram(from(40_000), true), "truncated");
-        assert_eq!(life.stats().refused(Refusal::DatagramTruncated), 1);
+        assert!(
+            !life.admit_datagram(&datagram(from(40_000), true)),
+            "truncated"
+        );
+        assert_eq!(
+            life.stats().datagrams_refused(Refusal::DatagramTruncated),
+            1
+        );
     }
 
     #[test]
@@ -190,8 +188,8 @@ mod tests {
             rate: None,
             any_port: true,
         });
-        assert!(life.admit_datagram(from(7), false));
-        assert!(life.admit_datagram(from(0), false));
+        assert!(life.admit_datagram(&datagram(from(7), false)));
+        assert!(life.admit_datagram(&datagram(from(0), false)));
     }
 
     #[test]
@@ -200,10 +198,32 @@ mod tests {
             rate: Some(2),
             any_port: false,
         });
-        assert!(life.admit_datagram(from(40_000), false));
-        assert!(life.admit_datagram(from(40_001), false), "same address");
-        assert!(!life.admit_datagram(from(40_002), false));
-        assert!(life.admit_datagram(SocketAddr::from(([127, 0, 0, 2], 40_000)), false));
-        assert_eq!(life.stats().refused(Refusal::DatagramRate), 1);
+        assert!(life.admit_datagram(&datagram(from(40_000), false)));
+        assert!(
+            life.admit_datagram(&datagram(from(40_001), false)),
+            "same address"
+        );
+        assert!(!life.admit_datagram(&datagram(from(40_002), false)));
+        let other = SocketAddr::from(([127, 0, 0, 2], 40_000));
+        assert!(life.admit_datagram(&datagram(other, false)));
+        assert_eq!(life.stats().datagrams_refused(Refusal::DatagramRate), 1);
+        // Every datagram the policy saw is counted as received, refused or not; refusals are
+        // datagram counts, not connection ones.
+        assert_eq!(life.stats().datagrams_received(), 4);
+        assert_eq!(life.stats().datagram_bytes_received(), 20);
+        assert_eq!(life.stats().refused(Refusal::DatagramRate), 0);
+    }
+
+    #[test]
+    fn deny_is_counted_as_a_datagram_refusal() {
+        let config = AdmissionConfig {
+            udp: Some(UdpPolicy::default()),
+            deny: vec!["127.0.0.0/8".parse().unwrap()],
+            ..AdmissionConfig::default()
+        };
+        let life = Lifecycle::new(&config, Arc::new(Stats::new().unwrap())).unwrap();
+        assert!(!life.admit_datagram(&datagram(from(40_000), false)));
+        assert_eq!(life.stats().datagrams_refused(Refusal::Denied), 1);
+        assert_eq!(life.stats().refused(Refusal::Denied), 0);
     }
 }

@@ -10,12 +10,17 @@
 //! 4. [`Lifecycle::admit`]: allow/deny, per-source and rate rules on the peer, decided before
 //!    the model spends anything more on it; a refusal is counted and logged (at most once per
 //!    source per [`REFUSAL_LOG_INTERVAL`]) and the model just drops the stream;
-//! 5. echo; then [`Lifecycle::close`] with the bytes and the [`End`]: the per-connection log line,
-//!    the counters, the per-source slot given back.
+//! 5. echo, counting bytes as they flow ([`Lifecycle::received`] after each read,
+//!    [`Lifecycle::sent`] after each write: a scrape during a long connection sees them; each
+//!    count is a relaxed add to the thread's own counter block, see [`crate::stats`]); then
+//!    [`Lifecycle::close`] with the [`End`]: the per-connection log line, the counters, the
+//!    per-source slot given back.
 //!
-//! For every datagram on a UDP listener: [`Lifecycle::admit_datagram`] (the loop guard, the same
-//! allow/deny rules, the per-source `--udp-rate`; see `datagram`), then
-//! [`Lifecycle::datagram_echoed`].
+//! For every datagram on a UDP listener: [`Lifecycle::admit_datagram`] (counted as received;
+//! the loop guard, the same allow/deny rules, the per-source `--udp-rate`; see `datagram`),
+//! then [`Lifecycle::datagram_echoed`] or [`Lifecycle::datagram_send_failed`]. Every datagram
+//! count is in the shared counters too, so the fork models' workers count where the parent and
+//! the metrics process read.
 //!
 //! Around them: [`Lifecycle::accept_error`] (one classification and one rate-limited warning for
 //! running out of descriptors), [`Lifecycle::log_draining`] and [`Lifecycle::log_deadline`] (the
@@ -60,6 +65,11 @@ pub enum End {
     Shutdown,
     /// The connection failed (for example reset by the client).
     Failed(io::Error),
+    /// TLS: the client closed the TCP connection without a close_notify first, so it cannot
+    /// be told apart from an attacker cutting the stream (everything received was echoed).
+    Truncated,
+    /// TLS: the handshake failed; nothing was echoed.
+    Handshake(crate::tls::HandshakeError),
 }
 
 impl fmt::Display for End {
@@ -69,6 +79,8 @@ impl fmt::Display for End {
             End::IdleTimeout => f.write_str("idle timeout"),
             End::Shutdown => f.write_str("closed at shutdown"),
             End::Failed(e) => write!(f, "error: {e}"),
+            End::Truncated => f.write_str("truncated (TCP closed without TLS close_notify)"),
+            End::Handshake(e) => write!(f, "{e}"),
         }
     }
 }
@@ -107,9 +119,8 @@ pub struct Lifecycle {
     /// When accept last warned about exhaustion, in ms since `epoch` plus one (0: never).
     accept_warned_at: AtomicU64,
     draining_logged: AtomicBool,
-    /// The datagram rules (`None`: no UDP listener) and what the UDP side did.
+    /// The datagram rules (`None`: no UDP listener).
     udp: Option<datagram::UdpPolicy>,
-    datagrams: datagram::DatagramCounters,
 }
 
 impl Lifecycle {
@@ -123,7 +134,6 @@ impl Lifecycle {
             accept_warned_at: AtomicU64::new(0),
             draining_logged: AtomicBool::new(false),
             udp: config.udp,
-            datagrams: datagram::DatagramCounters::default(),
         })
     }
 
@@ -216,21 +226,34 @@ impl Lifecycle {
         }
     }
 
-    /// The end of an admitted connection that echoed `bytes` (each one received and sent
-    /// back, none counted live): its one info line, the counters, its slot back.
-    pub fn close(&self, admitted: Admitted, bytes: u64, end: &End) {
-        self.close_counted(admitted, bytes, bytes, end);
+    /// Counts `n` bytes just read from a connection.
+    #[inline]
+    pub fn received(&self, n: usize) {
+        self.stats.bytes_received(n as u64);
     }
 
-    /// [`Lifecycle::close`] for a model that counts the bytes received and sent separately
-    /// (they differ when a connection fails with an echo still unsent).
-    pub fn close_counted(&self, admitted: Admitted, received: u64, sent: u64, end: &End) {
-        let bytes = sent;
+    /// Counts `n` bytes of echo the kernel just took for a connection.
+    #[inline]
+    pub fn sent(&self, n: usize) {
+        self.stats.bytes_sent(n as u64);
+    }
+
+    /// Counts `n` bytes just read from a connection and written back in full.
+    #[inline]
+    pub fn echoed(&self, n: usize) {
+        self.stats.bytes_echoed(n as u64);
+    }
+
+    /// The end of an admitted connection that echoed `bytes` (for its log line: the counters
+    /// were fed as the bytes flowed): its one info line, the counters, its slot back.
+    pub fn close(&self, admitted: Admitted, bytes: u64, end: &End) {
+        if let End::Handshake(e) = end {
+            self.stats.tls_handshake_failed(e.reason);
+        }
         if let Some(slot) = admitted.slot {
             self.admission.release(slot);
         }
-        self.stats
-            .connection_closed(EndKind::of(end), received, sent);
+        self.stats.connection_closed(EndKind::of(end));
         tracing::info!(
             peer = %admitted.peer,
             bytes,
@@ -239,6 +262,13 @@ impl Lifecycle {
             end = ?end.to_string(),
             "connection closed"
         );
+    }
+
+    /// A TLS handshake completed (a failed one is counted by closing the connection with
+    /// [`End::Handshake`]).
+    pub fn handshake_completed(&self, peer: SocketAddr) {
+        self.stats.tls_handshake_completed();
+        tracing::debug!(%peer, "TLS handshake completed");
     }
 
     /// Gives back a slot split off with [`Admitted::take_slot`].

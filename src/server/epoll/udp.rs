@@ -1,23 +1,25 @@
 //! The epoll model's UDP side: `--workers` event loops (mio, edge-triggered), each owning a
 //! duplicate of every `udp://` socket registered in its own `Poll`, beside the TCP workers.
 //!
-//! A loop receives until `WouldBlock` (at most [`RECEIVE_BUDGET`] datagrams per socket per
-//! turn, then it looks at its other sockets and polls with a zero timeout), runs each datagram
-//! through the policy and sends the echo at once with a non-blocking `sendto`. If the kernel's
-//! send buffer is full the echo is kept (one per socket) and that socket is not read again until
-//! a writable edge lets it go out: backpressure, as on TCP, instead of dropping it.
+//! A loop receives in batches (`recvmmsg`, see `server/udp/batch.rs`) until it finds the queue
+//! empty (a batch short of its slots, or `WouldBlock`), at most [`RECEIVE_BUDGET`] datagrams
+//! per socket per turn (then it looks at its other sockets and polls with a zero timeout). It
+//! runs each datagram through the policy and sends the batch's echoes at once with one
+//! non-blocking `sendmmsg`. If the kernel's send buffer is full the unsent echoes stay in the
+//! socket's batch and that socket is not read again until a writable edge lets them go out:
+//! backpressure, as on TCP, instead of dropping them.
 
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 use mio::net::UdpSocket;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use nix::sys::socket::MsgFlags;
 
 use crate::server::conn::Lifecycle;
-use crate::server::udp::{is_transient, recv, BUFFER_SIZE, RECEIVE_BUDGET};
+use crate::server::udp::{is_transient, Batch, RECEIVE_BUDGET};
 use crate::server::Server;
 use crate::shutdown::Shutdown;
 
@@ -28,8 +30,8 @@ struct Endpoint {
     socket: UdpSocket,
     /// The last edge said readable and the queue has not been seen empty since.
     readable: bool,
-    /// An echo the send buffer had no room for.
-    pending: Option<(Vec<u8>, SocketAddr)>,
+    /// The socket's batch, holding the echoes the send buffer had no room for.
+    batch: Batch,
 }
 
 /// Starts the UDP loops on `scope` (none without UDP sockets).
@@ -78,7 +80,7 @@ fn prepare(server: &Server) -> crate::Result<(Poll, Vec<Endpoint>)> {
             socket,
             // Datagrams may have queued before registration raised any edge.
             readable: true,
-            pending: None,
+            batch: Batch::default(),
         });
     }
     Ok((poll, endpoints))
@@ -91,12 +93,13 @@ fn run(
     shutdown: &Shutdown,
 ) -> io::Result<()> {
     let mut events = Events::with_capacity(64);
-    let mut buf = vec![0u8; BUFFER_SIZE];
     loop {
         if shutdown.is_triggered() {
             return Ok(());
         }
-        let busy = endpoints.iter().any(|e| e.readable && e.pending.is_none());
+        let busy = endpoints
+            .iter()
+            .any(|e| e.readable && e.batch.pending() == 0);
         let timeout = busy.then_some(Duration::ZERO);
         match poll.poll(&mut events, timeout) {
             Ok(()) => {}
@@ -118,50 +121,44 @@ fn run(
             return Ok(());
         }
         for endpoint in &mut endpoints {
-            serve_some(endpoint, &mut buf, lifecycle)?;
+            serve_some(endpoint, lifecycle)?;
         }
     }
 }
 
-/// Receives and echoes up to the budget, until the queue is empty or an echo must wait.
-fn serve_some(endpoint: &mut Endpoint, buf: &mut [u8], lifecycle: &Lifecycle) -> io::Result<()> {
-    for _ in 0..RECEIVE_BUDGET {
-        if !endpoint.readable || endpoint.pending.is_some() {
-            return Ok(());
-        }
-        let received = match recv(endpoint.socket.as_fd(), buf) {
-            Ok(received) => received,
+/// Receives and echoes up to the budget, until the queue is empty or echoes must wait.
+fn serve_some(endpoint: &mut Endpoint, lifecycle: &Lifecycle) -> io::Result<()> {
+    let mut budget = RECEIVE_BUDGET;
+    while budget > 0 && endpoint.readable && endpoint.batch.pending() == 0 {
+        match endpoint.batch.receive(endpoint.socket.as_fd(), lifecycle) {
+            Ok(received) => {
+                budget = budget.saturating_sub(received.max(1));
+                // A short batch found the queue empty; a datagram arriving since raises a new
+                // edge, so there is no need for a receive that would only find it empty.
+                if received < endpoint.batch.slots() {
+                    endpoint.readable = false;
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 endpoint.readable = false;
                 return Ok(());
             }
-            Err(e) if is_transient(&e) => continue,
-            Err(e) => return Err(e),
-        };
-        if !lifecycle.admit_datagram(received.source, received.truncated) {
-            continue;
-        }
-        let data = &buf[..received.len];
-        match endpoint.socket.send_to(data, received.source) {
-            Ok(_) => lifecycle.datagram_echoed(data.len()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                endpoint.pending = Some((data.to_vec(), received.source));
+            Err(e) if is_transient(&e) => {
+                budget -= 1;
+                continue;
             }
-            Err(e) => lifecycle.datagram_send_failed(received.source, &e),
+            Err(e) => return Err(e),
         }
+        flush(endpoint, lifecycle);
     }
     Ok(())
 }
 
-/// Sends the echo that waited for room, if any.
+/// Sends the echoes not sent yet; what the send buffer has no room for waits for a writable
+/// edge.
 fn flush(endpoint: &mut Endpoint, lifecycle: &Lifecycle) {
-    let Some((data, dest)) = &endpoint.pending else {
-        return;
-    };
-    match endpoint.socket.send_to(data, *dest) {
-        Ok(_) => lifecycle.datagram_echoed(data.len()),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-        Err(e) => lifecycle.datagram_send_failed(*dest, &e),
-    }
-    endpoint.pending = None;
+    // Only `WouldBlock` comes back (an echo that fails on its own is counted and skipped).
+    let _ = endpoint
+        .batch
+        .send(endpoint.socket.as_fd(), MsgFlags::MSG_DONTWAIT, lifecycle);
 }

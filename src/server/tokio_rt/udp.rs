@@ -1,20 +1,23 @@
 //! The async model's UDP side: on each worker's runtime, a task per `udp://` socket; the
 //! workers' tasks share the socket (each runtime registers its own duplicate).
 //!
-//! A task waits for the socket to be readable, then receives with `try_io` (so readiness is
-//! cleared only on `WouldBlock`) up to [`RECEIVE_BUDGET`] datagrams, runs each through the
-//! policy and awaits `send_to` for its echo (a full send buffer suspends the task, not the
-//! thread). Each task watches the shutdown and ends at once when it fires.
+//! A task waits for the socket to be readable, then receives in batches (`recvmmsg`, see
+//! `server/udp/batch.rs`) with `try_io` (so readiness is cleared only on `WouldBlock`) up to
+//! [`RECEIVE_BUDGET`] datagrams, runs each through the policy and sends each batch's echoes
+//! with one `sendmmsg`, also through `try_io`; a full send buffer suspends the task until the
+//! socket is writable, not the thread. Each task watches the shutdown and ends at once when it
+//! fires.
 
 use std::io;
 use std::sync::Arc;
 
+use nix::sys::socket::MsgFlags;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use super::ShutdownWatch;
 use crate::server::conn::Lifecycle;
-use crate::server::udp::{is_transient, recv, BUFFER_SIZE, RECEIVE_BUDGET};
+use crate::server::udp::{is_transient, Batch, RECEIVE_BUDGET};
 use crate::server::Server;
 
 /// Spawns this worker's UDP tasks on the current runtime (none without UDP sockets); must be
@@ -45,24 +48,30 @@ pub(super) fn spawn(server: &Server) -> crate::Result<Vec<tokio::task::JoinHandl
 }
 
 async fn serve(socket: &UdpSocket, lifecycle: &Lifecycle) -> io::Result<()> {
-    let mut buf = vec![0u8; BUFFER_SIZE];
+    let mut batch = Batch::default();
     loop {
         socket.readable().await?;
-        for _ in 0..RECEIVE_BUDGET {
-            let received =
-                match socket.try_io(Interest::READABLE, || recv(socket_fd(socket), &mut buf)) {
-                    Ok(received) => received,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if is_transient(&e) => continue,
-                    Err(e) => return Err(e),
-                };
-            if !lifecycle.admit_datagram(received.source, received.truncated) {
-                continue;
+        let mut budget = RECEIVE_BUDGET;
+        while budget > 0 {
+            let fd = socket_fd(socket);
+            match socket.try_io(Interest::READABLE, || batch.receive(fd, lifecycle)) {
+                Ok(received) => budget = budget.saturating_sub(received.max(1)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if is_transient(&e) => {
+                    budget -= 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
             }
-            let data = &buf[..received.len];
-            match socket.send_to(data, received.source).await {
-                Ok(_) => lifecycle.datagram_echoed(data.len()),
-                Err(e) => lifecycle.datagram_send_failed(received.source, &e),
+            while batch.pending() > 0 {
+                let sent = socket.try_io(Interest::WRITABLE, || {
+                    batch.send(fd, MsgFlags::MSG_DONTWAIT, lifecycle)
+                });
+                match sent {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.writable().await?,
+                    Err(e) => return Err(e),
+                }
             }
         }
         // Let the other tasks on this thread run between bursts.

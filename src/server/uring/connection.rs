@@ -17,17 +17,25 @@
 //! by what one armed recv may take ([`super::RECV_LIMIT`]) plus the echo it interrupted.
 //!
 //! # Where the lifecycle hooks go
-//! A connection is made after admission (the worker's single call site) and reports its end
-//! once, as [`Action::Close`]. A `tcp+proxy://` connection would start in a header phase:
-//! [`Connection::received`] is the one place that sees received bytes, so that phase feeds
-//! them to the header parser and echoes the leftover through the own buffer.
+//! A connection on a plain listener is made after admission (the worker's single call site);
+//! one on a `tcp+proxy://` listener is made after the trusted-proxy check and starts in the
+//! *header phase* ([`Connection::start_awaiting_header`]): [`Connection::received`], the one
+//! place that sees received bytes, feeds them to the sans-I/O [`HeaderReader`] and gives each
+//! buffer back at once (the reader keeps a copy only of a header split over several
+//! receives). When the header is complete the worker's admission decides on the client it names;
+//! admitted, the client's first bytes (what came after the header in the same buffer) are
+//! echoed straight from that pool buffer, from where the header ended. A bad or truncated
+//! header, or one still incomplete at its deadline ([`Connection::sweep`]), closes the
+//! connection without an echo. Every connection reports its end once, as [`Action::Close`],
+//! and then [`Connection::take_end`] says how it ended ([`Ended`]).
 
 use std::collections::VecDeque;
 use std::io;
 use std::mem;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::buffers::Buffers;
+use crate::server::conn::proxy::{HeaderError, HeaderReader, ProxyHeader};
 use crate::server::conn::End;
 
 /// What the worker must do for a connection, in the order given.
@@ -64,6 +72,8 @@ pub enum ServerEnd {
 /// Where the connection is in its life.
 #[derive(Debug)]
 pub enum Phase {
+    /// On a `tcp+proxy://` listener: receiving the PROXY header; nothing is echoed yet.
+    Header(Box<AwaitingHeader>),
     /// Receiving and echoing.
     Echoing,
     /// The client half-closed: echo what was received, then close.
@@ -74,11 +84,34 @@ pub enum Phase {
     Closed,
 }
 
+/// A connection's PROXY header as far as it has arrived, and when it must be complete.
+#[derive(Debug)]
+pub struct AwaitingHeader {
+    reader: HeaderReader,
+    deadline: Instant,
+}
+
 /// Why a connection is closing.
 #[derive(Debug)]
 pub enum Ending {
     Server(ServerEnd),
     Failed(io::Error),
+    /// The PROXY header was bad, truncated, or late.
+    Header(HeaderError),
+    /// Admission refused the client the header named.
+    Refused,
+}
+
+/// How a connection ended, once [`Action::Close`] was returned.
+#[derive(Debug)]
+pub enum Ended {
+    /// It ended so: the close record of an admitted connection (for one still awaiting its
+    /// PROXY header, the reason it never got one).
+    End(End),
+    /// Its PROXY header was bad, truncated, or late: the detail of its refusal.
+    Header(HeaderError),
+    /// Admission refused the client its header named (already counted and logged).
+    Refused,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,8 +171,26 @@ pub struct Connection {
 impl Connection {
     /// A connection that was just admitted; returns its first actions in `out`.
     pub fn start(now: Instant, out: &mut Vec<Action>) -> Connection {
+        Connection::starting_in(Phase::Echoing, now, out)
+    }
+
+    /// A connection on a `tcp+proxy://` listener, from a trusted proxy: it reads the PROXY
+    /// header, which must be complete by `deadline`, before anything is echoed.
+    pub fn start_awaiting_header(
+        now: Instant,
+        deadline: Instant,
+        out: &mut Vec<Action>,
+    ) -> Connection {
+        let header = AwaitingHeader {
+            reader: HeaderReader::new(),
+            deadline,
+        };
+        Connection::starting_in(Phase::Header(Box::new(header)), now, out)
+    }
+
+    fn starting_in(phase: Phase, now: Instant, out: &mut Vec<Action>) -> Connection {
         let mut connection = Connection {
-            phase: Phase::Echoing,
+            phase,
             recv: RecvState::Idle,
             send: SendState::Idle,
             queued: VecDeque::new(),
@@ -157,9 +208,25 @@ impl Connection {
         self.bytes
     }
 
-    /// When data last moved; `None` once the connection is closing (the idle sweep skips it).
-    pub fn active_at(&self) -> Option<Instant> {
-        matches!(self.phase, Phase::Echoing | Phase::ClientDone).then_some(self.last_active)
+    /// The worker's periodic sweep: a PROXY header still incomplete at its deadline closes
+    /// the connection; an echoing connection on which nothing moved for `idle` (the idle
+    /// timeout, if any) is ended.
+    pub fn sweep(&mut self, now: Instant, idle: Option<Duration>, out: &mut Vec<Action>) {
+        match &self.phase {
+            Phase::Header(waiting) if now >= waiting.deadline => {
+                self.phase = Phase::Ending(Ending::Header(waiting.reader.timed_out()));
+                // Cancelling the recv completes it; then the connection closes.
+                self.advance(out);
+            }
+            Phase::Echoing | Phase::ClientDone
+                if idle.is_some_and(|idle| {
+                    now.saturating_duration_since(self.last_active) >= idle
+                }) =>
+            {
+                self.end(ServerEnd::IdleTimeout, out);
+            }
+            _ => {}
+        }
     }
 
     /// Whether the kernel still has an operation of this connection (its socket must stay
@@ -188,17 +255,24 @@ impl Connection {
         self.queued.len() + usize::from(matches!(self.send, SendState::Pool { .. }))
     }
 
-    /// The end to record, once [`Action::Close`] was returned.
-    pub fn take_end(&mut self) -> End {
+    /// How the connection ended, once [`Action::Close`] was returned.
+    pub fn take_end(&mut self) -> Ended {
         match mem::replace(&mut self.phase, Phase::Closed) {
-            Phase::Ending(Ending::Server(ServerEnd::IdleTimeout)) => End::IdleTimeout,
-            Phase::Ending(Ending::Server(ServerEnd::Shutdown)) => End::Shutdown,
-            Phase::Ending(Ending::Failed(e)) => End::Failed(e),
-            Phase::Echoing | Phase::ClientDone | Phase::Closed => End::ClientClosed,
+            Phase::Ending(Ending::Server(ServerEnd::IdleTimeout)) => Ended::End(End::IdleTimeout),
+            Phase::Ending(Ending::Server(ServerEnd::Shutdown)) => Ended::End(End::Shutdown),
+            Phase::Ending(Ending::Failed(e)) => Ended::End(End::Failed(e)),
+            Phase::Ending(Ending::Header(e)) => Ended::Header(e),
+            Phase::Ending(Ending::Refused) => Ended::Refused,
+            Phase::Header(_) | Phase::Echoing | Phase::ClientDone | Phase::Closed => {
+                Ended::End(End::ClientClosed)
+            }
         }
     }
 
-    /// A recv completed. `multishot`: whether the worker arms multishot recvs.
+    /// A recv completed. `multishot`: whether the worker arms multishot recvs. `admit` is
+    /// called once, in the header phase, when the PROXY header is complete: whether the client
+    /// it names is served (a refusal is the caller's to count and log). Returns how many of the
+    /// client's bytes arrived (PROXY header bytes are not the client's), for the counters.
     pub fn received(
         &mut self,
         recv: RecvResult,
@@ -206,25 +280,37 @@ impl Connection {
         buffers: &impl Buffers,
         now: Instant,
         out: &mut Vec<Action>,
-    ) {
+        admit: impl FnOnce(&ProxyHeader) -> bool,
+    ) -> usize {
         if matches!(self.phase, Phase::Closed) {
             // Cannot happen (a slot is freed only with nothing in flight), but a buffer must
             // never be lost.
             out.extend(recv.bid.map(Action::GiveBack));
-            return;
+            return 0;
         }
+        let mut payload = 0;
         if !recv.more {
             self.recv = RecvState::Idle;
         }
         match (recv.result, recv.bid) {
             (n, Some(bid)) if n > 0 => {
                 self.last_active = now;
-                self.echo(bid, n as u32, buffers, out);
+                if matches!(self.phase, Phase::Header(_)) {
+                    payload = self.header_arrived(bid, n as u32, buffers, admit, out);
+                } else {
+                    payload = n as usize;
+                    self.echo(bid, n as u32, buffers, out);
+                }
             }
             (0, bid) => {
                 out.extend(bid.map(Action::GiveBack));
-                if matches!(self.phase, Phase::Echoing) {
-                    self.phase = Phase::ClientDone;
+                match &self.phase {
+                    Phase::Echoing => self.phase = Phase::ClientDone,
+                    Phase::Header(waiting) => {
+                        let truncated = waiting.reader.end_of_stream();
+                        self.phase = Phase::Ending(Ending::Header(truncated));
+                    }
+                    _ => {}
                 }
             }
             (e, None) if e == -libc::EINVAL && multishot && !recv.more => {
@@ -234,7 +320,7 @@ impl Connection {
             }
             (e, None) if e == -libc::ENOBUFS && !recv.more => {
                 self.last_active = now;
-                if matches!(self.phase, Phase::Echoing) {
+                if matches!(self.phase, Phase::Echoing | Phase::Header(_)) {
                     self.recv = RecvState::WaitingForBuffer;
                     out.push(Action::WaitForBuffer);
                 }
@@ -254,6 +340,65 @@ impl Connection {
             }
         }
         self.advance(out);
+        payload
+    }
+
+    /// `n` bytes arrived in pool buffer `bid` during the header phase: they go to the header
+    /// reader. Once the header is complete and its client admitted, what followed it in this
+    /// buffer is echoed from here; the buffer goes back at once otherwise. Returns how many
+    /// of the bytes are the client's (after the header).
+    fn header_arrived(
+        &mut self,
+        bid: u16,
+        n: u32,
+        buffers: &impl Buffers,
+        admit: impl FnOnce(&ProxyHeader) -> bool,
+        out: &mut Vec<Action>,
+    ) -> usize {
+        let Phase::Header(waiting) = &mut self.phase else {
+            return 0;
+        };
+        // The leftover is always the end of the bytes just fed: where it starts is all we keep.
+        let fed = waiting
+            .reader
+            .feed(&buffers.bytes(bid)[..n as usize])
+            .map(|done| done.map(|(header, leftover)| (header, n - leftover.len() as u32)));
+        match fed {
+            Ok(None) => {
+                out.push(Action::GiveBack(bid));
+                0
+            }
+            Ok(Some((header, header_end))) => {
+                if !admit(&header) {
+                    out.push(Action::GiveBack(bid));
+                    self.phase = Phase::Ending(Ending::Refused);
+                    return 0;
+                }
+                self.phase = Phase::Echoing;
+                if header_end < n {
+                    // The client's first bytes came with the header (a proxy forwards them in
+                    // the same segment when it can): echo them without a copy.
+                    self.send = SendState::Pool {
+                        bid,
+                        len: n,
+                        sent: header_end,
+                    };
+                    out.push(Action::SendPool {
+                        bid,
+                        offset: header_end,
+                        len: n - header_end,
+                    });
+                } else {
+                    out.push(Action::GiveBack(bid));
+                }
+                (n - header_end) as usize
+            }
+            Err(e) => {
+                out.push(Action::GiveBack(bid));
+                self.phase = Phase::Ending(Ending::Header(e));
+                0
+            }
+        }
     }
 
     /// `n` bytes arrived in pool buffer `bid`: echo them, or queue them behind the echo in
@@ -424,7 +569,10 @@ impl Connection {
     pub fn end(&mut self, why: ServerEnd, out: &mut Vec<Action>) {
         if !matches!(
             self.phase,
-            Phase::Echoing | Phase::ClientDone | Phase::Ending(Ending::Failed(_))
+            Phase::Header(_)
+                | Phase::Echoing
+                | Phase::ClientDone
+                | Phase::Ending(Ending::Failed(_))
         ) {
             return;
         }
@@ -436,8 +584,10 @@ impl Connection {
     }
 
     fn fail(&mut self, e: io::Error) {
-        if matches!(self.phase, Phase::Echoing | Phase::ClientDone) {
-            self.phase = Phase::Ending(Ending::Failed(e));
+        match self.phase {
+            Phase::Echoing | Phase::ClientDone => self.phase = Phase::Ending(Ending::Failed(e)),
+            Phase::Header(_) => self.phase = Phase::Ending(Ending::Header(HeaderError::Io(e))),
+            Phase::Ending(_) | Phase::Closed => {}
         }
     }
 
@@ -462,6 +612,13 @@ impl Connection {
     fn advance(&mut self, out: &mut Vec<Action>) {
         match self.phase {
             Phase::Closed => {}
+            Phase::Header(_) => {
+                // Nothing goes out before the header is complete: only read.
+                if self.recv == RecvState::Idle {
+                    self.recv = RecvState::Armed;
+                    out.push(Action::Recv);
+                }
+            }
             Phase::Ending(_) => {
                 // Nothing more goes out: the queued data is dropped.
                 for (bid, _) in mem::take(&mut self.queued) {

@@ -26,8 +26,9 @@
 //!   So a connection holds pool buffers only for echoes that go out at once, and a client
 //!   that never reads holds none, only its own buffer (at most one recv's [`RECV_LIMIT`]
 //!   plus the echo it interrupted), freed when it catches up.
-//! - timers (idle sweep, accept back-off, shutdown deadline) are Timeout operations, and a
-//!   PollAdd on the shutdown descriptor tells every ring when SIGINT/SIGTERM arrives.
+//! - timers (the sweep for idle connections and late PROXY headers, accept back-off, shutdown
+//!   deadline) are Timeout operations, and a PollAdd on the shutdown descriptor tells every
+//!   ring when SIGINT/SIGTERM arrives.
 //!
 //! Every submission carries a `user_data` token of (operation kind, connection slot,
 //! generation); a completion whose generation does not match its slot is stale and touches
@@ -48,10 +49,12 @@
 //! 40 per `io_uring_enter` at 50 connections).
 //!
 //! # Limits and connection handling
-//! `--max-conns` is a counter shared by the workers: at the limit a worker cancels its accepts
-//! (clients wait in the listen backlog) and re-arms them when a connection ends anywhere (each
-//! worker watches a wake-up descriptor). Connections a multishot accept delivered just before
-//! its cancellation took effect are parked unserved until there is room. Accept errors follow
+//! `--max-conns` is the lifecycle's [`Limit`], shared by the workers: an accepted connection
+//! takes a [`Permit`] as its completion is handled, and at the limit a worker cancels its
+//! accepts (clients wait in the listen backlog) and re-arms them when a connection ends
+//! anywhere (every ring keeps a multishot poll on the limit's room descriptor). Connections a
+//! multishot accept delivered just before its cancellation took effect are parked unserved,
+//! with no permit, until there is room. Accept errors follow
 //! [`crate::net::classify_accept_error`]: out of descriptors or memory warns once and re-arms
 //! after [`crate::net::ACCEPT_BACKOFF`]. `--idle-timeout` is a periodic sweep that shuts idle
 //! sockets down, which completes their pending operation so the connection closes. When the
@@ -59,6 +62,16 @@
 //! and closes.
 //! Clients that never read cannot take the pool from the others: their stalled echoes wait in
 //! their own buffers (see **send** above).
+//!
+//! # The PROXY protocol
+//! On a `tcp+proxy://` listener a connection from a trusted proxy starts in a header phase
+//! (see `connection`): its receives go to the lifecycle's sans-I/O header parser and each
+//! buffer goes back at once, so a connection still sending its header holds no pool buffer
+//! (only the parser's copy of a header split over receives, at most 4 KiB). Once the header is
+//! complete the client it names is admitted, and what followed the header in the same buffer
+//! is echoed from that buffer. A bad, truncated or late header (`--proxy-timeout`, enforced by
+//! the sweep) closes that connection alone with one refusal line, as in every model. A refused
+//! header costs a ring slot, a permit and a couple of receives, nothing more.
 //!
 //! # Shutdown
 //! On SIGINT/SIGTERM each ring cancels its accepts, lets live connections finish for
@@ -93,8 +106,9 @@ mod worker;
 use std::io;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use crate::server::conn::limit::{Limit, Permit};
 use crate::server::Server;
 use crate::wake::Wake;
 use setup::Ring;
@@ -137,8 +151,8 @@ pub fn serve(server: &Server) -> crate::Result<()> {
     probe()?;
     let workers = server.config.workers.max(1);
     let shared = Shared {
-        live: AtomicUsize::new(0),
-        max: server.config.max_conns.max(1),
+        limit: Limit::new(server.config.max_conns)
+            .map_err(|e| crate::Error::io("cannot create the connection limit", e))?,
         workers: (0..workers)
             .map(|_| {
                 Ok(Mailbox {
@@ -198,45 +212,34 @@ pub fn serve(server: &Server) -> crate::Result<()> {
     })
 }
 
-/// mailbox.
+/// What the workers share: the connection limit and each worker's mailbox.
 struct Shared {
-    live: AtomicUsize,
-    max: usize,
+    /// `--max-conns`; every ring polls its room descriptor, so that a worker that stopped
+    /// accepting at the limit starts again when a connection ends anywhere.
+    limit: Arc<Limit>,
     workers: Vec<Mailbox>,
 }
 
-/// How other workers reach one worker: connections handed over to it, its load, and a
-/// wake-up descriptor its ring always polls (written for a hand-over, and when a connection
-/// ends while the server was full).
+/// A connection as accepted: its stream and the index of the listener it came from (which
+/// says whether it begins with a PROXY header).
+struct Incoming {
+    stream: TcpStream,
+    listener: usize,
+}
+
+/// How other workers reach one worker: connections handed over to it (each with its slot
+/// under the limit), its load, and a wake-up descriptor its ring always polls (written for a
+/// hand-over).
 struct Mailbox {
     wake: Wake,
     load: AtomicUsize,
-    inbox: Mutex<Vec<TcpStream>>,
+    inbox: Mutex<Vec<(Incoming, Permit)>>,
 }
 
 impl Shared {
-    /// Reserves room for one connection; false at the limit.
-    fn try_admit(&self) -> bool {
-        self.live
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    fn has_room(&self) -> bool {
-        self.live.load(Ordering::Acquire) < self.max
-    }
-
-    /// Gives back the room of worker `id`'s connection; wakes every worker if the server was
-    /// full, so those that stopped accepting start again.
-    fn release(&self, id: usize) {
+    /// A connection counted for worker `id` by [`Shared::assign`] ended (or was refused).
+    fn unload(&self, id: usize) {
         self.workers[id].load.fetch_sub(1, Ordering::Relaxed);
-        if self.live.fetch_sub(1, Ordering::AcqRel) >= self.max {
-            for worker in &self.workers {
-                worker.wake.wake();
-            }
-        }
     }
 
     /// The worker that should serve a connection accepted by worker `id`: itself, unless it

@@ -48,11 +48,14 @@ kinds! {
     Send = 3,
     ShutdownSignal = 4,
     Wake = 5,
-    IdleSweep = 6,
+    /// The periodic look for idle connections and late PROXY headers.
+    Sweep = 6,
     AcceptBackoff = 7,
     Deadline = 8,
     /// An AsyncCancel; its own completion carries nothing to act on.
     Cancel = 9,
+    /// The connection limit has room again (a multishot poll of its descriptor).
+    Room = 10,
 }
 
 /// `user_data`: kind (8 bits), generation (24 bits), slot or listener index (32 bits).
@@ -99,6 +102,14 @@ pub fn accept_multi(fd: RawFd) -> squeue::Entry {
 
 pub fn poll_in(fd: RawFd) -> squeue::Entry {
     opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32).build()
+}
+
+/// A poll that stays armed and completes once per wake-up of `fd`, even when another ring
+/// drains the descriptor first (the kernel posts the mask the wake-up carried).
+pub fn poll_in_multi(fd: RawFd) -> squeue::Entry {
+    opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
+        .multi(true)
+        .build()
 }
 
 /// A timeout; `timespec` must stay put until the entry is submitted (the worker boxes it).

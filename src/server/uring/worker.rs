@@ -1,33 +1,47 @@
 //! A worker: one thread driving one ring. It owns the connection table, the accepts, the
 //! timers and the buffer pool, and carries out what each connection's state machine
-//! ([`super::connection`]) asks for. The lifecycle hooks each have one call site: admission
-//! in [`Worker::start_connection`] (right after accept or hand-over), the close record in
-//! [`Worker::finish`].
+//! ([`super::connection`]) asks for. The lifecycle hooks each have one call site: the slot
+//! under `--max-conns` (a [`Permit`]) is taken when an accept completes, the first decision
+//! (admission, or on a `+proxy` listener the trusted-proxy check) is in
+//! [`Worker::start_connection`] (right after accept or hand-over), admission of the client a
+//! PROXY header names in [`Worker::received`], the byte counts in `received` and `sent` (each
+//! completion), and the close record (or the header's refusal) in [`Worker::finish`].
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{Shutdown as Direction, TcpStream};
+use std::net::{Shutdown as Direction, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use io_uring::types::Timespec;
 use io_uring::{cqueue, squeue, IoUring};
 
 use super::buffers::BufferPool;
-use super::connection::{Action, Connection, RecvResult, ServerEnd};
+use super::connection::{Action, Connection, Ended, RecvResult, ServerEnd};
 use super::setup::Ring;
 use super::sqe::{self, token, untoken, Kind};
-use super::{Shared, BUFFER_GROUP, RECV_LIMIT, RING_ENTRIES, SINGLE_RECV_ENV};
+use super::{Incoming, Shared, BUFFER_GROUP, RECV_LIMIT, RING_ENTRIES, SINGLE_RECV_ENV};
 use crate::net::{AcceptError, ACCEPT_BACKOFF};
-use crate::server::conn::Admitted;
+use crate::server::conn::admission::Refusal;
+use crate::server::conn::limit::Permit;
+use crate::server::conn::{Admitted, End};
 use crate::server::Server;
 
-/// A served connection: its socket, who it is for, and its echo's state.
+/// A served connection: its socket, who it is for, its slot under `--max-conns`, and its
+/// echo's state.
 struct Live {
     stream: TcpStream,
-    admitted: Admitted,
+    peer: Peer,
+    permit: Permit,
     connection: Connection,
+}
+
+/// Who a connection is for.
+enum Peer {
+    /// Admitted: being echoed.
+    Admitted(Admitted),
+    /// On a `+proxy` listener, from trusted `proxy`: its PROXY header will name the client.
+    AwaitingHeader { proxy: SocketAddr, listener: usize },
 }
 
 #[derive(Default)]
@@ -57,7 +71,7 @@ pub struct Worker<'a> {
     /// Connections whose recv found no buffer, in order (stale entries are skipped).
     waiting: VecDeque<(u32, u32)>,
     /// Accepted while the server was full; served when there is room.
-    parked: VecDeque<TcpStream>,
+    parked: VecDeque<Incoming>,
     listeners: Vec<Listener>,
     backing_off: bool,
     stopping: bool,
@@ -79,7 +93,9 @@ pub struct Worker<'a> {
     /// When the current batch of completions was reaped (one clock read per batch).
     now: Instant,
     // Timeouts read their timespec when submitted; boxed so the addresses stay put.
-    idle_interval: Option<Box<Timespec>>,
+    /// How often idle connections and late PROXY headers are looked for (only with
+    /// `--idle-timeout` or a `+proxy` listener).
+    sweep_interval: Option<Box<Timespec>>,
     backoff: Box<Timespec>,
     deadline: Box<Timespec>,
 }
@@ -111,10 +127,9 @@ impl<'a> Worker<'a> {
             multishot_recv = multishot,
             "ring ready"
         );
-        let idle_interval = server.config.idle_timeout.map(|idle| {
-            let interval = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-            Box::new(Timespec::from(interval))
-        });
+        let sweep_interval = server
+            .sweep_every()
+            .map(|interval| Box::new(Timespec::from(interval)));
         Ok(Worker {
             ring,
             pool,
@@ -147,7 +162,7 @@ impl<'a> Worker<'a> {
             now: Instant::now(),
             completions: Vec::with_capacity(RING_ENTRIES as usize * 4),
             actions: Vec::new(),
-            idle_interval,
+            sweep_interval,
             backoff: Box::new(Timespec::from(ACCEPT_BACKOFF)),
             deadline: Box::new(Timespec::from(server.config.shutdown_timeout)),
         })
@@ -157,7 +172,8 @@ impl<'a> Worker<'a> {
         let shutdown_fd = self.server.shutdown.as_fd().as_raw_fd();
         self.push(sqe::poll_in(shutdown_fd).user_data(token(Kind::ShutdownSignal, 0, 0)));
         self.arm_wake();
-        self.arm_idle_sweep();
+        self.arm_room();
+        self.arm_sweep();
         loop {
             self.sync_accepting();
             if self.stopping && self.active == 0 {
@@ -224,6 +240,14 @@ impl<'a> Worker<'a> {
         };
         match kind {
             Kind::Accept => self.accepted(index, generation, result, flags)?,
+            Kind::Room => {
+                // A connection ended in a full server; the next loop turn accepts again if
+                // there is room still.
+                self.shared.limit.clear_room_signal();
+                if !cqueue::more(flags) {
+                    self.arm_room();
+                }
+            }
             Kind::Recv => self.received(index, generation, result, flags),
             Kind::Send => self.sent(index, generation, result),
             Kind::ShutdownSignal => self.begin_shutdown(),
@@ -232,9 +256,9 @@ impl<'a> Worker<'a> {
                 self.take_handed_over();
                 self.arm_wake();
             }
-            Kind::IdleSweep => {
-                self.sweep_idle();
-                self.arm_idle_sweep();
+            Kind::Sweep => {
+                self.sweep();
+                self.arm_sweep();
             }
             Kind::AcceptBackoff => self.backing_off = false,
             Kind::Deadline => self.close_all_at_deadline(),
@@ -249,11 +273,14 @@ impl<'a> Worker<'a> {
     /// Arms or cancels the accepts as the state requires; serves parked connections when
     /// there is room.
     fn sync_accepting(&mut self) {
-        while !self.stopping && !self.parked.is_empty() && self.shared.try_admit() {
-            let stream = self.parked.pop_front().expect("not empty");
-            self.assign(stream);
+        while !self.stopping && !self.parked.is_empty() {
+            let Some(permit) = self.shared.limit.try_acquire() else {
+                break;
+            };
+            let incoming = self.parked.pop_front().expect("not empty");
+            self.assign(incoming, permit);
         }
-        let full = !self.parked.is_empty() || !self.shared.has_room();
+        let full = !self.parked.is_empty() || !self.shared.limit.has_room();
         let accepting = !self.stopping && !self.backing_off && !full;
         for index in 0..self.listeners.len() {
             let listener = &mut self.listeners[index];
@@ -289,14 +316,22 @@ impl<'a> Worker<'a> {
             listener.in_flight = false;
         }
         if result >= 0 {
-            let stream = sqe::accepted_stream(result);
+            let incoming = Incoming {
+                stream: sqe::accepted_stream(result),
+                listener: index as usize,
+            };
             if self.stopping {
                 return Ok(()); // Closed unserved: the server no longer accepts.
             }
-            if self.parked.is_empty() && self.shared.try_admit() {
-                self.assign(stream);
-            } else {
-                self.parked.push_back(stream);
+            // Parked connections go first, in order.
+            match self
+                .parked
+                .is_empty()
+                .then(|| self.shared.limit.try_acquire())
+                .flatten()
+            {
+                Some(permit) => self.assign(incoming, permit),
+                None => self.parked.push_back(incoming),
             }
             return Ok(());
         }
@@ -323,11 +358,11 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// Serves an admitted connection here, or hands it over to a less loaded worker.
-    fn assign(&mut self, stream: TcpStream) {
+    /// Serves a connection that has its slot here, or hands it over to a less loaded worker.
+    fn assign(&mut self, incoming: Incoming, permit: Permit) {
         let target = self.shared.assign(self.id);
         if target == self.id {
-            self.start_connection(stream);
+            self.start_connection(incoming, permit);
             return;
         }
         let mailbox = &self.shared.workers[target];
@@ -335,7 +370,7 @@ impl<'a> Worker<'a> {
             .inbox
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(stream);
+            .push((incoming, permit));
         mailbox.wake.wake();
     }
 
@@ -347,12 +382,14 @@ impl<'a> Worker<'a> {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()),
         );
-        for stream in streams {
+        for (incoming, permit) in streams {
             if self.stopping {
-                drop(stream);
-                self.shared.release(self.id);
+                // Closed unserved; dropping the permit frees its slot.
+                drop(incoming);
+                drop(permit);
+                self.shared.unload(self.id);
             } else {
-                self.start_connection(stream);
+                self.start_connection(incoming, permit);
             }
         }
     }
@@ -362,23 +399,42 @@ impl<'a> Worker<'a> {
         self.push(sqe::poll_in(fd).user_data(token(Kind::Wake, 0, 0)));
     }
 
-    /// Serves a connection counted for this worker: admission by its peer, then its state
-    /// machine starts.
-    fn start_connection(&mut self, stream: TcpStream) {
+    /// Watches the limit's room descriptor for as long as the ring runs: every ring learns
+    /// that a full server has room again, whichever ring drains the descriptor first.
+    fn arm_room(&mut self) {
+        let fd = self.shared.limit.room_fd().as_raw_fd();
+        self.push(sqe::poll_in_multi(fd).user_data(token(Kind::Room, 0, 0)));
+    }
+
+    /// Serves a connection counted for this worker: the lifecycle's first decision (admission
+    /// by its peer, or on a `+proxy` listener whether the peer is a trusted proxy), then its
+    /// state machine starts. A refused stream is dropped, which closes it without an echo,
+    /// and so is its permit, which frees its slot.
+    fn start_connection(&mut self, incoming: Incoming, permit: Permit) {
+        let Incoming { stream, listener } = incoming;
+        let lifecycle = &self.server.conn;
         let peer = match stream.peer_addr() {
             Ok(peer) => peer,
             Err(e) => {
                 tracing::debug!("connection gone before it was served: {e}");
-                self.shared.release(self.id);
+                self.shared.unload(self.id);
                 return;
             }
         };
-        self.server.conn.configure(&stream, peer);
-        let listener = self.server.listener_of(&stream);
-        let Ok(admitted) = self.server.conn.admit(listener, peer) else {
-            // Refused: closed without an echo.
-            drop(stream);
-            self.shared.release(self.id);
+        lifecycle.configure(&stream, peer);
+        let peer = if self.server.kind(listener).expects_proxy_header() {
+            lifecycle
+                .check_proxy_peer(peer)
+                .ok()
+                .map(|()| Peer::AwaitingHeader {
+                    proxy: peer,
+                    listener,
+                })
+        } else {
+            lifecycle.admit(listener, peer).ok().map(Peer::Admitted)
+        };
+        let Some(peer) = peer else {
+            self.shared.unload(self.id);
             return;
         };
         self.served += 1;
@@ -390,10 +446,19 @@ impl<'a> Worker<'a> {
             }
         };
         let mut actions = std::mem::take(&mut self.actions);
-        let connection = Connection::start(Instant::now(), &mut actions);
+        let now = Instant::now();
+        let connection = match peer {
+            Peer::Admitted(_) => Connection::start(now, &mut actions),
+            Peer::AwaitingHeader { .. } => Connection::start_awaiting_header(
+                now,
+                now + lifecycle.proxy_timeout(),
+                &mut actions,
+            ),
+        };
         self.slots[index as usize].live = Some(Live {
             stream,
-            admitted,
+            peer,
+            permit,
             connection,
         });
         self.active += 1;
@@ -422,16 +487,35 @@ impl<'a> Worker<'a> {
             more: cqueue::more(flags),
         };
         let mut actions = std::mem::take(&mut self.actions);
-        let (now, multishot) = (self.now, self.multishot);
+        let (now, multishot, lifecycle) = (self.now, self.multishot, &self.server.conn);
         match self
             .slots
             .get_mut(index as usize)
             .filter(|slot| slot.generation & 0xFF_FFFF == generation)
             .and_then(|slot| slot.live.as_mut())
         {
-            Some(live) => live
-                .connection
-                .received(recv, multishot, &self.pool, now, &mut actions),
+            Some(Live {
+                peer, connection, ..
+            }) => {
+                let payload =
+                    connection.received(recv, multishot, &self.pool, now, &mut actions, |header| {
+                        // The header is complete: admission decides on the client it names (a
+                        // refusal is counted and logged there).
+                        let Peer::AwaitingHeader { proxy, listener } = *peer else {
+                            return false;
+                        };
+                        match lifecycle.admit_proxied(listener, proxy, header) {
+                            Ok(admitted) => {
+                                *peer = Peer::Admitted(admitted);
+                                true
+                            }
+                            Err(_) => false,
+                        }
+                    });
+                if payload > 0 {
+                    lifecycle.received(payload);
+                }
+            }
             // Cannot happen (a slot is freed only with no operation in flight), but a buffer
             // must never be lost.
             None => actions.extend(bid.map(Action::GiveBack)),
@@ -448,6 +532,9 @@ impl<'a> Worker<'a> {
             .filter(|slot| slot.generation & 0xFF_FFFF == generation)
             .and_then(|slot| slot.live.as_mut())
         {
+            if result > 0 {
+                self.server.conn.sent(result as usize);
+            }
             live.connection.sent(result, &self.pool, now, &mut actions);
         }
         self.apply(index, actions);
@@ -534,27 +621,51 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Closes a connection that has nothing in flight, records its end, and frees its slot:
-    /// the one place a connection ends.
+    /// Closes a connection that has nothing in flight, records its end (or, for one that
+    /// never got past its PROXY header, the refusal), and frees its slots: the one place a
+    /// connection ends.
     fn finish(&mut self, index: u32, half_close: bool) {
         let slot = &mut self.slots[index as usize];
-        let Some(mut live) = slot.live.take() else {
+        let Some(live) = slot.live.take() else {
             return;
         };
-        debug_assert!(!live.connection.in_flight() && live.connection.pool_held() == 0);
+        let Live {
+            stream,
+            peer,
+            permit,
+            mut connection,
+        } = live;
+        debug_assert!(!connection.in_flight() && connection.pool_held() == 0);
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(index);
         self.active -= 1;
         if half_close {
             // The client half-closed and has had every byte back: close our side too.
-            let _ = live.stream.shutdown(Direction::Write);
+            let _ = stream.shutdown(Direction::Write);
         }
-        let end = live.connection.take_end();
-        drop(live.stream);
-        self.server
-            .conn
-            .close(live.admitted, live.connection.bytes(), &end);
-        self.shared.release(self.id);
+        drop(stream);
+        let lifecycle = &self.server.conn;
+        let bytes = connection.bytes();
+        match (peer, connection.take_end()) {
+            (Peer::Admitted(admitted), Ended::End(end)) => lifecycle.close(admitted, bytes, &end),
+            // Cannot happen: the header phase is over once the client is admitted.
+            (Peer::Admitted(admitted), Ended::Header(_) | Ended::Refused) => {
+                lifecycle.close(admitted, bytes, &End::Shutdown)
+            }
+            // Admission counted and logged it.
+            (Peer::AwaitingHeader { .. }, Ended::Refused) => {}
+            (Peer::AwaitingHeader { proxy, .. }, Ended::Header(e)) => {
+                lifecycle.refuse_because(proxy, Refusal::ProxyHeader, Some(&e))
+            }
+            (Peer::AwaitingHeader { proxy, .. }, Ended::End(end)) => lifecycle.refuse_because(
+                proxy,
+                Refusal::ProxyHeader,
+                Some(&format_args!("{end} before the PROXY header")),
+            ),
+        }
+        // A full server has room again: every ring's room poll fires.
+        drop(permit);
+        self.shared.unload(self.id);
     }
 
     /// Ends a connection at the server's initiative: shutting the socket down completes its
@@ -569,28 +680,23 @@ impl<'a> Worker<'a> {
 
     // ---- timers and shutdown ----
 
-    fn arm_idle_sweep(&mut self) {
-        if let Some(interval) = &self.idle_interval {
-            let entry = sqe::timeout(interval).user_data(token(Kind::IdleSweep, 0, 0));
+    fn arm_sweep(&mut self) {
+        if let Some(interval) = &self.sweep_interval {
+            let entry = sqe::timeout(interval).user_data(token(Kind::Sweep, 0, 0));
             self.push(entry);
         }
     }
 
-    fn sweep_idle(&mut self) {
-        let Some(idle) = self.server.config.idle_timeout else {
-            return;
-        };
+    /// Closes the connections whose PROXY header is late and ends the idle ones.
+    fn sweep(&mut self) {
+        let idle = self.server.config.idle_timeout;
         let now = Instant::now();
         for index in 0..self.slots.len() as u32 {
-            let active_at = self.slots[index as usize]
-                .live
-                .as_ref()
-                .and_then(|live| live.connection.active_at());
-            if let Some(at) = active_at {
-                if now.saturating_duration_since(at) >= idle {
-                    self.end_connection(index, ServerEnd::IdleTimeout);
-                }
+            let mut actions = std::mem::take(&mut self.actions);
+            if let Some(live) = self.slots[index as usize].live.as_mut() {
+                live.connection.sweep(now, idle, &mut actions);
             }
+            self.apply(index, actions);
         }
     }
 
@@ -602,7 +708,7 @@ impl<'a> Worker<'a> {
         // Accepted while full, never admitted nor served: close them.
         self.parked.clear();
         self.server.conn.log_draining(
-            self.shared.live.load(Ordering::Acquire),
+            self.shared.limit.live(),
             self.server.config.shutdown_timeout,
         );
         if self.active > 0 {
