@@ -100,7 +100,7 @@ pub struct Share {
 }
 
 /// What the threads share while running.
-pub struct Shared {
+pub struct RunControl {
     threads: usize,
     /// Threads that finished connecting; they all start loading together.
     arrived: AtomicUsize,
@@ -116,9 +116,9 @@ pub struct Shared {
     pub interrupted: Arc<AtomicBool>,
 }
 
-impl Shared {
+impl RunControl {
     pub fn new(threads: usize) -> Self {
-        Shared {
+        RunControl {
             threads,
             arrived: AtomicUsize::new(0),
             aborted: AtomicBool::new(false),
@@ -274,8 +274,8 @@ fn nanos_between(since: Instant, now: Instant) -> u64 {
 
 /// Runs one thread: connect, wait for the others, load, drain. Always arrives once, so a
 /// failing thread cannot leave the others waiting.
-pub fn run_thread(plan: &Plan, share: Share, shared: &Shared) -> io::Result<Outcome> {
-    let mut worker = match Worker::new(plan, share) {
+pub fn run_thread(plan: &Plan, share: Share, shared: &RunControl) -> io::Result<Outcome> {
+    let mut worker = match LoadThread::new(plan, share) {
         Ok(worker) => worker,
         Err(e) => {
             shared.abort();
@@ -297,7 +297,7 @@ pub fn run_thread(plan: &Plan, share: Share, shared: &Shared) -> io::Result<Outc
     Ok(worker.outcome)
 }
 
-struct Worker<'a> {
+struct LoadThread<'a> {
     plan: &'a Plan,
     share: Share,
     poll: Poll,
@@ -321,7 +321,7 @@ struct Worker<'a> {
     loading: bool,
 }
 
-impl<'a> Worker<'a> {
+impl<'a> LoadThread<'a> {
     fn new(plan: &'a Plan, share: Share) -> io::Result<Self> {
         let conns = (0..share.conns)
             .map(|i| Conn {
@@ -342,7 +342,7 @@ impl<'a> Worker<'a> {
             })
             .collect();
         let now = Instant::now();
-        Ok(Worker {
+        Ok(LoadThread {
             plan,
             ready: VecDeque::with_capacity(if share.rate.is_some() {
                 share.conns * plan.pipeline
@@ -372,7 +372,7 @@ impl<'a> Worker<'a> {
     }
 
     /// Opens every connection, at most [`MAX_CONNECTING`] at a time.
-    fn connect_all(&mut self, shared: &Shared) {
+    fn connect_all(&mut self, shared: &RunControl) {
         let mut events = Events::with_capacity(1024);
         let mut next = 0;
         let mut connecting = 0;
@@ -536,7 +536,7 @@ impl<'a> Worker<'a> {
 
     /// A connect (and handshake) finished: the connection is open, and its connect (or
     /// handshake) time recorded.
-    fn opened(&mut self, idx: usize, shared: &Shared) {
+    fn opened(&mut self, idx: usize, shared: &RunControl) {
         let now = Instant::now();
         let in_window =
             self.loading && now >= self.measure_start && self.end.is_none_or(|end| now <= end);
@@ -666,7 +666,7 @@ impl<'a> Worker<'a> {
     }
 
     /// The measuring run: warm-up, measured window, then draining the echoes in flight.
-    fn load(&mut self, start: Instant, shared: &Shared) -> io::Result<()> {
+    fn load(&mut self, start: Instant, shared: &RunControl) -> io::Result<()> {
         self.measure_start = start + self.plan.warmup;
         self.end = self.plan.duration.map(|d| self.measure_start + d);
         self.last_progress = start;
@@ -1214,8 +1214,8 @@ mod tests {
             quota: None,
             rate: None,
         };
-        let shared = Shared::new(1);
-        let mut worker = Worker::new(&plan, share).unwrap();
+        let shared = RunControl::new(1);
+        let mut worker = LoadThread::new(&plan, share).unwrap();
         worker.connect_all(&shared);
         assert_eq!(
             worker.outcome.opened, 2,

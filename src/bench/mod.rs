@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use generator::{Outcome, Plan, Share, Shared};
+use generator::{Outcome, Plan, RunControl, Share};
 use report::{Config, Report};
 use verify::Messages;
 
@@ -150,7 +150,7 @@ pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
         tls: tls.is_some(),
     };
 
-    let shared = Shared::new(threads);
+    let shared = RunControl::new(threads);
     // The first Ctrl-C ends the run early with a report; a second one kills it.
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register_conditional_default(signal, Arc::clone(&shared.interrupted))
@@ -314,7 +314,7 @@ fn seed() -> u64 {
 fn show_progress<T>(
     plan: &BenchPlan,
     conns: usize,
-    shared: &Shared,
+    shared: &RunControl,
     handles: &[std::thread::ScopedJoinHandle<'_, T>],
 ) {
     if !std::io::stderr().is_terminal() {

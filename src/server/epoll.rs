@@ -112,7 +112,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
     let limit = Limit::new(server.config.max_conns)
         .map_err(|e| crate::Error::io("cannot create the connection limit", e))?;
     let workers = (0..server.config.workers.max(1))
-        .map(|_| Worker::new(server, &limit))
+        .map(|_| EventLoop::new(server, &limit))
         .collect::<crate::Result<Vec<_>>>()?;
     tracing::debug!(workers = workers.len(), "epoll workers started");
 
@@ -489,7 +489,7 @@ fn write_some(mut stream: &TcpStream, data: &[u8]) -> io::Result<usize> {
 }
 
 /// One event loop and the connections it owns.
-struct Worker<'a> {
+struct EventLoop<'a> {
     poll: Poll,
     listeners: Vec<TcpListener>,
     connections: Slab<Connection>,
@@ -526,7 +526,7 @@ struct WorkerTls {
     queued: VecDeque<usize>,
 }
 
-impl<'a> Worker<'a> {
+impl<'a> EventLoop<'a> {
     fn new(server: &'a Server, limit: &'a Arc<Limit>) -> crate::Result<Self> {
         let poll =
             Poll::new().map_err(|e| crate::Error::io("cannot create an epoll instance", e))?;
@@ -565,7 +565,7 @@ impl<'a> Worker<'a> {
             Some(_) => vec![0; SCRATCH_SIZE].into_boxed_slice(),
             None => Box::default(),
         };
-        Ok(Worker {
+        Ok(EventLoop {
             tls,
             scratch,
             poll,

@@ -95,7 +95,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
     let limit = Limit::new(server.config.max_conns)
         .map_err(|e| crate::Error::io("cannot create the connection limit", e))?;
     let tls = server.tls.clone().map(tls::AsyncTls::new);
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(TaskContext {
         config: server.config.clone(),
         lifecycle: Arc::clone(&server.conn),
         limit,
@@ -109,7 +109,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
     // Every runtime, registration and descriptor is made before any worker accepts, so that
     // running out of descriptors later (which accept survives) cannot stop a worker starting.
     let mut workers = (0..server.config.workers.max(1))
-        .map(|_| Worker::prepare(server, &shared))
+        .map(|_| RuntimeWorker::prepare(server, &shared))
         .collect::<crate::Result<Vec<_>>>()?;
     let first = workers.remove(0);
     let acceptors = TaskTracker::new();
@@ -142,7 +142,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
 }
 
 /// What every worker and connection task needs.
-struct Shared {
+struct TaskContext {
     config: ServerConfig,
     lifecycle: Arc<Lifecycle>,
     limit: Arc<Limit>,
@@ -161,7 +161,7 @@ struct Shared {
     tls: Option<tls::AsyncTls>,
 }
 
-impl Shared {
+impl TaskContext {
     /// Records why the server must end, and ends it.
     fn fail(&self, error: crate::Error, shutdown: &Shutdown) {
         self.failure
@@ -174,16 +174,16 @@ impl Shared {
 
 /// One worker: a current-thread runtime with its accept loops (one per listener, each with
 /// its watch on the limit's room) and its UDP tasks, all registered with that runtime.
-struct Worker {
+struct RuntimeWorker {
     runtime: tokio::runtime::Runtime,
     listeners: Vec<(TcpListener, (usize, ListenerKind), AsyncFd<OwnedFd>)>,
     udp_tasks: Vec<tokio::task::JoinHandle<()>>,
     shutdown_watch: ShutdownWatch,
 }
 
-impl Worker {
+impl RuntimeWorker {
     /// Builds the runtime and registers duplicates of the server's sockets with it.
-    fn prepare(server: &Server, shared: &Shared) -> crate::Result<Worker> {
+    fn prepare(server: &Server, shared: &TaskContext) -> crate::Result<RuntimeWorker> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -206,7 +206,7 @@ impl Worker {
         let udp_tasks = udp::spawn(server)?;
         let shutdown_watch = ShutdownWatch::new(&server.shutdown)
             .map_err(|e| crate::Error::io("cannot watch the shutdown signal", e))?;
-        Ok(Worker {
+        Ok(RuntimeWorker {
             runtime,
             listeners,
             udp_tasks,
@@ -218,12 +218,12 @@ impl Worker {
     /// The worker that `coordinates` also watches for shutdown and drains every runtime.
     fn run(
         self,
-        shared: &Arc<Shared>,
+        shared: &Arc<TaskContext>,
         acceptors: &TaskTracker,
         shutdown: &Shutdown,
         coordinates: bool,
     ) {
-        let Worker {
+        let RuntimeWorker {
             runtime,
             listeners,
             udp_tasks,
@@ -257,7 +257,7 @@ impl Worker {
 async fn coordinate_shutdown(
     watch: &ShutdownWatch,
     shutdown: &Shutdown,
-    shared: &Shared,
+    shared: &TaskContext,
     acceptors: &TaskTracker,
 ) {
     if let Err(e) = watch.requested().await {
@@ -354,7 +354,7 @@ async fn accept_loop(
     // Which listener (its index in `--listen` order) and what it expects.
     (index, kind): (usize, ListenerKind),
     room: AsyncFd<OwnedFd>,
-    shared: &Arc<Shared>,
+    shared: &Arc<TaskContext>,
 ) -> io::Result<()> {
     let (limit, stop, connections) = (&shared.limit, &shared.stop_accepting, &shared.connections);
     loop {
@@ -433,7 +433,7 @@ async fn serve_connection(
     admitted: Admitted,
     leftover: Vec<u8>,
     _permit: Permit,
-    shared: Arc<Shared>,
+    shared: Arc<TaskContext>,
 ) {
     let mut bytes = 0u64;
     let end = tokio::select! {
@@ -464,7 +464,7 @@ async fn serve_proxied(
     (listener, kind): (usize, ListenerKind),
     proxy: SocketAddr,
     permit: Permit,
-    shared: Arc<Shared>,
+    shared: Arc<TaskContext>,
 ) {
     let mut reader = HeaderReader::new();
     let read = tokio::select! {

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::{IdleTimer, Shared};
+use super::{IdleTimer, TaskContext};
 use crate::server::conn::limit::Permit;
 use crate::server::conn::{Admitted, End, Lifecycle};
 use crate::tls::{HandshakeCap, HandshakeError, HandshakePermit, TlsServer};
@@ -57,7 +57,7 @@ pub(super) async fn serve(
     admitted: Admitted,
     early: Vec<u8>,
     _permit: Permit,
-    shared: Arc<Shared>,
+    shared: Arc<TaskContext>,
 ) {
     let Some(tls) = &shared.tls else {
         let end = End::Failed(io::Error::other("no TLS configuration"));

@@ -112,7 +112,7 @@ use crate::server::conn::limit::{Limit, Permit};
 use crate::server::Server;
 use crate::wake::Wake;
 use setup::Ring;
-use worker::Worker;
+use worker::RingWorker;
 
 pub use setup::probe;
 
@@ -150,7 +150,7 @@ const BUFFER_GROUP: u16 = 0;
 pub fn serve(server: &Server) -> crate::Result<()> {
     probe()?;
     let workers = server.config.workers.max(1);
-    let shared = Shared {
+    let shared = RingDirectory {
         limit: Limit::new(server.config.max_conns)
             .map_err(|e| crate::Error::io("cannot create the connection limit", e))?,
         workers: (0..workers)
@@ -179,7 +179,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
                 std::thread::Builder::new()
                     .name(format!("uring-{id}"))
                     .spawn_scoped(scope, move || {
-                        let result = Worker::new(server, shared, id, ring)
+                        let result = RingWorker::new(server, shared, id, ring)
                             .and_then(|mut worker| worker.run());
                         if result.is_err() {
                             // Bring the other workers down too: the server has failed.
@@ -213,7 +213,7 @@ pub fn serve(server: &Server) -> crate::Result<()> {
 }
 
 /// What the workers share: the connection limit and each worker's mailbox.
-struct Shared {
+struct RingDirectory {
     /// `--max-conns`; every ring polls its room descriptor, so that a worker that stopped
     /// accepting at the limit starts again when a connection ends anywhere.
     limit: Arc<Limit>,
@@ -236,8 +236,8 @@ struct Mailbox {
     inbox: Mutex<Vec<(Incoming, Permit)>>,
 }
 
-impl Shared {
-    /// A connection counted for worker `id` by [`Shared::assign`] ended (or was refused).
+impl RingDirectory {
+    /// A connection counted for worker `id` by [`RingDirectory::assign`] ended (or was refused).
     fn unload(&self, id: usize) {
         self.workers[id].load.fetch_sub(1, Ordering::Relaxed);
     }

@@ -3,9 +3,9 @@
 //! ([`super::connection`]) asks for. The lifecycle hooks each have one call site: the slot
 //! under `--max-conns` (a [`Permit`]) is taken when an accept completes, the first decision
 //! (admission, or on a `+proxy` listener the trusted-proxy check) is in
-//! [`Worker::start_connection`] (right after accept or hand-over), admission of the client a
-//! PROXY header names in [`Worker::received`], the byte counts in `received` and `sent` (each
-//! completion), and the close record (or the header's refusal) in [`Worker::finish`].
+//! [`RingWorker::start_connection`] (right after accept or hand-over), admission of the client a
+//! PROXY header names in [`RingWorker::received`], the byte counts in `received` and `sent` (each
+//! completion), and the close record (or the header's refusal) in [`RingWorker::finish`].
 
 use std::collections::VecDeque;
 use std::io;
@@ -20,7 +20,7 @@ use super::buffers::BufferPool;
 use super::connection::{Action, Connection, Ended, RecvResult, ServerEnd};
 use super::setup::Ring;
 use super::sqe::{self, token, untoken, Kind};
-use super::{Incoming, Shared, BUFFER_GROUP, RECV_LIMIT, RING_ENTRIES, SINGLE_RECV_ENV};
+use super::{Incoming, RingDirectory, BUFFER_GROUP, RECV_LIMIT, RING_ENTRIES, SINGLE_RECV_ENV};
 use crate::net::{AcceptError, ACCEPT_BACKOFF};
 use crate::server::conn::admission::Refusal;
 use crate::server::conn::limit::Permit;
@@ -57,13 +57,13 @@ struct Listener {
     cancel_sent: bool,
 }
 
-pub struct Worker<'a> {
+pub struct RingWorker<'a> {
     // Declared before `pool`, so it is dropped first: the kernel stops using the buffers
     // before they are freed.
     ring: IoUring,
     pool: BufferPool,
     server: &'a Server,
-    shared: &'a Shared,
+    shared: &'a RingDirectory,
     id: usize,
     slots: Vec<Slot>,
     free: Vec<u32>,
@@ -100,11 +100,11 @@ pub struct Worker<'a> {
     deadline: Box<Timespec>,
 }
 
-impl<'a> Worker<'a> {
+impl<'a> RingWorker<'a> {
     /// A worker on `ring`; must run on the thread that will drive the ring.
     pub fn new(
         server: &'a Server,
-        shared: &'a Shared,
+        shared: &'a RingDirectory,
         id: usize,
         ring: Ring,
     ) -> crate::Result<Self> {
@@ -130,7 +130,7 @@ impl<'a> Worker<'a> {
         let sweep_interval = server
             .sweep_every()
             .map(|interval| Box::new(Timespec::from(interval)));
-        Ok(Worker {
+        Ok(RingWorker {
             ring,
             pool,
             server,
