@@ -66,7 +66,7 @@ pub struct ClientConfig {
     /// How long connecting may take (TCP), or each echo (UDP).
     pub timeout: Option<Duration>,
     /// `--tls-ca`, `--insecure`, `--sni` and the client certificate.
-    pub tls: crate::tls::client::TlsClientArgs,
+    pub tls: crate::tls::client::TlsClientOptions,
 }
 
 /// Runs the client: connects, then runs the line or the split client over stdin and stdout.

@@ -71,7 +71,7 @@ pub struct BenchPlan {
     /// Write [`generator::LOAD_STARTED`] to stderr when the load starts (for `compare`).
     pub announce_start: bool,
     /// `--tls-ca`, `--insecure`, `--sni` and the client certificate, for `tls://`.
-    pub tls: crate::tls::client::TlsClientArgs,
+    pub tls: crate::tls::client::TlsClientOptions,
 }
 
 /// Runs `multiecho bench`: prints the report, then fails if any byte was wrong or missing.

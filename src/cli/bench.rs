@@ -68,7 +68,7 @@ pub struct BenchArgs {
     #[arg(long, hide = true)]
     pub announce_start: bool,
     #[command(flatten)]
-    pub tls: crate::tls::client::TlsClientArgs,
+    pub tls: super::tls::TlsClientArgs,
 }
 
 impl BenchArgs {
@@ -120,7 +120,7 @@ impl BenchArgs {
             max_loss: self.max_loss,
             json: self.json,
             announce_start: self.announce_start,
-            tls: self.tls.clone(),
+            tls: self.tls.options(),
         })
     }
 }

@@ -23,7 +23,7 @@ pub struct ClientArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
     #[command(flatten)]
-    pub tls: crate::tls::client::TlsClientArgs,
+    pub tls: super::tls::TlsClientArgs,
 }
 
 impl ClientArgs {
@@ -38,7 +38,7 @@ impl ClientArgs {
             addr_text: self.target.addr.clone(),
             split: self.split,
             timeout: self.timeout,
-            tls: self.tls.clone(),
+            tls: self.tls.options(),
         })
     }
 }

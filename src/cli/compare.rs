@@ -64,7 +64,7 @@ pub struct CompareArgs {
     /// named NAME=tls://ADDR.
     #[arg(long, value_enum, value_name = "WHICH", num_args = 0..=1,
           default_missing_value = "both")]
-    pub tls: Option<TlsSweep>,
+    pub tls: Option<TlsSweepArg>,
     /// The certificate (PEM) the TLS servers present, which bench then trusts (give tls://
     /// externals the same one). Default: a self-signed one for localhost and 127.0.0.1,
     /// made at start and written into the report directory.
@@ -102,13 +102,25 @@ impl CompareArgs {
             requests_per_conn: self.churn.requests_per_conn(),
             udp: self.udp,
             pipeline: self.pipeline,
-            tls: self.tls,
+            tls: self.tls.map(|which| match which {
+                TlsSweepArg::Both => TlsSweep::Both,
+                TlsSweepArg::Only => TlsSweep::Only,
+            }),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             out: self.out.clone(),
             redraw: self.redraw.clone(),
         }
     }
+}
+
+/// `--tls`'s values: which transports the sweep covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsSweepArg {
+    /// Plain TCP and TLS, side by side.
+    Both,
+    /// TLS alone.
+    Only,
 }
 
 /// `items` in their first order, without repeats.

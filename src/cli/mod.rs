@@ -19,6 +19,7 @@ mod groups;
 mod merge;
 pub mod parse;
 mod serve;
+mod tls;
 
 use clap::{Parser, Subcommand};
 

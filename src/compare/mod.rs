@@ -95,7 +95,7 @@ pub struct ComparePlan {
 }
 
 /// Which transports `--tls` sweeps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TlsSweep {
     /// Plain TCP and TLS, side by side.
     Both,

@@ -273,10 +273,10 @@ fn probe(addr: SocketAddr, tls: Option<&TlsFiles>) -> std::io::Result<()> {
         stream.set_write_timeout(Some(patience))?;
         return round_trip(stream);
     };
-    use crate::tls::client::{self as tls_client, Resumption, TlsClientArgs};
-    let args = TlsClientArgs {
+    use crate::tls::client::{self as tls_client, Resumption, TlsClientOptions};
+    let args = TlsClientOptions {
         tls_ca: Some(files.cert.clone()),
-        ..TlsClientArgs::default()
+        ..TlsClientOptions::default()
     };
     let mut stream = args
         .target(&addr.to_string(), Resumption::Allowed)

@@ -40,30 +40,25 @@ use crate::client::{fill, is_quit, EchoStream, MAX_IN_FLIGHT};
 /// A TLS connection with its blocking socket, handshake done.
 pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;
 
-/// The TLS flags of `client`, `bench` (and the certificate flags `compare` passes on).
-#[derive(Debug, Clone, Default, clap::Args)]
-#[command(next_help_heading = "TLS (tls:// targets)")]
-pub struct TlsClientArgs {
+/// How a client verifies a TLS server and proves itself: what `client`'s and `bench`'s TLS
+/// flags say (`cli` turns them into this).
+#[derive(Debug, Clone, Default)]
+pub struct TlsClientOptions {
     /// Trust these certificates (PEM): the CA that signed the server's certificate, or the
     /// server's certificate itself. A server certificate that is one of these is accepted
     /// even when marked CA:TRUE (as `openssl req -x509` makes it), so `serve --tls-cert
     /// cert.pem` then `client --tls-ca cert.pem` just works; its host name is still checked.
-    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
     pub tls_ca: Option<PathBuf>,
     /// Do not verify the server's certificate (a warning says so on stderr). Anyone on the
     /// path can then read and change the traffic: for tests only.
-    #[arg(long)]
     pub insecure: bool,
     /// The server name to send (SNI) and to verify the certificate against (default: the
     /// host of the target, a name or an IP address).
-    #[arg(long, value_name = "NAME")]
     pub sni: Option<String>,
     /// A client certificate (PEM, a chain is allowed), for servers that require one (mutual
     /// TLS). Needs --tls-key.
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// The client certificate's private key (PEM: PKCS#8, RSA or SEC1).
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 }
 
@@ -81,7 +76,7 @@ pub enum Resumption {
     Disabled,
 }
 
-impl TlsClientArgs {
+impl TlsClientOptions {
     /// Whether any TLS flag was given (they mean nothing for a plain target).
     pub fn any_given(&self) -> bool {
         self.tls_ca.is_some()
@@ -614,7 +609,7 @@ mod tests {
 
     #[test]
     fn a_tls_target_needs_a_ca_or_insecure() {
-        let err = TlsClientArgs::default()
+        let err = TlsClientOptions::default()
             .config(Resumption::Allowed)
             .unwrap_err();
         assert!(err.to_string().contains("--tls-ca FILE"), "{err}");
