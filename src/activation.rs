@@ -6,7 +6,8 @@
 //!
 //! The `sd-notify` crate reads the `LISTEN_*` variables (and marks the descriptors
 //! close-on-exec); this module checks each descriptor is a listening IP stream socket (served
-//! as TCP, its name mapping to a [`ListenerKind`]) or a bound UDP socket (systemd's
+//! as TCP, its name (`proxy`, `tls`, `tls+proxy`, or any other for plain TCP) mapping to a
+//! [`ListenerKind`]) or a bound UDP socket (systemd's
 //! `ListenDatagram=`, served as `udp://`). Notifications go through std's `UnixDatagram`,
 //! connected once at start, because `STOPPING=1` is sent from the SIGINT/SIGTERM handler, where
 //! the crate's `notify` (which allocates and connects on every call) cannot run.
@@ -112,11 +113,8 @@ fn adopt(fd: RawFd, name: &str) -> crate::Result<Adopted> {
     }
     let kind = match name {
         "proxy" => ListenerKind::TcpProxy,
-        "tls" | "tls+proxy" => {
-            return Err(Error::Unsupported(format!(
-                "{what}: {name}:// listeners are not available yet (tcp and proxy are)"
-            )))
-        }
+        "tls" => ListenerKind::Tls,
+        "tls+proxy" => ListenerKind::TlsProxy,
         _ => ListenerKind::Tcp,
     };
     // The models expect blocking listeners and switch them themselves if they want.

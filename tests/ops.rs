@@ -242,6 +242,74 @@ fn inetd_mode_serves_one_connection_per_process() {
     assert!(log.contains("bytes=300000"), "log:\n{log}");
 }
 
+/// Python's ssl module (OpenSSL, tests/common/tls_client.py) sends `len` random bytes over TLS
+/// to `addr`, ends with close_notify, and must get them back byte-exact.
+fn python_tls_round_trip(addr: SocketAddr, len: usize) {
+    let payload = multiecho::payload::bytes(11, len);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/tls_client.py");
+    let mut client = Command::new("python3")
+        .arg(&script)
+        .args([addr.ip().to_string(), addr.port().to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    let mut stdin = client.stdin.take().unwrap();
+    let data = payload.clone();
+    let writer = thread::spawn(move || stdin.write_all(&data));
+    let out = client.wait_with_output().expect("wait for python3");
+    writer.join().unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let want = multiecho::tls::sha256_fingerprint(&payload)
+        .replace(':', "")
+        .to_ascii_lowercase();
+    assert!(
+        out.status.success() && stdout.starts_with(&format!("echo {len} {want} ")),
+        "tls_client.py: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// LISTEN_FDNAMES `tls` makes the passed socket a tls:// listener (a self-signed certificate
+/// for its address): Python's ssl module gets its payload back through it.
+#[test]
+fn a_passed_socket_named_tls_serves_tls() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let child = socket_activate(
+        &["-l", &addr.to_string(), "--fdname=tls"],
+        &["--model", "epoll"],
+    );
+    drop(connect_when_listening(addr));
+    python_tls_round_trip(addr, 100_000);
+    let log = stop_activated(child);
+    assert!(log.contains("bytes=100000"), "log:\n{log}");
+}
+
+/// `--inetd=tls` under `systemd-socket-activate --inetd -a`: each process speaks TLS on its
+/// one connection (a self-signed certificate made at start), and Python's ssl module (OpenSSL)
+/// gets a random payload back byte-exact, ending with close_notify (the TLS half-close).
+#[test]
+fn inetd_mode_serves_tls() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let child = socket_activate(
+        &["-l", &addr.to_string(), "-a", "--inetd"],
+        &["--inetd=tls"],
+    );
+    // A probe connection (one process that sees no handshake) shows the socket is bound.
+    drop(connect_when_listening(addr));
+    python_tls_round_trip(addr, 200_000);
+    assert!(
+        wait_until(PATIENCE, || live_children(child.id()).is_empty()),
+        "inetd children did not exit"
+    );
+    let mut child = child;
+    signal(child.id(), libc::SIGTERM);
+    let (_, log) = wait_with_timeout(&mut child);
+    assert!(log.contains("bytes=200000"), "log:\n{log}");
+}
+
 /// `--inetd` with a terminal on stdin is one clear error, not a hang or an echo.
 #[test]
 fn inetd_mode_refuses_a_terminal() {
@@ -310,7 +378,7 @@ fn listen_fds_naming_a_file_is_one_clear_error() {
 }
 
 /// Passed sockets a model cannot serve are refused with one clear line: a datagram socket in
-/// the models without UDP, a datagram socket named for TCP (`proxy`), and a socket named `tls`.
+/// the models without UDP and a datagram socket named for TCP (`proxy`).
 #[test]
 fn passed_sockets_a_model_cannot_serve_are_refused() {
     for (model, args, want) in [
@@ -328,11 +396,6 @@ fn passed_sockets_a_model_cannot_serve_are_refused() {
             "epoll",
             vec!["-d", "--fdname=proxy"],
             "is a UDP socket: the name 'proxy' is for TCP sockets",
-        ),
-        (
-            "epoll",
-            vec!["--fdname=tls"],
-            "tls:// listeners are not available yet",
         ),
     ] {
         let datagram = args.contains(&"-d");
@@ -538,7 +601,7 @@ fn inetd_mode_reads_proxy_headers() {
     assert!(log.contains("bytes=100000"), "log:\n{log}");
 }
 
-/// `--inetd` takes tcp or tcp+proxy, nothing else: one clear error.
+/// `--inetd` takes tcp, tcp+proxy, tls or tls+proxy, nothing else: one clear error.
 #[test]
 fn inetd_mode_refuses_other_kinds() {
     let out = Command::new(BIN)
@@ -549,7 +612,9 @@ fn inetd_mode_refuses_other_kinds() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("invalid inetd connection kind 'udp': use tcp (the default) or tcp+proxy"),
+        err.contains(
+            "invalid inetd connection kind 'udp': use tcp (the default), tcp+proxy, tls or tls+proxy"
+        ),
         "{err}"
     );
 }

@@ -60,7 +60,8 @@ pub struct ServeArgs {
     /// inetd, xinetd (nowait) and systemd Accept=yes sockets. Logs go to stderr. --model and
     /// --listen do not apply. --inetd=tcp+proxy: the connection begins with a PROXY protocol
     /// v1 or v2 header (from HAProxy or another load balancer, a --trusted-proxy) naming the
-    /// real client, as on a tcp+proxy:// listener.
+    /// real client, as on a tcp+proxy:// listener. --inetd=tls (or tls+proxy): TLS on it, with
+    /// the --tls-* options.
     #[arg(long, value_name = "KIND", num_args = 0..=1, require_equals = true,
           default_missing_value = "tcp", value_parser = crate::server::inetd::parse_kind,
           conflicts_with = "ready_fd")]

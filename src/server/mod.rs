@@ -332,7 +332,16 @@ pub fn run_with(
     }
     // Certificates are loaded (or made) before anything is bound: a bad file is one line.
     let tls = if serves_tls {
-        let hosts: Vec<std::net::IpAddr> = listen.iter().map(|spec| spec.addr.ip()).collect();
+        // The hosts a self-signed certificate names: those of --listen, or of the passed sockets.
+        let hosts: Vec<std::net::IpAddr> = match &passed {
+            Some(passed) => passed
+                .stream
+                .iter()
+                .filter_map(|(listener, _)| listener.local_addr().ok())
+                .map(|addr| addr.ip())
+                .collect(),
+            None => listen.iter().map(|spec| spec.addr.ip()).collect(),
+        };
         Some(Arc::new(TlsServer::new(&config.tls, &hosts)?))
     } else {
         None
