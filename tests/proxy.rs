@@ -205,20 +205,41 @@ fn haproxy_health_check_fails_against_a_backend_that_does_not_echo() {
 /// the stats socket by a temporary one. Nothing else changes.
 fn render_scale_out(bind: &str, socket: &Path, backends: &[SocketAddr]) -> String {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/scale-out/haproxy.cfg");
-    let mut cfg = std::fs::read_to_string(path).expect("docs/scale-out/haproxy.cfg");
-    assert!(cfg.contains("127.0.0.1:4000") && cfg.contains("/tmp/multiecho-haproxy.sock"));
-    cfg = cfg
-        .replace("127.0.0.1:4000", bind)
-        .replace("/tmp/multiecho-haproxy.sock", &socket.display().to_string());
+    let cfg = std::fs::read_to_string(path).expect("docs/scale-out/haproxy.cfg");
+    let mut replacements = vec![
+        ("127.0.0.1:4000".to_string(), bind.to_string()),
+        (
+            "/tmp/multiecho-haproxy.sock".to_string(),
+            socket.display().to_string(),
+        ),
+    ];
     for (i, backend) in backends.iter().enumerate() {
-        let placeholder = format!("127.0.0.1:400{}", i + 1);
-        assert!(
-            cfg.contains(&placeholder),
-            "the doc's config has no {placeholder}"
-        );
-        cfg = cfg.replace(&placeholder, &backend.to_string());
+        replacements.push((format!("127.0.0.1:400{}", i + 1), backend.to_string()));
     }
-    cfg
+    // Whole words only, in one pass: a port the harness got (say 40012) must not be rewritten
+    // again by a later placeholder (127.0.0.1:4001).
+    let mut found = vec![false; replacements.len()];
+    let rendered: Vec<String> = cfg
+        .lines()
+        .map(|line| {
+            line.split(' ')
+                .map(
+                    |word| match replacements.iter().position(|(from, _)| from == word) {
+                        Some(i) => {
+                            found[i] = true;
+                            replacements[i].1.as_str()
+                        }
+                        None => word,
+                    },
+                )
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    for ((from, _), found) in replacements.iter().zip(found) {
+        assert!(found, "the doc's config has no {from}");
+    }
+    rendered.join("\n") + "\n"
 }
 
 const SCALE_OUT_SERVERS: [&str; 3] = ["echo1", "echo2", "echo3"];
