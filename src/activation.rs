@@ -176,14 +176,21 @@ impl Readiness {
     }
 
     /// Every listener accepts now: writes one `KIND ADDR` line per listener to the ready
-    /// descriptor and closes it, and sends `READY=1`. A reader that went away is only a
-    /// warning: the server serves anyway.
-    pub fn announce(&mut self, listeners: &[(ListenerKind, SocketAddr)]) {
+    /// descriptor, then `metrics ADDR` for the `--metrics` endpoint if there is one, closes it,
+    /// and sends `READY=1`. A reader that went away is only a warning: the server serves anyway.
+    pub fn announce(
+        &mut self,
+        listeners: &[(ListenerKind, SocketAddr)],
+        metrics: Option<SocketAddr>,
+    ) {
         if let Some(mut file) = self.ready_fd.take() {
-            let lines: String = listeners
+            let mut lines: String = listeners
                 .iter()
                 .map(|(kind, addr)| format!("{kind} {addr}\n"))
                 .collect();
+            if let Some(addr) = metrics {
+                lines.push_str(&format!("{METRICS_KIND} {addr}\n"));
+            }
             if let Err(e) = file.write_all(lines.as_bytes()) {
                 tracing::warn!("cannot write to --ready-fd: {e}");
             }
@@ -275,9 +282,15 @@ impl ReadyPipe {
     }
 }
 
-/// Parses the `KIND ADDR` lines a server wrote to its `--ready-fd`.
+/// The word that starts the `--ready-fd` line of the metrics endpoint (HTTP, not an echo
+/// listener).
+pub const METRICS_KIND: &str = "metrics";
+
+/// Parses the `KIND ADDR` lines a server wrote to its `--ready-fd`: its echo listeners (the
+/// `metrics` line, if any, is not one of them).
 pub fn parse_ready_lines(text: &str) -> Result<Vec<(ListenerKind, SocketAddr)>, String> {
     text.lines()
+        .filter(|line| line.split(' ').next() != Some(METRICS_KIND))
         .map(|line| {
             let spec = line
                 .split_once(' ')
@@ -295,7 +308,8 @@ mod tests {
 
     #[test]
     fn ready_lines_parse_back() {
-        let lines = "tcp 127.0.0.1:4000\ntcp+proxy [::1]:4001\n";
+        // The metrics endpoint's line is not an echo listener.
+        let lines = "tcp 127.0.0.1:4000\ntcp+proxy [::1]:4001\nmetrics 127.0.0.1:9100\n";
         assert_eq!(
             parse_ready_lines(lines).unwrap(),
             vec![

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-use common::BIN;
+use common::{ALL_MODELS, BIN};
 
 /// A fresh output directory for one test.
 fn out_dir(name: &str) -> PathBuf {
@@ -208,19 +208,7 @@ fn every_model_is_listed_ran_or_skipped_with_a_reason() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        names,
-        [
-            "iterative",
-            "process",
-            "prefork",
-            "thread",
-            "pool",
-            "epoll",
-            "async",
-            "uring"
-        ]
-    );
+    assert_eq!(names, ALL_MODELS);
     let mut ran = 0;
     for server in servers {
         let name = server["name"].as_str().unwrap();

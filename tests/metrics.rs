@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Server, BIN, PATIENCE};
+use common::{Server, ALL_MODELS, BIN, PATIENCE};
 
 /// Starts `model` with `--metrics 127.0.0.1:0` and returns it with the metrics address it
 /// logged; `None` where the model cannot run here (uring without io_uring, said loudly).
@@ -18,16 +18,13 @@ fn start(model: &str, extra: &[&str]) -> Option<(Server, SocketAddr)> {
     let mut args = vec!["--metrics", "127.0.0.1:0"];
     args.extend_from_slice(extra);
     let server = common::start_or_skip(model, &args)?;
-    server.wait_for_log("the metrics address", |log| {
-        log.contains("serving metrics on http://")
-    });
-    let log = server.log();
-    let addr = log
-        .split("serving metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|addr| addr.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"));
+    // `--ready-fd`'s last line names the metrics endpoint, bound and accepting.
+    let addr = server
+        .listeners
+        .iter()
+        .find(|(kind, _)| kind == "metrics")
+        .map(|(_, addr)| *addr)
+        .unwrap_or_else(|| panic!("no metrics line on --ready-fd: {:?}", server.listeners));
     Some((server, addr))
 }
 
@@ -421,16 +418,7 @@ fn counts_bytes_live(model: &str) {
 
 #[test]
 fn bytes_are_counted_during_a_connection_in_every_model() {
-    for model in [
-        "iterative",
-        "process",
-        "prefork",
-        "thread",
-        "pool",
-        "epoll",
-        "async",
-        "uring",
-    ] {
+    for model in ALL_MODELS {
         counts_bytes_live(model);
     }
 }

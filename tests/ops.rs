@@ -141,7 +141,7 @@ fn wait_with_timeout(child: &mut Child) -> (ExitStatus, String) {
 /// --listen: byte-exact echoes with half-close from several clients.
 #[test]
 fn every_model_serves_a_socket_passed_by_systemd_socket_activate() {
-    for model in MODELS {
+    for model in ALL_MODELS {
         if model == "uring" && ServerBuilder::new("uring").start_or_skip().is_none() {
             skip_or_fail("io_uring is not available here");
             continue;
@@ -173,17 +173,6 @@ fn skip_or_fail(why: &str) {
     assert!(std::env::var_os("CI").is_none(), "CI must not skip: {why}");
     eprintln!("SKIPPED: {why}");
 }
-
-const MODELS: [&str; 8] = [
-    "iterative",
-    "process",
-    "prefork",
-    "thread",
-    "pool",
-    "epoll",
-    "async",
-    "uring",
-];
 
 /// LISTEN_FDNAMES `proxy` (systemd's FileDescriptorName=proxy) makes the passed socket a
 /// tcp+proxy listener: a PROXY v1 header is required and consumed, the rest echoed.

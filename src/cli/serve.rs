@@ -52,8 +52,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", default_value = "128KiB", value_parser = parse_thread_stack)]
     pub thread_stack: u64,
     /// Once every listener accepts, write one line per listener to descriptor N ("tcp
-    /// 127.0.0.1:4000", "tcp+proxy [::1]:4001": kind and bound address), then close it: for
-    /// programs that start multiecho and need the port it got (--listen 127.0.0.1:0).
+    /// 127.0.0.1:4000", "tcp+proxy [::1]:4001": kind and bound address), and with --metrics a
+    /// last line "metrics 127.0.0.1:9100", then close it: for programs that start multiecho and
+    /// need the port it got (--listen 127.0.0.1:0).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(3..))]
     pub ready_fd: Option<i32>,
     /// Serve exactly one connection, already accepted, on standard input, then exit: for

@@ -433,7 +433,12 @@ pub fn run_with(
     // Listening sockets complete handshakes (and UDP sockets queue datagrams) from now on,
     // before the model first accepts. Announced and closed before the metrics process is
     // forked, so that no child holds the ready descriptor open (its reader waits for EOF).
-    readiness.announce(&bound);
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(|listener| listener.local_addr())
+        .transpose()
+        .map_err(|e| crate::Error::io("cannot read the metrics address", e))?;
+    readiness.announce(&bound, metrics_addr);
     drop(readiness);
     // Forked while this process still has one thread (see `metrics`).
     let _metrics = match metrics_listener {

@@ -17,6 +17,19 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_multiecho");
 
+/// Every concurrency model, in `--help`'s order: the list a test walks when every model must
+/// behave alike.
+pub const ALL_MODELS: [&str; 8] = [
+    "iterative",
+    "process",
+    "prefork",
+    "thread",
+    "pool",
+    "epoll",
+    "async",
+    "uring",
+];
+
 /// How long any single wait in a test may take before the test fails instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
