@@ -112,6 +112,7 @@ impl Connections {
         if self.wait_empty(timeout) {
             return 0;
         }
+        lifecycle.mark_deadline_passed();
         let closed = self.close_all();
         lifecycle.log_deadline(closed);
         self.wait_empty(Duration::from_secs(2));

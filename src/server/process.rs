@@ -36,6 +36,7 @@ use std::collections::HashMap;
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -143,6 +144,7 @@ fn fork_connection(
 
 /// The child: serve the one connection, then exit.
 fn serve_in_child(mut stream: TcpStream, screened: Screened, server: &Server) -> i32 {
+    let _ = DEADLINE_PASSED.set(server.conn.deadline_flag());
     if let Err(e) = close_after_deadline_on_sigterm(&stream, server.config.shutdown_timeout) {
         // The parent's SIGKILL after the deadline still bounds the shutdown.
         tracing::warn!(peer = %screened.peer, "cannot install the shutdown handlers: {e}");
@@ -162,6 +164,9 @@ fn serve_in_child(mut stream: TcpStream, screened: Screened, server: &Server) ->
 static CONNECTION_FD: AtomicI32 = AtomicI32::new(-1);
 static DRAIN_MICROS: AtomicU64 = AtomicU64::new(0);
 static DRAINING: AtomicBool = AtomicBool::new(false);
+/// The child's [`Lifecycle`](crate::server::conn::Lifecycle) deadline flag, so that the
+/// connection's close line says the server closed it.
+static DEADLINE_PASSED: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 
 /// In the child: SIGTERM arms a one-shot timer of `timeout` (SIGALRM), whose handler shuts the
 /// connection down. Then SIGTERM (blocked since the fork) is unblocked.
@@ -228,6 +233,9 @@ extern "C" fn start_drain(_: libc::c_int) {
 extern "C" fn close_connection(_: libc::c_int) {
     let saved = Errno::last_raw();
     let fd = CONNECTION_FD.load(Ordering::SeqCst);
+    if let Some(flag) = DEADLINE_PASSED.get() {
+        flag.store(true, Ordering::SeqCst);
+    }
     if fd >= 0 {
         // The connection's descriptor stays open for the child's whole life (the child exits
         // right after the echo loop); shutdown(2) does not close it.

@@ -119,6 +119,9 @@ pub struct Lifecycle {
     /// When accept last warned about exhaustion, in ms since `epoch` plus one (0: never).
     accept_warned_at: AtomicU64,
     draining_logged: AtomicBool,
+    /// Set when the shutdown deadline closes the connections still live: their ends are the
+    /// server's doing, whatever the echo loop saw (a blocked read returns end of stream).
+    deadline_passed: Arc<AtomicBool>,
     /// The datagram rules (`None`: no UDP listener).
     udp: Option<datagram::UdpPolicy>,
 }
@@ -133,6 +136,7 @@ impl Lifecycle {
             epoch: Instant::now(),
             accept_warned_at: AtomicU64::new(0),
             draining_logged: AtomicBool::new(false),
+            deadline_passed: Arc::new(AtomicBool::new(false)),
             udp: config.udp,
         })
     }
@@ -247,6 +251,15 @@ impl Lifecycle {
     /// The end of an admitted connection that echoed `bytes` (for its log line: the counters
     /// were fed as the bytes flowed): its one info line, the counters, its slot back.
     pub fn close(&self, admitted: Admitted, bytes: u64, end: &End) {
+        // A connection that ended after the deadline shut it down was closed by the server.
+        let end = match end {
+            End::ClientClosed | End::Failed(_) | End::Truncated | End::IdleTimeout
+                if self.deadline_passed.load(Ordering::SeqCst) =>
+            {
+                &End::Shutdown
+            }
+            end => end,
+        };
         if let End::Handshake(e) = end {
             self.stats.tls_handshake_failed(e.reason);
         }
@@ -319,6 +332,18 @@ impl Lifecycle {
     }
 
     /// The line for connections still open at the shutdown deadline.
+    /// Call before closing the connections still live at the shutdown deadline, so that their
+    /// close lines say the server closed them (`end="closed at shutdown"`), not the client.
+    pub fn mark_deadline_passed(&self) {
+        self.deadline_passed.store(true, Ordering::SeqCst);
+    }
+
+    /// The flag [`Lifecycle::mark_deadline_passed`] sets, for a signal handler to set (a fork
+    /// model's child, whose deadline is a timer): storing to an atomic is async-signal-safe.
+    pub fn deadline_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.deadline_passed)
+    }
+
     pub fn log_deadline(&self, closed: usize) {
         if closed > 0 {
             tracing::info!(
