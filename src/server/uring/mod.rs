@@ -99,8 +99,10 @@
 
 mod buffers;
 mod connection;
+mod echo;
 mod setup;
 mod sqe;
+mod tls_connection;
 mod worker;
 
 use std::io;
