@@ -698,4 +698,3 @@ fn the_self_signed_certificate_s_fingerprint_is_logged() {
     );
     assert!(server.stop().success());
 }
-

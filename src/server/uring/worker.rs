@@ -504,8 +504,13 @@ impl<'a> RingWorker<'a> {
         };
         let mut handshake_permit = None;
         let connection = if self.server.kind(listener).is_tls() {
-            match self.start_tls(index, now, header_deadline, &mut handshake_permit, &mut actions)
-            {
+            match self.start_tls(
+                index,
+                now,
+                header_deadline,
+                &mut handshake_permit,
+                &mut actions,
+            ) {
                 Ok(connection) => connection,
                 Err(e) => {
                     tracing::warn!(peer = %stream_peer, "cannot start a TLS session: {e}; closed it");
@@ -606,9 +611,7 @@ impl<'a> RingWorker<'a> {
                 .get_mut(index as usize)
                 .filter(|slot| slot.generation & 0xFF_FFFF == generation)
                 .and_then(|slot| slot.live.as_mut())
-                .filter(|live| {
-                    matches!(&live.connection, Echo::Tls(tls) if tls.is_queued())
-                });
+                .filter(|live| matches!(&live.connection, Echo::Tls(tls) if tls.is_queued()));
             let Some(live) = waiting else {
                 tls.queued.pop_front(); // closed, or its slot reused since
                 continue;

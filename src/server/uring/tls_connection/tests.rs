@@ -11,8 +11,8 @@ use rustls::pki_types::ServerName;
 use rustls::ClientConnection;
 
 use super::*;
-use crate::server::conn::proxy::HeaderError;
 use crate::payload::{self, Rng};
+use crate::server::conn::proxy::HeaderError;
 use crate::server::uring::BUFFER_SIZE;
 use crate::tls::session::tests::{server_config, tls13};
 use crate::tls::session::{OUTPUT_LIMIT, SCRATCH_SIZE};
@@ -494,7 +494,10 @@ fn bad_refused_and_late_headers_close_the_connection() {
     sim.to_server.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
     sim.settle();
     assert_eq!(sim.closed, Some(false));
-    assert!(matches!(sim.conn.take_end(), Ended::Header(HeaderError::NotProxy(_))));
+    assert!(matches!(
+        sim.conn.take_end(),
+        Ended::Header(HeaderError::NotProxy(_))
+    ));
 
     let mut sim = Sim::with_header(20, true, true, Some(start + Duration::from_secs(5)));
     sim.admit = false;
@@ -509,9 +512,19 @@ fn bad_refused_and_late_headers_close_the_connection() {
     // The rustls client stays silent: only part of a header is on the wire.
     while sim.step() {}
     let mut out = Vec::new();
-    sim.conn.sweep(start + Duration::from_secs(4), None, &mut sim.scratch, &mut out);
+    sim.conn.sweep(
+        start + Duration::from_secs(4),
+        None,
+        &mut sim.scratch,
+        &mut out,
+    );
     assert!(out.is_empty(), "not late yet: {out:?}");
-    sim.conn.sweep(start + Duration::from_secs(5), None, &mut sim.scratch, &mut out);
+    sim.conn.sweep(
+        start + Duration::from_secs(5),
+        None,
+        &mut sim.scratch,
+        &mut out,
+    );
     sim.apply(out);
     while sim.step() {}
     assert_eq!(sim.closed, Some(false));
