@@ -311,9 +311,10 @@ fn flood_survives(model: &str) {
     drop(server);
 }
 
-/// epoll's flood (uring does not serve TLS yet). Two floods at once on a 2-core machine would
-/// measure each other, so a second model joins this test, one after the other.
+/// One test for both event-driven models, run one after the other: two floods at once on a
+/// 2-core machine would measure each other.
 #[test]
 fn established_connections_are_served_through_a_handshake_flood() {
     flood_survives("epoll");
+    flood_survives("uring");
 }

@@ -321,15 +321,8 @@ pub fn run_with(
         Some(passed) => passed.stream.iter().map(|(_, kind)| *kind).collect(),
         None => listen.iter().map(|spec| spec.kind).collect(),
     };
+    // Every model serves TLS.
     let serves_tls = kinds.iter().any(|kind| kind.is_tls());
-    if serves_tls && model == Model::Uring {
-        // Its TLS state machine is written (branch tls-event) but not yet merged with the
-        // PROXY header phase; every other model serves TLS.
-        return Err(crate::Error::Unsupported(
-            "the uring model does not serve tls:// or tls+proxy:// listeners yet; every other model does"
-                .into(),
-        ));
-    }
     // Certificates are loaded (or made) before anything is bound: a bad file is one line.
     let tls = if serves_tls {
         // The hosts a self-signed certificate names: those of --listen, or of the passed sockets.

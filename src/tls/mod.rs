@@ -14,8 +14,8 @@
 //!
 //! How each model drives rustls: the blocking models through `server/echo.rs` (rustls's
 //! connection with blocking reads and writes), async through tokio-rustls
-//! (`server/tokio_rt.rs`), epoll through [`session`], a sans-I/O echo session over rustls's
-//! buffer API that its event loop feeds (uring does not serve TLS yet).
+//! (`server/tokio_rt.rs`), epoll and uring through [`session`], a sans-I/O echo session over
+//! rustls's buffer API that their event loops feed (uring's through `uring/tls_connection.rs`).
 
 pub mod client;
 pub mod server;

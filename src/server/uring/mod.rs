@@ -73,6 +73,17 @@
 //! the sweep) closes that connection alone with one refusal line, as in every model. A refused
 //! header costs a ring slot, a permit and a couple of receives, nothing more.
 //!
+//! # TLS
+//! On `tls://` and `tls+proxy://` listeners a connection runs `tls_connection` instead: every
+//! received pool buffer goes to its rustls session (which processes it or copies what the echo
+//! does not let it take yet) and back to the kernel in the same step, and ciphertext goes out
+//! from the connection's own buffer; the recv is armed only while the session wants input. A
+//! connection handshakes only with a permit under the server's handshake cap; without one it
+//! waits unread and takes one, oldest first, when the cap's room descriptor (polled by every
+//! ring) fires. On `tls+proxy://` the PROXY header is read first (with a permit), then the rest
+//! of that buffer goes to the session and the handshake timeout starts again. The sweep ends
+//! late handshakes; plaintext bytes are counted when the connection ends.
+//!
 //! # Shutdown
 //! On SIGINT/SIGTERM each ring cancels its accepts, lets live connections finish for
 //! `--shutdown-timeout`, then shuts the remaining sockets down, waits for their operations to
@@ -94,13 +105,16 @@
 //! # Layout
 //! `setup` (probe, rings, buffer counts), `buffers` (the provided buffer ring), `sqe` (tokens,
 //! entries, submission), `connection` (one connection's echo as a sans-I/O state machine,
-//! tested without a ring) and `worker` (the loop that drives a ring). All of the model's
+//! tested without a ring), `tls_connection` (the same for TLS, also tested without a ring),
+//! `echo` (plain or TLS, as the worker holds them) and `worker` (the loop that drives a ring). All of the model's
 //! `unsafe` is in `buffers` and `sqe`.
 
 mod buffers;
 mod connection;
+mod echo;
 mod setup;
 mod sqe;
+mod tls_connection;
 mod worker;
 
 use std::io;

@@ -56,6 +56,8 @@ kinds! {
     Cancel = 9,
     /// The connection limit has room again (a multishot poll of its descriptor).
     Room = 10,
+    /// The TLS handshake cap has room again (a multishot poll of its descriptor).
+    HandshakeRoom = 11,
 }
 
 /// `user_data`: kind (8 bits), generation (24 bits), slot or listener index (32 bits).

@@ -6,11 +6,19 @@
 //! [`RingWorker::start_connection`] (right after accept or hand-over), admission of the client a
 //! PROXY header names in [`RingWorker::received`], the byte counts in `received` and `sent` (each
 //! completion), and the close record (or the header's refusal) in [`RingWorker::finish`].
+//!
+//! TLS connections (`tls://`, `tls+proxy://`) run [`super::tls_connection`] instead: the worker
+//! holds a permit under the server's handshake cap for each one that handshakes (taken in
+//! [`RingWorker::start_tls`], or later, oldest first, in
+//! [`RingWorker::admit_queued_handshakes`]), gives it back as soon as the handshake ends
+//! ([`RingWorker::check_handshake`], which also counts completed handshakes), and counts a
+//! TLS connection's plaintext when it ends.
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown as Direction, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::Arc;
 use std::time::Instant;
 
 use io_uring::types::Timespec;
@@ -18,14 +26,18 @@ use io_uring::{cqueue, squeue, IoUring};
 
 use super::buffers::BufferPool;
 use super::connection::{Action, Connection, Ended, RecvResult, ServerEnd};
+use super::echo::Echo;
 use super::setup::Ring;
 use super::sqe::{self, token, untoken, Kind};
+use super::tls_connection::TlsConnection;
 use super::{Incoming, RingDirectory, BUFFER_GROUP, RECV_LIMIT, RING_ENTRIES, SINGLE_RECV_ENV};
 use crate::net::{AcceptError, ACCEPT_BACKOFF};
 use crate::server::conn::admission::Refusal;
 use crate::server::conn::limit::Permit;
 use crate::server::conn::{Admitted, End};
 use crate::server::Server;
+use crate::tls::session::{TlsSession, SCRATCH_SIZE};
+use crate::tls::{HandshakePermit, TlsServer};
 
 /// A served connection: its socket, who it is for, its slot under `--max-conns`, and its
 /// echo's state.
@@ -33,7 +45,17 @@ struct Live {
     stream: TcpStream,
     peer: Peer,
     permit: Permit,
-    connection: Connection,
+    connection: Echo,
+    /// A TLS connection's permit under the handshake cap, while its handshake runs.
+    handshake_permit: Option<HandshakePermit>,
+}
+
+/// What a worker needs for its TLS connections.
+struct WorkerTls {
+    server: Arc<TlsServer>,
+    /// This worker's connections waiting for a handshake permit, oldest first (stale entries
+    /// are skipped).
+    queued: VecDeque<(u32, u32)>,
 }
 
 /// Who a connection is for.
@@ -92,6 +114,10 @@ pub struct RingWorker<'a> {
     actions: Vec<Action>,
     /// When the current batch of completions was reaped (one clock read per batch).
     now: Instant,
+    /// For TLS listeners: the configuration and the handshake cap.
+    tls: Option<WorkerTls>,
+    /// Plaintext scratch lent to TLS connections (empty without TLS).
+    scratch: Box<[u8]>,
     // Timeouts read their timespec when submitted; boxed so the addresses stay put.
     /// How often idle connections and late PROXY headers are looked for (only with
     /// `--idle-timeout` or a `+proxy` listener).
@@ -130,7 +156,17 @@ impl<'a> RingWorker<'a> {
         let sweep_interval = server
             .sweep_every()
             .map(|interval| Box::new(Timespec::from(interval)));
+        let tls = server.tls.as_ref().map(|tls| WorkerTls {
+            server: Arc::clone(tls),
+            queued: VecDeque::new(),
+        });
+        let scratch = match tls {
+            Some(_) => vec![0; SCRATCH_SIZE].into_boxed_slice(),
+            None => Box::default(),
+        };
         Ok(RingWorker {
+            tls,
+            scratch,
             ring,
             pool,
             server,
@@ -173,6 +209,7 @@ impl<'a> RingWorker<'a> {
         self.push(sqe::poll_in(shutdown_fd).user_data(token(Kind::ShutdownSignal, 0, 0)));
         self.arm_wake();
         self.arm_room();
+        self.arm_handshake_room();
         self.arm_sweep();
         loop {
             self.sync_accepting();
@@ -198,6 +235,10 @@ impl<'a> RingWorker<'a> {
             completions.clear();
             self.completions = completions;
             self.resume_waiting();
+            if self.tls.as_ref().is_some_and(|tls| !tls.queued.is_empty()) {
+                // The cap's room signal may have gone to another worker: try every turn too.
+                self.admit_queued_handshakes();
+            }
         }
         // Nothing of ours uses the buffers any more; stop the kernel from using them too.
         let _ = self.ring.submitter().unregister_buf_ring(BUFFER_GROUP);
@@ -259,6 +300,15 @@ impl<'a> RingWorker<'a> {
             Kind::Sweep => {
                 self.sweep();
                 self.arm_sweep();
+            }
+            Kind::HandshakeRoom => {
+                if let Some(tls) = &self.tls {
+                    tls.server.handshakes().clear_room_signal();
+                }
+                self.admit_queued_handshakes();
+                if !cqueue::more(flags) {
+                    self.arm_handshake_room();
+                }
             }
             Kind::AcceptBackoff => self.backing_off = false,
             Kind::Deadline => self.close_all_at_deadline(),
@@ -422,6 +472,7 @@ impl<'a> RingWorker<'a> {
             }
         };
         lifecycle.configure(&stream, peer);
+        let stream_peer = peer;
         let peer = if self.server.kind(listener).expects_proxy_header() {
             lifecycle
                 .check_proxy_peer(peer)
@@ -447,34 +498,147 @@ impl<'a> RingWorker<'a> {
         };
         let mut actions = std::mem::take(&mut self.actions);
         let now = Instant::now();
-        let connection = match peer {
-            Peer::Admitted(_) => Connection::start(now, &mut actions),
-            Peer::AwaitingHeader { .. } => Connection::start_awaiting_header(
+        let header_deadline = match peer {
+            Peer::Admitted(_) => None,
+            Peer::AwaitingHeader { .. } => Some(now + lifecycle.proxy_timeout()),
+        };
+        let mut handshake_permit = None;
+        let connection = if self.server.kind(listener).is_tls() {
+            match self.start_tls(
+                index,
                 now,
-                now + lifecycle.proxy_timeout(),
+                header_deadline,
+                &mut handshake_permit,
                 &mut actions,
-            ),
+            ) {
+                Ok(connection) => connection,
+                Err(e) => {
+                    tracing::warn!(peer = %stream_peer, "cannot start a TLS session: {e}; closed it");
+                    if let Peer::Admitted(admitted) = peer {
+                        self.server.conn.close(admitted, 0, &End::Failed(e));
+                    }
+                    self.free.push(index);
+                    self.actions = actions;
+                    self.shared.unload(self.id);
+                    return;
+                }
+            }
+        } else {
+            Echo::Plain(match header_deadline {
+                None => Connection::start(now, &mut actions),
+                Some(deadline) => Connection::start_awaiting_header(now, deadline, &mut actions),
+            })
         };
         self.slots[index as usize].live = Some(Live {
             stream,
             peer,
             permit,
             connection,
+            handshake_permit,
         });
         self.active += 1;
         self.apply(index, actions);
     }
 
-    // ---- echoing ----
-
-    /// The live connection in slot `index`, if `generation` is still its own.
-    fn live(&mut self, index: u32, generation: u32) -> Option<&mut Live> {
-        let slot = self.slots.get_mut(index as usize)?;
-        if slot.generation & 0xFF_FFFF != generation {
-            return None;
+    /// The TLS state machine for a connection about to live in slot `index`: with a
+    /// handshake permit (into `permit`) if the cap has room and nobody here waits for one,
+    /// else queued for one (unread, its timeouts running).
+    fn start_tls(
+        &mut self,
+        index: u32,
+        now: Instant,
+        header_deadline: Option<Instant>,
+        permit: &mut Option<HandshakePermit>,
+        actions: &mut Vec<Action>,
+    ) -> io::Result<Echo> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Err(io::Error::other("the server has no TLS configuration"));
+        };
+        let session = TlsSession::new(Arc::clone(tls.server.config())).map_err(io::Error::other)?;
+        // Behind connections already waiting: first come, first served.
+        if tls.queued.is_empty() {
+            *permit = tls.server.handshakes().try_acquire();
         }
-        slot.live.as_mut()
+        if permit.is_none() {
+            let generation = self.slots[index as usize].generation & 0xFF_FFFF;
+            tls.queued.push_back((index, generation));
+        }
+        let connection = TlsConnection::start(
+            session,
+            now,
+            tls.server.handshake_timeout(),
+            header_deadline,
+            permit.is_some(),
+            &mut self.scratch,
+            actions,
+        );
+        Ok(Echo::Tls(Box::new(connection)))
     }
+
+    /// After connection `index` moved: if its handshake just ended (done, failed, or the
+    /// connection is closing), its permit goes back, to the connections waiting longest, and
+    /// a completed handshake is counted.
+    fn check_handshake(&mut self, index: u32) {
+        let Some(live) = self.slots[index as usize].live.as_mut() else {
+            return;
+        };
+        let Some(tls) = live.connection.tls() else {
+            return;
+        };
+        if !tls.handshake_permit_freed() {
+            return;
+        }
+        let completed = tls.handshake_done();
+        live.handshake_permit = None;
+        if let (true, Peer::Admitted(admitted)) = (completed, &live.peer) {
+            self.server.conn.handshake_completed(admitted.peer);
+        }
+        self.admit_queued_handshakes();
+    }
+
+    /// Gives handshake permits, while the cap has room, to this worker's connections that
+    /// have waited longest; they start reading at once.
+    fn admit_queued_handshakes(&mut self) {
+        loop {
+            let Some(tls) = self.tls.as_mut() else {
+                return;
+            };
+            let Some(&(index, generation)) = tls.queued.front() else {
+                return;
+            };
+            let waiting = self
+                .slots
+                .get_mut(index as usize)
+                .filter(|slot| slot.generation & 0xFF_FFFF == generation)
+                .and_then(|slot| slot.live.as_mut())
+                .filter(|live| matches!(&live.connection, Echo::Tls(tls) if tls.is_queued()));
+            let Some(live) = waiting else {
+                tls.queued.pop_front(); // closed, or its slot reused since
+                continue;
+            };
+            let Some(permit) = tls.server.handshakes().try_acquire() else {
+                return;
+            };
+            tls.queued.pop_front();
+            live.handshake_permit = Some(permit);
+            let mut actions = std::mem::take(&mut self.actions);
+            if let Some(connection) = live.connection.tls() {
+                connection.begin_handshake(&mut self.scratch, &mut actions);
+            }
+            self.apply(index, actions);
+        }
+    }
+
+    /// Watches the handshake cap's room descriptor (with TLS listeners), as `arm_room` does
+    /// the connection limit's.
+    fn arm_handshake_room(&mut self) {
+        if let Some(tls) = &self.tls {
+            let fd = tls.server.handshakes().room_fd().as_raw_fd();
+            self.push(sqe::poll_in_multi(fd).user_data(token(Kind::HandshakeRoom, 0, 0)));
+        }
+    }
+
+    // ---- echoing ----
 
     fn received(&mut self, index: u32, generation: u32, result: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
@@ -497,8 +661,14 @@ impl<'a> RingWorker<'a> {
             Some(Live {
                 peer, connection, ..
             }) => {
-                let payload =
-                    connection.received(recv, multishot, &self.pool, now, &mut actions, |header| {
+                let payload = connection.received(
+                    recv,
+                    multishot,
+                    &self.pool,
+                    &mut self.scratch,
+                    now,
+                    &mut actions,
+                    |header| {
                         // The header is complete: admission decides on the client it names (a
                         // refusal is counted and logged there).
                         let Peer::AwaitingHeader { proxy, listener } = *peer else {
@@ -511,7 +681,8 @@ impl<'a> RingWorker<'a> {
                             }
                             Err(_) => false,
                         }
-                    });
+                    },
+                );
                 if payload > 0 {
                     lifecycle.received(payload);
                 }
@@ -532,10 +703,12 @@ impl<'a> RingWorker<'a> {
             .filter(|slot| slot.generation & 0xFF_FFFF == generation)
             .and_then(|slot| slot.live.as_mut())
         {
-            if result > 0 {
-                self.server.conn.sent(result as usize);
+            let sent =
+                live.connection
+                    .sent(result, &self.pool, &mut self.scratch, now, &mut actions);
+            if sent > 0 {
+                self.server.conn.sent(sent);
             }
-            live.connection.sent(result, &self.pool, now, &mut actions);
         }
         self.apply(index, actions);
     }
@@ -599,6 +772,9 @@ impl<'a> RingWorker<'a> {
             }
         }
         self.actions = actions;
+        if self.tls.is_some() {
+            self.check_handshake(index);
+        }
     }
 
     /// After a batch of completions: as many connections waiting for a buffer as there are
@@ -612,8 +788,14 @@ impl<'a> RingWorker<'a> {
             };
             let mut actions = std::mem::take(&mut self.actions);
             let took = self
-                .live(index, generation)
-                .is_some_and(|live| live.connection.buffer_available(&mut actions));
+                .slots
+                .get_mut(index as usize)
+                .filter(|slot| slot.generation & 0xFF_FFFF == generation)
+                .and_then(|slot| slot.live.as_mut())
+                .is_some_and(|live| {
+                    live.connection
+                        .buffer_available(&mut self.scratch, &mut actions)
+                });
             self.apply(index, actions);
             if took {
                 free -= 1;
@@ -634,7 +816,9 @@ impl<'a> RingWorker<'a> {
             peer,
             permit,
             mut connection,
+            handshake_permit,
         } = live;
+        let tls = matches!(connection, Echo::Tls(_));
         debug_assert!(!connection.in_flight() && connection.pool_held() == 0);
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(index);
@@ -647,7 +831,13 @@ impl<'a> RingWorker<'a> {
         let lifecycle = &self.server.conn;
         let bytes = connection.bytes();
         match (peer, connection.take_end()) {
-            (Peer::Admitted(admitted), Ended::End(end)) => lifecycle.close(admitted, bytes, &end),
+            (Peer::Admitted(admitted), Ended::End(end)) => {
+                if tls {
+                    // A TLS connection's plaintext is counted when it ends (as in epoll).
+                    lifecycle.echoed(bytes as usize);
+                }
+                lifecycle.close(admitted, bytes, &end)
+            }
             // Cannot happen: the header phase is over once the client is admitted.
             (Peer::Admitted(admitted), Ended::Header(_) | Ended::Refused) => {
                 lifecycle.close(admitted, bytes, &End::Shutdown)
@@ -666,6 +856,10 @@ impl<'a> RingWorker<'a> {
         // A full server has room again: every ring's room poll fires.
         drop(permit);
         self.shared.unload(self.id);
+        if handshake_permit.is_some() {
+            drop(handshake_permit);
+            self.admit_queued_handshakes();
+        }
     }
 
     /// Ends a connection at the server's initiative: shutting the socket down completes its
@@ -673,7 +867,7 @@ impl<'a> RingWorker<'a> {
     fn end_connection(&mut self, index: u32, why: ServerEnd) {
         let mut actions = std::mem::take(&mut self.actions);
         if let Some(live) = self.slots[index as usize].live.as_mut() {
-            live.connection.end(why, &mut actions);
+            live.connection.end(why, &mut self.scratch, &mut actions);
         }
         self.apply(index, actions);
     }
@@ -687,14 +881,16 @@ impl<'a> RingWorker<'a> {
         }
     }
 
-    /// Closes the connections whose PROXY header is late and ends the idle ones.
+    /// Closes the connections whose PROXY header or TLS handshake is late and ends the idle
+    /// ones.
     fn sweep(&mut self) {
         let idle = self.server.config.idle_timeout;
         let now = Instant::now();
         for index in 0..self.slots.len() as u32 {
             let mut actions = std::mem::take(&mut self.actions);
             if let Some(live) = self.slots[index as usize].live.as_mut() {
-                live.connection.sweep(now, idle, &mut actions);
+                live.connection
+                    .sweep(now, idle, &mut self.scratch, &mut actions);
             }
             self.apply(index, actions);
         }
