@@ -141,6 +141,42 @@ pub enum SendState {
     },
 }
 
+/// What a recv completion that brought no bytes means (plain and TLS connections alike).
+#[derive(Debug)]
+pub enum RecvFailure {
+    /// A kernel before 6.16: no byte limit for multishot recv. Without it a fast sender could
+    /// take the whole pool in one turn, so use single recvs.
+    MultishotUnsupported,
+    /// The buffer pool was empty: wait for a buffer to come back.
+    OutOfBuffers,
+    /// Nothing to do (cancelled, interrupted, or a multishot recv that stays armed).
+    Transient,
+    /// The connection failed.
+    Failed(io::Error),
+}
+
+impl RecvFailure {
+    /// Classifies a recv result `e` (zero or a negated errno) that came with no data.
+    pub fn of(e: i32, bid: Option<u16>, multishot: bool, more: bool) -> RecvFailure {
+        match (e, bid) {
+            (e, None) if e == -libc::EINVAL && multishot && !more => {
+                RecvFailure::MultishotUnsupported
+            }
+            (e, None) if e == -libc::ENOBUFS && !more => RecvFailure::OutOfBuffers,
+            (e, None)
+                if e == -libc::ECANCELED
+                    || e == -libc::EINTR
+                    || e == -libc::EAGAIN
+                    || e == -libc::ENOBUFS =>
+            {
+                RecvFailure::Transient
+            }
+            (e, _) if e < 0 => RecvFailure::Failed(io::Error::from_raw_os_error(-e)),
+            _ => RecvFailure::Failed(io::Error::other("recv completed without a buffer")),
+        }
+    }
+}
+
 /// A completed recv, as the kernel reported it.
 #[derive(Clone, Copy, Debug)]
 pub struct RecvResult {
@@ -313,31 +349,21 @@ impl Connection {
                     _ => {}
                 }
             }
-            (e, None) if e == -libc::EINVAL && multishot && !recv.more => {
-                // A kernel before 6.16: no byte limit for multishot recv. Without it a fast
-                // sender could take the whole pool in one turn, so use single recvs.
-                out.push(Action::UseSingleRecv);
-            }
-            (e, None) if e == -libc::ENOBUFS && !recv.more => {
-                self.last_active = now;
-                if matches!(self.phase, Phase::Echoing | Phase::Header(_)) {
-                    self.recv = RecvState::WaitingForBuffer;
-                    out.push(Action::WaitForBuffer);
+            (e, bid) => match RecvFailure::of(e, bid, multishot, recv.more) {
+                RecvFailure::MultishotUnsupported => out.push(Action::UseSingleRecv),
+                RecvFailure::OutOfBuffers => {
+                    self.last_active = now;
+                    if matches!(self.phase, Phase::Echoing | Phase::Header(_)) {
+                        self.recv = RecvState::WaitingForBuffer;
+                        out.push(Action::WaitForBuffer);
+                    }
                 }
-            }
-            (e, None)
-                if e == -libc::ECANCELED
-                    || e == -libc::EINTR
-                    || e == -libc::EAGAIN
-                    || e == -libc::ENOBUFS => {}
-            (e, bid) => {
-                out.extend(bid.map(Action::GiveBack));
-                self.fail(if e < 0 {
-                    io::Error::from_raw_os_error(-e)
-                } else {
-                    io::Error::other("recv completed without a buffer")
-                });
-            }
+                RecvFailure::Transient => {}
+                RecvFailure::Failed(e) => {
+                    out.extend(bid.map(Action::GiveBack));
+                    self.fail(e);
+                }
+            },
         }
         self.advance(out);
         payload

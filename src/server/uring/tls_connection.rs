@@ -32,7 +32,7 @@ use std::mem;
 use std::time::{Duration, Instant};
 
 use super::buffers::Buffers;
-use super::connection::{Action, Ended, RecvResult, RecvState, ServerEnd};
+use super::connection::{Action, Ended, RecvFailure, RecvResult, RecvState, ServerEnd};
 use crate::server::conn::proxy::{HeaderError, HeaderReader, ProxyHeader};
 use crate::server::conn::End;
 use crate::tls::session::{Outcome, TlsSession, OUTPUT_LIMIT};
@@ -261,29 +261,20 @@ impl TlsConnection {
                     _ => self.session.eof(),
                 }
             }
-            (e, None) if e == -libc::EINVAL && multishot && !recv.more => {
-                // A kernel without capped multishot recv (see `connection`).
-                out.push(Action::UseSingleRecv);
-            }
-            (e, None) if e == -libc::ENOBUFS && !recv.more => {
-                if self.is_open() {
-                    self.recv = RecvState::WaitingForBuffer;
-                    out.push(Action::WaitForBuffer);
+            (e, bid) => match RecvFailure::of(e, bid, multishot, recv.more) {
+                RecvFailure::MultishotUnsupported => out.push(Action::UseSingleRecv),
+                RecvFailure::OutOfBuffers => {
+                    if self.is_open() {
+                        self.recv = RecvState::WaitingForBuffer;
+                        out.push(Action::WaitForBuffer);
+                    }
                 }
-            }
-            (e, None)
-                if e == -libc::ECANCELED
-                    || e == -libc::EINTR
-                    || e == -libc::EAGAIN
-                    || e == -libc::ENOBUFS => {}
-            (e, bid) => {
-                out.extend(bid.map(Action::GiveBack));
-                self.fail(if e < 0 {
-                    io::Error::from_raw_os_error(-e)
-                } else {
-                    io::Error::other("recv completed without a buffer")
-                });
-            }
+                RecvFailure::Transient => {}
+                RecvFailure::Failed(e) => {
+                    out.extend(bid.map(Action::GiveBack));
+                    self.fail(e);
+                }
+            },
         }
         self.advance(scratch, out);
     }
