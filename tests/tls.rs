@@ -556,6 +556,65 @@ mod async_model {
     }
 }
 
+/// The bytes the kernel holds unread on the server's end of a loopback connection: the
+/// `rx_queue` of the /proc/net/tcp line from `server` to `client`.
+fn unread_on_server_side(server: SocketAddr, client: SocketAddr) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port_of = |field: &str| u16::from_str_radix(field.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, queues) = (fields.get(1)?, fields.get(2)?, fields.get(4)?);
+        (port_of(local)? == server.port() && port_of(remote)? == client.port())
+            .then(|| u64::from_str_radix(queues.split(':').nth(1)?, 16).ok())?
+    })
+}
+
+/// A process-model child killed (SIGKILL, as by the OOM killer) in the middle of a handshake
+/// never gives its permit back itself; with `--tls-max-handshakes 1` that permit is the only
+/// one. The cap takes it back from the dead process, so the next client is served at once, not
+/// after the stalled handshake's timeout.
+#[test]
+fn a_child_killed_mid_handshake_gives_its_permit_back() {
+    let (server, addr) = start_tls(
+        "process",
+        "tls",
+        &[
+            "--tls-max-handshakes",
+            "1",
+            "--tls-handshake-timeout",
+            "60s",
+        ],
+    );
+    let mut stalled = connect(addr);
+    stalled.write_all(&[0x16, 0x03, 0x01, 0x02]).unwrap();
+    let client = stalled.local_addr().unwrap();
+    // Its child has the permit once it has read those bytes (it reads only after taking one).
+    let deadline = Instant::now() + PATIENCE;
+    while unread_on_server_side(addr, client) != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "the child never read the handshake's first bytes"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let children = common::live_children(server.pid());
+    assert_eq!(children.len(), 1, "one child per connection: {children:?}");
+    common::signal(children[0], libc::SIGKILL);
+    let started = Instant::now();
+    let data = payload::bytes(12, 10_000);
+    expect_echo_of(python(addr, &data, &[]), &data, "the client after the kill");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "served only after {:?}: the dead child's permit was not taken back",
+        started.elapsed()
+    );
+    server.wait_for_log("the reclaim warning", |log| {
+        log.contains("took back TLS handshake permits")
+    });
+    drop(stalled);
+    assert!(server.stop().success());
+}
+
 #[test]
 fn every_listed_model_has_a_suite() {
     // The suites above must cover TLS_MODELS; a model added to the list gets its suite line.

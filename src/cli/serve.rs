@@ -199,9 +199,10 @@ pub struct TlsArgs {
     pub tls_handshake_timeout: Duration,
     /// At most N TLS handshakes in progress at once; further connections wait for one to
     /// finish (within their handshake timeout), so a flood of handshakes cannot take every
-    /// core from established connections.
+    /// core from established connections (at most 4096).
     #[arg(long, value_name = "N", default_value_t = crate::tls::server::DEFAULT_MAX_HANDSHAKES as u64,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64)
+              .range(1..=crate::tls::server::MAX_HANDSHAKES_LIMIT as u64))]
     pub tls_max_handshakes: u64,
 }
 

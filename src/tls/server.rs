@@ -350,16 +350,39 @@ fn warn_if_out_of_date(path: &Path, leaf: &CertificateDer<'_>) {
 /// another waiter that then found no room (wake-ups are a hint, the count is the truth).
 const CAP_RECHECK: Duration = Duration::from_millis(50);
 
+/// The largest `--tls-max-handshakes`: the size of the cap's table of holders.
+pub const MAX_HANDSHAKES_LIMIT: usize = 4096;
+
+/// How often a full cap looks for permits held by processes that died (a fork model's child
+/// killed mid-handshake never gives its permit back): at most this often, as each look is a
+/// system call per holder.
+const RECLAIM_EVERY: Duration = Duration::from_secs(1);
+
+/// Who holds the cap's permits: a slot per permit with the holding process's id (0: free).
+/// Threads of one process share an id; a process that died frees all of its slots at once.
+#[derive(Clone, Copy)]
+struct Holders {
+    in_progress: u64,
+    /// When the cap last looked for dead holders, in ms since the cap was made, plus one.
+    reclaimed_at: u64,
+    pids: [u32; MAX_HANDSHAKES_LIMIT],
+}
+
+// SAFETY: integers only: all-zero bytes are a valid `Holders` (no permit held) with no pointer.
+unsafe impl crate::server::conn::shared_mem::Zeroable for Holders {}
+
 /// A cap on TLS handshakes in progress, shared by the server's threads and (mapped before any
 /// fork) processes: a model takes a [`HandshakePermit`] before it starts a handshake and drops
 /// it when the handshake ends, so a flood of handshakes (or of clients that stall in one)
 /// cannot take every core from established connections. Beyond the cap, new connections wait
-/// (their handshake timeout running) for a permit.
+/// (their handshake timeout running) for a permit. Each permit records its process, so that a
+/// full cap takes back the permits of processes that died holding them.
 pub struct HandshakeCap {
-    max: u64,
-    in_progress: SharedMutex<u64>,
+    max: usize,
+    holders: SharedMutex<Holders>,
     /// Readable after a permit of a full cap was given back.
     room: Wake,
+    epoch: Instant,
 }
 
 impl fmt::Debug for HandshakeCap {
@@ -372,33 +395,66 @@ impl fmt::Debug for HandshakeCap {
 }
 
 impl HandshakeCap {
-    /// A cap of `max` handshakes at once (at least one).
+    /// A cap of `max` handshakes at once (at least one, at most [`MAX_HANDSHAKES_LIMIT`]).
     pub fn new(max: usize) -> io::Result<HandshakeCap> {
         Ok(HandshakeCap {
-            max: max.max(1) as u64,
-            in_progress: SharedMutex::new_zeroed()?,
+            max: max.clamp(1, MAX_HANDSHAKES_LIMIT),
+            holders: SharedMutex::new_zeroed()?,
             room: Wake::new()?,
+            epoch: Instant::now(),
         })
     }
 
     /// The cap.
     pub fn max(&self) -> u64 {
-        self.max
+        self.max as u64
     }
 
     /// Handshakes in progress now.
     pub fn in_progress(&self) -> u64 {
-        *self.in_progress.lock()
+        self.holders.lock().in_progress
     }
 
     /// A permit, if the cap has room.
     pub fn try_acquire(self: &Arc<Self>) -> Option<HandshakePermit> {
-        let mut count = self.in_progress.lock();
-        if *count >= self.max {
+        let mut holders = self.holders.lock();
+        if holders.in_progress >= self.max as u64 && !self.reclaim_dead(&mut holders) {
             return None;
         }
-        *count += 1;
-        Some(HandshakePermit(Arc::clone(self)))
+        let slot = holders.pids[..self.max].iter().position(|&pid| pid == 0)?;
+        holders.pids[slot] = std::process::id();
+        holders.in_progress += 1;
+        Some(HandshakePermit {
+            cap: Arc::clone(self),
+            slot,
+        })
+    }
+
+    /// Frees the slots of holders that no longer exist, at most every [`RECLAIM_EVERY`];
+    /// returns whether any was freed.
+    fn reclaim_dead(&self, holders: &mut Holders) -> bool {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX) + 1;
+        let every = RECLAIM_EVERY.as_millis() as u64;
+        if holders.reclaimed_at != 0 && now < holders.reclaimed_at.saturating_add(every) {
+            return false;
+        }
+        holders.reclaimed_at = now;
+        let me = std::process::id();
+        let mut freed = 0;
+        for pid in holders.pids[..self.max].iter_mut() {
+            if *pid != 0 && *pid != me && !process_exists(*pid) {
+                *pid = 0;
+                freed += 1;
+            }
+        }
+        holders.in_progress = holders.in_progress.saturating_sub(freed);
+        if freed > 0 {
+            tracing::warn!(
+                freed,
+                "took back TLS handshake permits held by processes that died mid-handshake"
+            );
+        }
+        freed > 0
     }
 
     /// A permit, waiting for one until `deadline` (blocking models); `None` at the deadline.
@@ -431,24 +487,43 @@ impl HandshakeCap {
         self.room.drain();
     }
 
-    fn release(&self) {
-        let mut count = self.in_progress.lock();
-        let was_full = *count >= self.max;
-        *count = count.saturating_sub(1);
-        drop(count);
+    fn release(&self, slot: usize) {
+        let mut holders = self.holders.lock();
+        // A slot taken back from a dead process is free already (and maybe someone else's).
+        if holders.pids[slot] != std::process::id() {
+            return;
+        }
+        let was_full = holders.in_progress >= self.max as u64;
+        holders.pids[slot] = 0;
+        holders.in_progress = holders.in_progress.saturating_sub(1);
+        drop(holders);
         if was_full {
             self.room.wake();
         }
     }
 }
 
+/// Whether process `pid` exists (a zombie not yet reaped still does).
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
+}
+
 /// One handshake in progress under a [`HandshakeCap`]; given back on drop.
 #[derive(Debug)]
-pub struct HandshakePermit(Arc<HandshakeCap>);
+pub struct HandshakePermit {
+    cap: Arc<HandshakeCap>,
+    slot: usize,
+}
 
 impl Drop for HandshakePermit {
     fn drop(&mut self) {
-        self.0.release();
+        self.cap.release(self.slot);
     }
 }
 
@@ -542,5 +617,31 @@ mod tests {
         let c = cap.acquire_until(Instant::now() + Duration::from_secs(1));
         assert!(c.is_some());
         assert_eq!(cap.in_progress(), 2);
+    }
+
+    #[test]
+    fn a_full_cap_takes_back_the_permits_of_dead_processes() {
+        let cap = Arc::new(HandshakeCap::new(1).unwrap());
+        // A process that died holding a permit (its drop never ran): its id stands in the
+        // shared table as its permit left it.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        {
+            let mut holders = cap.holders.lock();
+            holders.pids[0] = dead;
+            holders.in_progress = 1;
+        }
+        assert_eq!(cap.in_progress(), 1);
+        let permit = cap
+            .try_acquire()
+            .expect("the dead holder's permit is taken back");
+        assert_eq!(cap.in_progress(), 1);
+        assert!(
+            cap.try_acquire().is_none(),
+            "a live holder keeps its permit"
+        );
+        drop(permit);
+        assert_eq!(cap.in_progress(), 0);
     }
 }
