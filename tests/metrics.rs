@@ -511,6 +511,11 @@ fn async_udp_reconciles_with_bench() {
     udp_reconciles_with_bench("async");
 }
 
+#[test]
+fn uring_udp_reconciles_with_bench() {
+    udp_reconciles_with_bench("uring");
+}
+
 /// Replies `socket` gets until none comes for `quiet`.
 fn replies(socket: &std::net::UdpSocket, quiet: Duration) -> u64 {
     socket.set_read_timeout(Some(quiet)).unwrap();
@@ -527,7 +532,7 @@ fn replies(socket: &std::net::UdpSocket, quiet: Duration) -> u64 {
 /// received is echoed or refused, and the echoes counted are the replies that arrived.
 #[test]
 fn datagram_refusals_are_counted_by_reason() {
-    for model in ["prefork", "epoll"] {
+    for model in ["prefork", "epoll", "uring"] {
         let Some((server, metrics, udp)) =
             start_udp(model, &["--udp-rate", "5", "--deny", "127.0.0.2"])
         else {

@@ -9,21 +9,35 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Server, BIN};
+use common::{Server, ServerBuilder, BIN};
 use multiecho::payload::Rng;
+use multiecho::server::uring::{SINGLE_RECV_ENV, UDP_BUFFERS_ENV};
 
-const UDP_MODELS: [&str; 5] = ["iterative", "prefork", "pool", "epoll", "async"];
+const UDP_MODELS: [&str; 6] = ["iterative", "prefork", "pool", "epoll", "async", "uring"];
 /// The largest UDP payload over IPv4.
 const MAX_V4: usize = 65_507;
 
 /// A server with a TCP listener (the harness's) and one `udp://` listener; returns it and the
-/// UDP address it announced on `--ready-fd`.
-fn start(model: &str, extra: &[&str]) -> (Server, SocketAddr) {
+/// UDP address it announced on `--ready-fd`, or `None` (said loudly) where the model cannot
+/// run here (uring without io_uring).
+fn start(model: &str, extra: &[&str]) -> Option<(Server, SocketAddr)> {
+    start_with_env(model, extra, &[])
+}
+
+/// [`start`] with environment variables for the server.
+fn start_with_env(
+    model: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Option<(Server, SocketAddr)> {
     let mut args = vec!["--listen", "udp://127.0.0.1:0", "--workers", "2"];
     args.extend_from_slice(extra);
-    let server = Server::start(model, &args);
+    let server = ServerBuilder::new(model)
+        .args(&args)
+        .envs(envs)
+        .start_or_skip()?;
     let addr = udp_listener(&server);
-    (server, addr)
+    Some((server, addr))
 }
 
 /// The server's first `udp` listener, as announced on `--ready-fd`.
@@ -64,7 +78,13 @@ fn recv_within(socket: &UdpSocket, wait: Duration, buf: &mut [u8]) -> Option<usi
 /// 2,000 datagrams of random sizes (1 to 65,507 bytes) from 8 sources, one in flight per
 /// source: each comes back byte-exact and once; then zero-length datagrams come back empty.
 fn exact_echoes(model: &'static str) {
-    let (server, addr) = start(model, &["--udp-rate", "0"]);
+    exact_echoes_with_env(model, &[]);
+}
+
+fn exact_echoes_with_env(model: &'static str, envs: &[(&str, &str)]) {
+    let Some((server, addr)) = start_with_env(model, &["--udp-rate", "0"], envs) else {
+        return;
+    };
     let senders: Vec<_> = (0..8u64)
         .map(|source| {
             thread::spawn(move || {
@@ -133,6 +153,25 @@ fn async_echoes_every_datagram_exactly() {
     exact_echoes("async");
 }
 
+#[test]
+fn uring_echoes_every_datagram_exactly() {
+    exact_echoes("uring");
+}
+
+/// The same with single `recvmsg`s, the fallback where multishot `recvmsg` is refused.
+#[test]
+fn uring_echoes_every_datagram_exactly_with_single_receives() {
+    exact_echoes_with_env("uring", &[(SINGLE_RECV_ENV, "1")]);
+}
+
+/// The same with one buffer per UDP ring: every receive runs the pool dry, and the buffer
+/// comes back only once its echo is sent (a buffer recycled too early would corrupt echoes).
+#[test]
+fn uring_echoes_every_datagram_exactly_from_a_pool_of_one_buffer() {
+    exact_echoes_with_env("uring", &[(UDP_BUFFERS_ENV, "1")]);
+    exact_echoes_with_env("uring", &[(UDP_BUFFERS_ENV, "1"), (SINGLE_RECV_ENV, "1")]);
+}
+
 /// A receive buffer for `socket` large enough for a whole burst of echoes (as root, beyond
 /// `net.core.rmem_max`; CI runs as root).
 fn room_for_a_burst(socket: &UdpSocket) {
@@ -147,8 +186,10 @@ fn room_for_a_burst(socket: &UdpSocket) {
 /// 65,507 bytes, which the server takes in batches (`recvmmsg`) and answers in batches
 /// (`sendmmsg`): each comes back byte-exact and once. The sizes are distinct, so the length of
 /// an echo names the datagram it answers (with two workers, echoes may come back reordered).
-fn burst_echoes(model: &'static str) {
-    let (server, addr) = start(model, &["--udp-rate", "0"]);
+fn burst_echoes(model: &'static str, envs: &[(&str, &str)]) {
+    let Some((server, addr)) = start_with_env(model, &["--udp-rate", "0"], envs) else {
+        return;
+    };
     let socket = client_socket();
     room_for_a_burst(&socket);
     socket.connect(addr).unwrap();
@@ -204,8 +245,16 @@ fn burst_echoes(model: &'static str) {
 #[test]
 fn every_udp_model_echoes_a_burst_of_every_size_exactly() {
     for model in UDP_MODELS {
-        burst_echoes(model);
+        burst_echoes(model, &[]);
     }
+}
+
+/// A burst that needs many times the pool: the uring rings' receives find it empty over and
+/// over, and resume when echoes give buffers back.
+#[test]
+fn uring_echoes_a_burst_through_a_small_pool() {
+    burst_echoes("uring", &[(UDP_BUFFERS_ENV, "2")]);
+    burst_echoes("uring", &[(UDP_BUFFERS_ENV, "2"), (SINGLE_RECV_ENV, "1")]);
 }
 
 /// Denied and admitted sources interleaved in one burst (so in the server's batches): the
@@ -213,7 +262,9 @@ fn every_udp_model_echoes_a_burst_of_every_size_exactly() {
 #[test]
 fn a_burst_mixing_denied_and_admitted_sources_is_decided_per_datagram() {
     for model in UDP_MODELS {
-        let (server, addr) = start(model, &["--deny", "127.0.0.2", "--udp-rate", "0"]);
+        let Some((server, addr)) = start(model, &["--deny", "127.0.0.2", "--udp-rate", "0"]) else {
+            continue;
+        };
         let admitted = client_socket();
         let denied = UdpSocket::bind("127.0.0.2:0").unwrap();
         for seq in 0..32u8 {
@@ -250,20 +301,24 @@ fn ipv6_datagrams_up_to_the_maximum() {
         eprintln!("SKIPPED: no IPv6 loopback here");
         return;
     }
-    let server = Server::start("epoll", &["--listen", "udp://[::1]:0"]);
-    let addr = udp_listener(&server);
-    let socket = UdpSocket::bind("[::1]:0").unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    let mut buf = vec![0u8; 70_000];
-    for len in [0, 1, 1452, 65_507, 65_527] {
-        let datagram = multiecho::payload::bytes(len as u64, len);
-        socket.send_to(&datagram, addr).unwrap();
-        let (n, _) = socket.recv_from(&mut buf).unwrap();
-        assert!(buf[..n] == datagram[..], "{len} bytes over IPv6");
+    for model in ["epoll", "uring"] {
+        let Some(server) = common::start_or_skip(model, &["--listen", "udp://[::1]:0"]) else {
+            continue;
+        };
+        let addr = udp_listener(&server);
+        let socket = UdpSocket::bind("[::1]:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut buf = vec![0u8; 70_000];
+        for len in [0, 1, 1452, 65_507, 65_527] {
+            let datagram = multiecho::payload::bytes(len as u64, len);
+            socket.send_to(&datagram, addr).unwrap();
+            let (n, _) = socket.recv_from(&mut buf).unwrap();
+            assert!(buf[..n] == datagram[..], "{model}: {len} bytes over IPv6");
+        }
+        assert!(server.stop().success());
     }
-    assert!(server.stop().success());
 }
 
 /// Runs a shell pipeline and returns its stdout.
@@ -294,7 +349,9 @@ fn socat_and_nc_get_their_lines_back() {
         return;
     }
     for model in UDP_MODELS {
-        let (server, addr) = start(model, &[]);
+        let Some((server, addr)) = start(model, &[]) else {
+            continue;
+        };
         let port = addr.port();
         // socat sends what each read of stdin returns as one datagram; one line at a time here.
         let got = shell(&format!(
@@ -323,7 +380,9 @@ fn the_loop_guard_ignores_service_ports() {
         return;
     }
     for model in UDP_MODELS {
-        let (server, addr) = start(model, &[]);
+        let Some((server, addr)) = start(model, &[]) else {
+            continue;
+        };
         let mut buf = [0u8; 64];
         let echo = UdpSocket::bind("127.0.0.1:7").expect("bind port 7 (echo)");
         let chargen = UdpSocket::bind("127.0.0.1:19").expect("bind port 19 (chargen)");
@@ -368,7 +427,7 @@ fn any_port_turns_the_guard_off() {
         eprintln!("SKIPPED: binding 127.0.0.1:7 needs root");
         return;
     }
-    let (server, addr) = start("epoll", &["--udp-any-port"]);
+    let (server, addr) = start("epoll", &["--udp-any-port"]).expect("epoll runs anywhere");
     let echo = UdpSocket::bind("127.0.0.1:7").expect("bind port 7");
     echo.send_to(b"loop?", addr).unwrap();
     let mut buf = [0u8; 16];
@@ -383,7 +442,9 @@ fn any_port_turns_the_guard_off() {
 /// bucket's burst plus 100 per second back.
 fn rate_limited(model: &'static str) {
     let rate = 100.0;
-    let (server, addr) = start(model, &["--udp-rate", "100"]);
+    let Some((server, addr)) = start(model, &["--udp-rate", "100"]) else {
+        return;
+    };
     let socket = client_socket();
     socket.connect(addr).unwrap();
     let receiver = socket.try_clone().unwrap();
@@ -425,6 +486,11 @@ fn a_fast_source_gets_replies_at_the_rate_epoll() {
 }
 
 #[test]
+fn a_fast_source_gets_replies_at_the_rate_uring() {
+    rate_limited("uring");
+}
+
+#[test]
 fn a_fast_source_gets_replies_at_the_rate_prefork() {
     // The workers share the per-source table, so the budget is the server's, not a worker's.
     rate_limited("prefork");
@@ -432,7 +498,7 @@ fn a_fast_source_gets_replies_at_the_rate_prefork() {
 
 #[test]
 fn deny_applies_to_every_datagram() {
-    let (server, addr) = start("async", &["--deny", "127.0.0.1"]);
+    let (server, addr) = start("async", &["--deny", "127.0.0.1"]).expect("async runs anywhere");
     let socket = client_socket();
     socket.send_to(b"denied", addr).unwrap();
     let mut buf = [0u8; 16];
@@ -446,8 +512,10 @@ fn deny_applies_to_every_datagram() {
 #[test]
 fn sigterm_stops_udp_at_once_and_tcp_drains() {
     use std::io::{Read, Write};
-    for model in ["epoll", "async", "iterative"] {
-        let (mut server, addr) = start(model, &["--shutdown-timeout", "20s"]);
+    for model in ["epoll", "async", "iterative", "uring"] {
+        let Some((mut server, addr)) = start(model, &["--shutdown-timeout", "20s"]) else {
+            continue;
+        };
         let mut tcp = common::connect(server.addr);
         tcp.write_all(b"before").unwrap();
         let mut six = [0u8; 6];
@@ -491,13 +559,13 @@ fn fails_to_start(args: &[&str]) -> String {
 
 #[test]
 fn models_without_udp_refuse_it_naming_those_that_serve_it() {
-    for model in ["process", "thread", "uring"] {
+    for model in ["process", "thread"] {
         let err = fails_to_start(&["--model", model, "--listen", "udp://127.0.0.1:0"]);
         let lines: Vec<&str> = err.lines().collect();
         assert_eq!(lines.len(), 1, "{model}: one line: {err}");
         assert!(
             err.contains("does not serve udp://")
-                && err.contains("iterative, prefork, pool, epoll, async"),
+                && err.contains("iterative, prefork, pool, epoll, async, uring"),
             "{model}: {err}"
         );
     }
@@ -541,7 +609,7 @@ fn run_client(args: &[&str], input: &[u8]) -> std::process::Output {
 
 #[test]
 fn the_udp_client_prints_each_lines_echo() {
-    let (server, addr) = start("epoll", &[]);
+    let (server, addr) = start("epoll", &[]).expect("epoll runs anywhere");
     let target = format!("udp://{addr}");
     let out = run_client(&[&target], b"first\n\nthird without newline");
     assert!(out.status.success(), "{out:?}");

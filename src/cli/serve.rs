@@ -20,8 +20,8 @@ pub struct ServeArgs {
     /// Where to listen: HOST:PORT, [V6]:PORT or PORT (loopback) for plain TCP, or a URL:
     /// tcp://HOST:PORT, or tcp+proxy://HOST:PORT, where every connection must begin with a
     /// PROXY protocol v1 or v2 header (from HAProxy or another load balancer) naming the real
-    /// client, or udp://HOST:PORT for UDP echo (models iterative, prefork, pool, epoll, async),
-    /// or tls://HOST:PORT for TLS echo (plaintext echoed; see the TLS flags), or
+    /// client, or udp://HOST:PORT for UDP echo (models iterative, prefork, pool, epoll, async
+    /// and uring), or tls://HOST:PORT for TLS echo (plaintext echoed; see the TLS flags), or
     /// tls+proxy://HOST:PORT, a PROXY header and then TLS.
     /// Repeat to listen on several, TCP and UDP together; use 0.0.0.0:4000 or [::]:4000 to
     /// accept connections from other machines.

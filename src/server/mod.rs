@@ -94,7 +94,12 @@ impl Model {
     pub fn serves_udp(self) -> bool {
         matches!(
             self,
-            Model::Iterative | Model::Prefork | Model::Pool | Model::Epoll | Model::Async
+            Model::Iterative
+                | Model::Prefork
+                | Model::Pool
+                | Model::Epoll
+                | Model::Async
+                | Model::Uring
         )
     }
 
@@ -354,7 +359,6 @@ pub fn run_with(
         None => udp_specs.first().map(ToString::to_string),
     };
     if let Some(first_udp) = first_udp.as_ref().filter(|_| !model.serves_udp()) {
-        // uring: another rewrite is under way; it refuses UDP until then.
         return Err(crate::Error::Unsupported(format!(
             "the {model} model does not serve udp:// listeners ({first_udp}); these models do: {}",
             Model::udp_models()

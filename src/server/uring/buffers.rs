@@ -1,6 +1,7 @@
-//! The registered ring of provided buffers: `count` buffers of [`BUFFER_SIZE`] bytes that the
-//! kernel picks from for buffer-select receives, and that we hand back once their bytes are
-//! echoed (or copied out). One of the two files holding uring's `unsafe` (with `sqe.rs`).
+//! The registered ring of provided buffers: `count` buffers of [`BUFFER_SIZE`] bytes (a UDP
+//! ring's are larger: [`BufferPool::with_size`]) that the kernel picks from for buffer-select
+//! receives, and that we hand back once their bytes are echoed (or copied out). One of the
+//! files holding uring's `unsafe` (with `sqe.rs` and `udp/messages.rs`).
 
 use std::alloc::{self, Layout};
 use std::io;
@@ -25,12 +26,20 @@ pub struct BufferPool {
     memory: NonNull<u8>,
     memory_layout: Layout,
     count: u16,
+    /// The length of each buffer.
+    size: usize,
     tail: u16,
 }
 
 impl BufferPool {
+    /// `count` buffers of [`BUFFER_SIZE`] bytes (the TCP rings').
     pub fn new(count: u16) -> io::Result<Self> {
-        assert!(count.is_power_of_two());
+        BufferPool::with_size(count, BUFFER_SIZE)
+    }
+
+    /// `count` buffers of `size` bytes each.
+    pub fn with_size(count: u16, size: usize) -> io::Result<Self> {
+        assert!(count.is_power_of_two() && size > 0 && u32::try_from(size).is_ok());
         let ring_layout = Layout::from_size_align(
             usize::from(count) * std::mem::size_of::<BufRingEntry>(),
             4096,
@@ -39,8 +48,10 @@ impl BufferPool {
         // Small alignment on purpose: a large zeroed allocation with it comes from calloc,
         // which maps fresh pages and does not write them, so buffers never used cost no
         // resident memory. (Over-aligned zeroed allocations are memset, touching them all.)
-        let memory_layout = Layout::from_size_align(usize::from(count) * BUFFER_SIZE, 16)
-            .map_err(io::Error::other)?;
+        let bytes = usize::from(count)
+            .checked_mul(size)
+            .ok_or(io::ErrorKind::OutOfMemory)?;
+        let memory_layout = Layout::from_size_align(bytes, 16).map_err(io::Error::other)?;
         // SAFETY: both layouts have a non-zero size. A new buffer ring must be zeroed (its
         // tail starts at 0).
         let (ring, memory) = unsafe {
@@ -58,6 +69,7 @@ impl BufferPool {
             memory,
             memory_layout,
             count,
+            size,
             tail: 0,
         })
     }
@@ -98,7 +110,7 @@ impl BufferPool {
         unsafe {
             let entry = &mut *self.ring.as_ptr().add(usize::from(self.tail & mask));
             entry.set_addr(addr);
-            entry.set_len(BUFFER_SIZE as u32);
+            entry.set_len(self.size as u32);
             entry.set_bid(bid);
         }
         self.tail = self.tail.wrapping_add(1);
@@ -113,17 +125,30 @@ impl BufferPool {
     /// The address of byte `offset` of buffer `bid`, for a send of `len` bytes from it.
     pub fn send_ptr(&self, bid: u16, offset: u32, len: u32) -> *const u8 {
         assert!(
-            bid < self.count && offset as usize + len as usize <= BUFFER_SIZE,
+            bid < self.count && offset as usize + len as usize <= self.size,
             "send outside buffer {bid}"
         );
         // The bounds were checked above; wrapping_add needs no unsafe.
         self.start(bid).wrapping_add(offset as usize)
     }
 
+    /// The address of byte `offset` of buffer `bid`, for a receive of up to `len` bytes into
+    /// it that names its buffer itself (no buffer select): the caller holds the buffer, so
+    /// the kernel picks it for nothing else meanwhile.
+    pub fn recv_ptr(&self, bid: u16, offset: usize, len: usize) -> *mut u8 {
+        assert!(
+            bid < self.count && offset + len <= self.size,
+            "receive outside buffer {bid}"
+        );
+        self.memory
+            .as_ptr()
+            .wrapping_add(usize::from(bid) * self.size + offset)
+    }
+
     fn start(&self, bid: u16) -> *const u8 {
         self.memory
             .as_ptr()
-            .wrapping_add(usize::from(bid) * BUFFER_SIZE)
+            .wrapping_add(usize::from(bid) * self.size)
             .cast_const()
     }
 }
@@ -134,7 +159,7 @@ impl Buffers for BufferPool {
         // SAFETY: `bid < count`, so the slice lies inside the allocation, which lives as long
         // as `self`. The caller holds buffer `bid` (the kernel gave it to us and we have not
         // given it back), so the kernel does not write it while the slice lives.
-        unsafe { std::slice::from_raw_parts(self.start(bid), BUFFER_SIZE) }
+        unsafe { std::slice::from_raw_parts(self.start(bid), self.size) }
     }
 }
 

@@ -1,4 +1,5 @@
-//! `uring`: io_uring submission and completion rings, one per worker thread.
+//! `uring`: io_uring submission and completion rings, one per worker thread (and one more per
+//! worker for UDP).
 //!
 //! # How it works
 //! Each of the `--workers` threads owns one ring and one pool of receive buffers, and runs a
@@ -89,6 +90,19 @@
 //! `--shutdown-timeout`, then shuts the remaining sockets down, waits for their operations to
 //! complete, and returns.
 //!
+//! # UDP
+//! `udp://` sockets (and datagram sockets passed by socket activation) are served by
+//! `--workers` more rings, each on its own thread beside the TCP rings (see `udp`): one
+//! multishot `recvmsg` per socket and ring with buffer select, from a pool of [`UDP_BUFFERS`]
+//! buffers of 64 KiB per ring (room for the largest datagram; `MSG_TRUNC` is checked for every
+//! completion), every datagram through the one UDP policy, and a `sendmsg` of the echo from the
+//! buffer it arrived in, to the address the kernel wrote beside it. A buffer goes back to the pool
+//! only when its send has completed. Where the kernel refuses multishot `recvmsg`, single
+//! `recvmsg` operations take its place. Cost: a thread, a ring and a pool (resident only as far as
+//! datagrams fill it) per UDP ring; per datagram one completion and one submission, batched with
+//! everything else in one `io_uring_enter` per turn; every ring is woken by each datagram. At
+//! shutdown the UDP rings cancel what is in flight and stop at once while the TCP rings drain.
+//!
 //! # Kernel features
 //! Linux 6.0 or later: multishot accept and registered buffer rings (both 5.19) and
 //! multishot recv (6.0); the probe checks the opcodes and registers a test buffer ring. Where io_uring is missing or disabled
@@ -106,8 +120,9 @@
 //! `setup` (probe, rings, buffer counts), `buffers` (the provided buffer ring), `sqe` (tokens,
 //! entries, submission), `connection` (one connection's echo as a sans-I/O state machine,
 //! tested without a ring), `tls_connection` (the same for TLS, also tested without a ring),
-//! `echo` (plain or TLS, as the worker holds them) and `worker` (the loop that drives a ring). All of the model's
-//! `unsafe` is in `buffers` and `sqe`.
+//! `echo` (plain or TLS, as the worker holds them), `worker` (the loop that drives a ring) and
+//! `udp` (the UDP rings, with their buffer layout and message headers in `udp/messages`). All
+//! of the model's `unsafe` is in `buffers`, `sqe` and `udp/messages`.
 
 mod buffers;
 mod connection;
@@ -115,6 +130,7 @@ mod echo;
 mod setup;
 mod sqe;
 mod tls_connection;
+mod udp;
 mod worker;
 
 use std::io;
@@ -129,6 +145,7 @@ use setup::Ring;
 use worker::RingWorker;
 
 pub use setup::probe;
+pub use udp::{UDP_BUFFERS, UDP_BUFFERS_ENV};
 
 /// The size of one receive buffer.
 pub const BUFFER_SIZE: usize = 16 * 1024;
@@ -141,7 +158,8 @@ pub const POOL_BYTES: usize = 4 * 1024 * 1024;
 pub const BUFFERS_ENV: &str = "MULTIECHO_URING_BUFFERS";
 
 /// Makes every worker use one recv per message, as on kernels without capped multishot recv
-/// (before 6.16), so tests and comparisons can run that path anywhere.
+/// (before 6.16), and every UDP ring single `recvmsg`s, as where multishot `recvmsg` is
+/// refused, so tests and comparisons can run those paths anywhere.
 pub const SINGLE_RECV_ENV: &str = "MULTIECHO_URING_SINGLE_RECV";
 
 /// Submission queue entries per ring; the completion queue has four times as many.
@@ -184,7 +202,13 @@ pub fn serve(server: &Server) -> crate::Result<()> {
     let rings = (0..workers)
         .map(|_| Ring::new(buffers))
         .collect::<crate::Result<Vec<_>>>()?;
+    let udp_rings = udp::rings(server)?;
     std::thread::scope(|scope| {
+        if let Err(e) = udp::spawn(scope, server, udp_rings) {
+            // The rings already started stop with the shutdown.
+            server.shutdown.trigger();
+            return Err(e);
+        }
         let handles = rings
             .into_iter()
             .enumerate()

@@ -1,5 +1,6 @@
 //! Setup: the probe that `server::run` calls before binding (io_uring's features and a valid
-//! [`BUFFERS_ENV`]), each worker's buffer count, and the rings, made before any worker serves.
+//! [`BUFFERS_ENV`]), each worker's buffer count, and the rings (TCP and UDP), made before any
+//! worker serves.
 
 use std::io;
 
@@ -18,18 +19,22 @@ pub fn buffers_per_worker(workers: usize) -> u16 {
 /// The number of buffers per worker: [`BUFFERS_ENV`] if set (a power of two from 1 to 32768,
 /// else an error naming the value), or the worker's share of [`POOL_BYTES`].
 pub fn buffer_count(workers: usize) -> crate::Result<u16> {
-    match std::env::var(BUFFERS_ENV) {
-        Ok(text) => parse_buffer_count(&text).ok_or_else(|| {
-            crate::Error::io(
-                format!("invalid {BUFFERS_ENV}={text}"),
-                io::Error::other("expected a power of two from 1 to 32768"),
-            )
-        }),
-        Err(std::env::VarError::NotPresent) => Ok(buffers_per_worker(workers)),
-        Err(std::env::VarError::NotUnicode(text)) => Err(crate::Error::io(
-            format!("invalid {BUFFERS_ENV}={}", text.to_string_lossy()),
+    count_from_env(BUFFERS_ENV, buffers_per_worker(workers))
+}
+
+/// The buffer count the environment variable `name` sets (a power of two from 1 to 32768,
+/// else an error naming the value), or `default` without it.
+pub fn count_from_env(name: &str, default: u16) -> crate::Result<u16> {
+    let invalid = |text: &str| {
+        crate::Error::io(
+            format!("invalid {name}={text}"),
             io::Error::other("expected a power of two from 1 to 32768"),
-        )),
+        )
+    };
+    match std::env::var(name) {
+        Ok(text) => parse_buffer_count(&text).ok_or_else(|| invalid(&text)),
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Err(std::env::VarError::NotUnicode(text)) => Err(invalid(&text.to_string_lossy())),
     }
 }
 
@@ -41,7 +46,8 @@ fn parse_buffer_count(text: &str) -> Option<u16> {
 }
 
 /// Checks that io_uring and the features this model needs are available (an
-/// [`crate::Error::Unsupported`] saying why if not), and that [`BUFFERS_ENV`] is valid.
+/// [`crate::Error::Unsupported`] saying why if not), and that [`BUFFERS_ENV`] and
+/// [`super::UDP_BUFFERS_ENV`] are valid.
 /// `serve` calls it first; `server::run` calls it before binding, so either error comes
 /// before any "listening on" line.
 pub fn probe() -> crate::Result<()> {
@@ -57,6 +63,9 @@ pub fn probe() -> crate::Result<()> {
         (opcode::PollAdd::CODE, "poll"),
         (opcode::Timeout::CODE, "timeout"),
         (opcode::AsyncCancel::CODE, "cancel"),
+        // For udp:// (the UDP rings).
+        (opcode::RecvMsg::CODE, "recvmsg"),
+        (opcode::SendMsg::CODE, "sendmsg"),
         // The probe has no bit for multishot accept or recv; IORING_OP_SEND_ZC came in the
         // release that completed them (6.0), so it stands for them.
         (
@@ -80,6 +89,7 @@ pub fn probe() -> crate::Result<()> {
     })?;
     drop(ring);
     buffer_count(1)?;
+    super::udp::buffer_count()?;
     Ok(())
 }
 
@@ -114,6 +124,11 @@ impl Ring {
     /// disabled so that the worker thread, not this one, becomes its issuer; a plain ring
     /// otherwise.
     pub fn new(buffers: u16) -> crate::Result<Ring> {
+        Ring::with_buffers(BufferPool::new(buffers))
+    }
+
+    /// [`Ring::new`] with the buffer pool `pool` (a UDP ring's, of larger buffers).
+    pub fn with_buffers(pool: io::Result<BufferPool>) -> crate::Result<Ring> {
         let cq_entries = RING_ENTRIES * 4;
         let (ring, disabled) = match IoUring::builder()
             .setup_cqsize(cq_entries)
@@ -131,8 +146,7 @@ impl Ring {
                 (ring, false)
             }
         };
-        let mut pool =
-            BufferPool::new(buffers).map_err(|e| crate::Error::io("cannot allocate buffers", e))?;
+        let mut pool = pool.map_err(|e| crate::Error::io("cannot allocate buffers", e))?;
         pool.register(&ring)
             .map_err(|e| crate::Error::io("cannot register the buffer ring", e))?;
         Ok(Ring {

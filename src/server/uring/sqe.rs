@@ -12,7 +12,7 @@ use super::{BUFFER_GROUP, BUFFER_SIZE};
 
 /// IORING_RECVSEND_POLL_FIRST: wait for data before trying the receive. The next message of
 /// an echo client arrives after its echo, so trying at once would fail nearly every time.
-const RECV_POLL_FIRST: u16 = 1;
+pub(super) const RECV_POLL_FIRST: u16 = 1;
 
 /// Defines [`Kind`] and its decoding from one list, so decoding is total by construction: a
 /// variant cannot be missing from it.
@@ -154,8 +154,10 @@ fn from_bytes(raw: [u8; 64]) -> squeue::Entry {
 /// Every entry comes from this file's builders, with memory whose life the worker and the
 /// connection state machine guarantee: pool buffers (alive as long as the ring), a
 /// connection's own buffer (not touched while its send is in flight, freed only when the
-/// connection has nothing in flight), the worker's boxed timespecs (read at submission) and
-/// descriptors that stay open until their operation completes.
+/// connection has nothing in flight), the worker's boxed timespecs (read at submission),
+/// a UDP ring's boxed message headers (alive as long as the ring, each rewritten only when
+/// its buffer has no operation in flight) and descriptors that stay open until their
+/// operation completes.
 pub fn push(ring: &mut IoUring, entry: &squeue::Entry) -> bool {
     for _ in 0..2 {
         // SAFETY: see above: everything the entry points to outlives its operation.
