@@ -38,7 +38,7 @@ wait_for_udp_port() {
     return 1
 }
 
-servers=(udp_echo.c udp_mmsg_echo.c iterative prefork pool epoll async)
+servers=(udp_echo.c udp_mmsg_echo.c iterative prefork pool epoll async uring)
 declare -A pids ports
 next=$port
 for server in "${servers[@]}"; do
