@@ -42,6 +42,8 @@ pub struct Server {
     /// and address.
     pub listeners: Vec<(String, SocketAddr)>,
     log: Arc<Mutex<String>>,
+    /// Says when the log reader reached the end of the server's stderr.
+    log_complete: std::sync::mpsc::Receiver<()>,
 }
 
 /// How to start a `multiecho serve` subprocess: `multiecho serve --model MODEL --listen
@@ -133,6 +135,7 @@ impl ServerBuilder {
         let ready = ready.into_reader();
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
+        let (log_done, log_complete) = std::sync::mpsc::channel();
         let log_reader = {
             let log = Arc::clone(&log);
             thread::spawn(move || {
@@ -142,6 +145,7 @@ impl ServerBuilder {
                     log.push_str(&line);
                     log.push('\n');
                 }
+                let _ = log_done.send(());
             })
         };
         match read_ready_lines(ready) {
@@ -150,6 +154,7 @@ impl ServerBuilder {
                 addr: listeners[0].1,
                 listeners,
                 log,
+                log_complete,
             }),
             None => {
                 let _ = child.kill();
@@ -234,9 +239,13 @@ impl Server {
         signal(self.pid(), libc::SIGTERM);
     }
 
-    /// Waits for the server to exit, up to `timeout`; `None` if it is still running.
+    /// Waits for the server to exit, up to `timeout`; `None` if it is still running. Once it
+    /// has exited, [`Server::log`] holds its last lines too: this waits (briefly, in case a
+    /// leftover child still holds the pipe) for the log reader to reach the end of stderr.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        wait_child(&mut self.child, timeout)
+        let status = wait_child(&mut self.child, timeout)?;
+        let _ = self.log_complete.recv_timeout(Duration::from_secs(2));
+        Some(status)
     }
 
     /// SIGTERM, then wait; panics if the server does not exit in time.
