@@ -123,6 +123,22 @@ mod tests {
         let config = args.config();
         assert_eq!(config.backlog, 1024);
         assert_eq!(config.idle_timeout, None);
+        assert_eq!(config.splice, crate::server::SpliceMode::Auto);
+    }
+
+    #[test]
+    fn serve_splice_is_auto_or_off() {
+        use crate::server::SpliceMode;
+        let splice = |value: &str| {
+            parse(&["serve", "--splice", value]).map(|cli| match cli.command {
+                Command::Serve(args) => args.config().splice,
+                _ => panic!("not serve"),
+            })
+        };
+        assert_eq!(splice("auto").unwrap(), SpliceMode::Auto);
+        assert_eq!(splice("off").unwrap(), SpliceMode::Off);
+        assert!(splice("on").is_err());
+        assert!(splice("").is_err());
     }
 
     /// compare runs bench with its connection counts, sizes and threads: it must refuse,

@@ -12,7 +12,7 @@ use super::parse::{parse_duration, parse_idle_timeout, parse_thread_stack};
 use crate::listen::ListenSpec;
 use crate::server::conn::admission::{default_trusted_proxies, parse_prefix, AdmissionConfig};
 use crate::server::conn::datagram::UdpPolicy;
-use crate::server::{Model, ServerConfig};
+use crate::server::{Model, ServerConfig, SpliceMode};
 
 /// `multiecho serve`.
 #[derive(Debug, Args)]
@@ -71,6 +71,12 @@ pub struct ServeArgs {
     /// while serving, 503 once shutdown has started), e.g. 127.0.0.1:9100.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+    /// Echo bulk transfers with splice(2), socket to pipe to the same socket, with no copy
+    /// through user space (epoll model, plain TCP and tcp+proxy:// only; the other models
+    /// and TLS ignore it). auto: a connection splices once a read fills the whole 64 KiB
+    /// buffer, and goes back to read/write after 4 small splices in a row; off: never.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = SpliceMode::Auto)]
+    pub splice: SpliceMode,
     #[command(flatten)]
     pub admission: AdmissionArgs,
     #[command(flatten)]
@@ -174,6 +180,7 @@ impl ServeArgs {
             },
             metrics: self.metrics,
             tls: self.tls.options(),
+            splice: self.splice,
         }
     }
 }

@@ -155,6 +155,20 @@ pub struct ServerConfig {
     pub metrics: Option<SocketAddr>,
     /// Certificates and handshake limits for `tls://` and `tls+proxy://` listeners.
     pub tls: TlsOptions,
+    /// Whether the epoll model may echo bulk transfers with splice(2) (other models ignore it).
+    pub splice: SpliceMode,
+}
+
+/// Whether the epoll model echoes bulk transfers with splice(2), socket to pipe to the same
+/// socket, without copying them through user space (`serve --splice`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SpliceMode {
+    /// Splice a plain TCP connection while it moves bulk data (a read filled the whole 64 KiB
+    /// buffer); back to read/write once its messages are small again.
+    #[default]
+    Auto,
+    /// Always read and write through user space.
+    Off,
 }
 
 impl Default for ServerConfig {
@@ -169,6 +183,7 @@ impl Default for ServerConfig {
             admission: AdmissionConfig::default(),
             metrics: None,
             tls: TlsOptions::default(),
+            splice: SpliceMode::default(),
         }
     }
 }
