@@ -18,6 +18,21 @@
 //! at most `READ_BUDGET` times per turn and then put at the back of the queue, so one fast
 //! client cannot starve the others.
 //!
+//! Bulk path (`--splice auto`, `splice.rs`): a plain connection whose read filled the whole
+//! 64 KiB buffer is moving bulk data, and is echoed with splice(2) from then on: socket into
+//! a pipe borrowed from the worker's bounded pool, pipe back into the same socket, no copy
+//! through user space. It keeps the copy path's rules: a pipe the socket did not empty stays
+//! with the connection, which reads nothing more until a writable edge has flushed it; a
+//! splice in may be short for want of pipe slots, so only `WouldBlock` (or the end of the
+//! stream, once the pipe is empty) ends a turn; the counters, the idle time and the close
+//! record follow the bytes exactly as they follow reads and writes. After 4 small splices in a
+//! row (under 16 KiB each) it goes back to read/write; with every pipe lent out it reads and
+//! writes meanwhile. A PROXY header is always read (and what follows it echoed from
+//! `pending`) before the first splice; TLS connections never splice. Its cost: per splice
+//! echo, two splices instead of a read and a write, plus one splice that finds the socket
+//! empty; per worker, at most 64 pipes (128 descriptors, up to 256 KiB of kernel memory each)
+//! opened as needed and kept.
+//!
 //! Costs: one thread per worker, two syscalls per echoed message (read, write) plus the shared
 //! `epoll_wait`, no allocation on the hot path. An idle connection costs its slab entry
 //! (about a hundred bytes) and its kernel socket buffers: nothing of its own in user space. A
@@ -83,7 +98,10 @@ use crate::shutdown::Shutdown;
 use crate::tls::session::{Outcome, TlsSession, SCRATCH_SIZE};
 use crate::tls::{HandshakePermit, TlsServer};
 
+mod splice;
 mod udp;
+
+use splice::{HeldPipe, PipePool, SMALL_SPLICE, SMALL_SPLICES_TO_LEAVE};
 
 /// The read buffer each worker shares among its connections.
 const READ_BUFFER: usize = 64 * 1024;
@@ -167,6 +185,23 @@ struct Connection {
     /// On a `tls://` or `tls+proxy://` listener: the TLS session (boxed, so a plain
     /// connection stays small).
     tls: Option<Box<TlsConn>>,
+    /// On the splice path (`--splice auto`, a plain connection moving bulk data).
+    splicing: bool,
+    /// Small splices in a row, on the splice path.
+    small_splices: u8,
+    /// The pipe lent to it while the pipe holds echo the socket has not taken.
+    pipe: Option<HeldPipe>,
+    /// Bytes echoed through a pipe (a part of `bytes`), for the debug log.
+    spliced: u64,
+}
+
+/// What one splice in and out left to do.
+enum Spliced {
+    /// Echoed; read on.
+    Again,
+    /// No pipe to lend: read and write this time.
+    NoPipe,
+    Done(Next),
 }
 
 /// A TLS connection's session and where its handshake stands.
@@ -247,6 +282,7 @@ impl Connection {
         &mut self,
         buffer: &mut [u8],
         scratch: &mut [u8],
+        pipes: &mut PipePool,
         now: Instant,
         lifecycle: &Lifecycle,
     ) -> Next {
@@ -265,7 +301,21 @@ impl Connection {
                 Err(e) => return Next::Close(End::Failed(e)),
             }
         }
+        if self.pipe.is_some() {
+            match self.flush_pipe(pipes, now, lifecycle) {
+                Ok(true) => {}
+                Ok(false) => return Next::Wait,
+                Err(e) => return Next::Close(End::Failed(e)),
+            }
+        }
         for _ in 0..READ_BUDGET {
+            if self.splicing {
+                match self.splice_once(pipes, now, lifecycle) {
+                    Spliced::Again => continue,
+                    Spliced::Done(next) => return next,
+                    Spliced::NoPipe => {}
+                }
+            }
             let read = match (&self.stream).read(buffer) {
                 Ok(0) => {
                     // The client half-closed and every byte it sent has been written back.
@@ -290,6 +340,12 @@ impl Connection {
                 self.pending.extend_from_slice(&buffer[written..read]);
                 self.pending_sent = 0;
                 return Next::Wait;
+            }
+            if read == buffer.len() && !self.splicing && pipes.enabled() {
+                // A bulk transfer: from now on the kernel moves it without a copy.
+                self.splicing = true;
+                self.small_splices = 0;
+                self.log_switch("splice path: a read filled the buffer");
             }
             if read < buffer.len() && !self.peer_closing {
                 // A short read drained the socket; new data or a FIN will raise a new edge.
@@ -381,9 +437,112 @@ impl Connection {
         self.tls.as_ref().and_then(|tls| tls.handshake.deadline())
     }
 
-    /// Whether echo is waiting for the socket to take it (plain or TLS).
+    /// One splice from the socket into a pipe and from the pipe back to the socket. A pipe
+    /// the socket did not empty stays with the connection, which stops reading until a
+    /// writable edge lets [`Connection::flush_pipe`] send the rest (the copy path's
+    /// backpressure). A splice in may be short because the pipe ran out of slots rather
+    /// than because the socket is drained, so only `WouldBlock` ends the turn.
+    fn splice_once(
+        &mut self,
+        pipes: &mut PipePool,
+        now: Instant,
+        lifecycle: &Lifecycle,
+    ) -> Spliced {
+        let Some(mut held) = pipes.take(now) else {
+            return Spliced::NoPipe;
+        };
+        let moved = match held.fill(self.stream.as_fd()) {
+            Ok(0) => {
+                // The client half-closed and every byte it sent has been written back.
+                pipes.give_back(held);
+                let _ = self.stream.shutdown(Direction::Write);
+                return Spliced::Done(Next::Close(End::ClientClosed));
+            }
+            Ok(n) => n,
+            Err(e) => {
+                pipes.give_back(held);
+                return match e.kind() {
+                    ErrorKind::WouldBlock => Spliced::Done(Next::Wait),
+                    ErrorKind::Interrupted => Spliced::Again,
+                    _ if splice::unsupported(&e) => {
+                        pipes.disable(&e);
+                        self.splicing = false;
+                        Spliced::NoPipe
+                    }
+                    _ => Spliced::Done(Next::Close(End::Failed(e))),
+                };
+            }
+        };
+        self.last_active = now;
+        lifecycle.received(moved);
+        let sent = held.drain(self.stream.as_fd());
+        // On a failure the pipe goes back unflushed, so the pool closes it.
+        let sent = match sent {
+            Ok(sent) => sent,
+            Err(e) => {
+                pipes.give_back(held);
+                return Spliced::Done(Next::Close(End::Failed(e)));
+            }
+        };
+        self.count_spliced(sent, lifecycle);
+        if held.queued() > 0 {
+            // Backpressure: keep the rest in the pipe and stop reading until it is out.
+            self.pipe = Some(held);
+            return Spliced::Done(Next::Wait);
+        }
+        pipes.give_back(held);
+        if moved < SMALL_SPLICE {
+            self.small_splices += 1;
+            if self.small_splices >= SMALL_SPLICES_TO_LEAVE {
+                self.splicing = false;
+                self.small_splices = 0;
+                self.log_switch("copy path: small messages again");
+            }
+        } else {
+            self.small_splices = 0;
+        }
+        Spliced::Again
+    }
+
+    /// Sends what the connection's pipe holds; returns whether all of it is out (and the
+    /// pipe back in the pool).
+    fn flush_pipe(
+        &mut self,
+        pipes: &mut PipePool,
+        now: Instant,
+        lifecycle: &Lifecycle,
+    ) -> io::Result<bool> {
+        let held = self.pipe.as_mut().expect("a pipe with echo in it");
+        // On a failure the pipe stays with the connection, and closes with it.
+        let sent = held.drain(self.stream.as_fd())?;
+        let empty = held.queued() == 0;
+        if sent > 0 {
+            self.last_active = now;
+            self.count_spliced(sent, lifecycle);
+        }
+        if empty {
+            pipes.give_back(self.pipe.take().expect("the pipe"));
+        }
+        Ok(empty)
+    }
+
+    fn count_spliced(&mut self, sent: usize, lifecycle: &Lifecycle) {
+        lifecycle.sent(sent);
+        self.bytes += sent as u64;
+        self.spliced += sent as u64;
+    }
+
+    /// A debug line saying the connection changed paths (only admitted ones ever do).
+    fn log_switch(&self, what: &str) {
+        if let Peer::Admitted(admitted) = &self.peer {
+            tracing::debug!(peer = %admitted.peer, "{what}");
+        }
+    }
+
+    /// Whether echo is waiting for the socket to take it (plain, spliced or TLS).
     fn output_pending(&self) -> bool {
         !self.pending.is_empty()
+            || self.pipe.is_some()
             || self
                 .tls
                 .as_ref()
@@ -516,6 +675,8 @@ struct EventLoop<'a> {
     tls: Option<WorkerTls>,
     /// Plaintext scratch lent to TLS sessions (empty without TLS listeners).
     scratch: Box<[u8]>,
+    /// The pipes lent to connections on the splice path (none with `--splice off`).
+    pipes: PipePool,
 }
 
 /// What a worker needs for its TLS connections.
@@ -565,9 +726,11 @@ impl<'a> EventLoop<'a> {
             Some(_) => vec![0; SCRATCH_SIZE].into_boxed_slice(),
             None => Box::default(),
         };
+        let pipes = PipePool::new(PipePool::size_for(server.config.splice)?);
         Ok(EventLoop {
             tls,
             scratch,
+            pipes,
             poll,
             listeners,
             connections: Slab::new(),
@@ -708,7 +871,13 @@ impl<'a> EventLoop<'a> {
         let Some(conn) = self.connections.get_mut(key) else {
             return;
         };
-        let next = conn.drive(&mut self.buffer, &mut self.scratch, now, self.lifecycle);
+        let next = conn.drive(
+            &mut self.buffer,
+            &mut self.scratch,
+            &mut self.pipes,
+            now,
+            self.lifecycle,
+        );
         if let Some(tls) = conn.tls.as_deref_mut() {
             if matches!(tls.handshake, Handshake::Running { .. }) && !tls.session.is_handshaking() {
                 // Its permit goes back: a waiting connection may take it.
@@ -842,6 +1011,10 @@ impl<'a> EventLoop<'a> {
             pending_sent: 0,
             peer_closing: false,
             tls,
+            splicing: false,
+            small_splices: 0,
+            pipe: None,
+            spliced: 0,
         });
     }
 
@@ -907,9 +1080,13 @@ impl<'a> EventLoop<'a> {
     /// Closes a connection, logs it and frees its slot.
     fn close(&mut self, key: usize, end: End) {
         let tls = self.connections[key].tls.is_some();
+        let spliced = self.connections[key].spliced;
         let (peer, bytes) = self.remove(key);
         match peer {
             Peer::Admitted(admitted) => {
+                if spliced > 0 {
+                    tracing::debug!(peer = %admitted.peer, spliced, bytes, "connection spliced");
+                }
                 if tls {
                     // A TLS session's plaintext is counted when it ends; plain echo counts as
                     // the bytes flow.
@@ -940,8 +1117,13 @@ impl<'a> EventLoop<'a> {
             peer,
             permit,
             tls,
+            pipe,
             ..
         } = conn;
+        if let Some(pipe) = pipe {
+            // Echo the client never took: the pool closes the pipe with it.
+            self.pipes.give_back(pipe);
+        }
         if tls.is_some_and(|tls| matches!(tls.handshake, Handshake::Running { .. })) {
             // The permit went back with it.
             self.admit_queued_handshakes();
