@@ -193,6 +193,8 @@ struct Connection {
     pipe: Option<HeldPipe>,
     /// Bytes echoed through a pipe (a part of `bytes`), for the debug log.
     spliced: u64,
+    /// Times the socket left echo in the pipe (backpressure), for the debug log.
+    pipe_waits: u32,
 }
 
 /// What one splice in and out left to do.
@@ -488,6 +490,7 @@ impl Connection {
         if held.queued() > 0 {
             // Backpressure: keep the rest in the pipe and stop reading until it is out.
             self.pipe = Some(held);
+            self.pipe_waits = self.pipe_waits.saturating_add(1);
             return Spliced::Done(Next::Wait);
         }
         pipes.give_back(held);
@@ -1015,6 +1018,7 @@ impl<'a> EventLoop<'a> {
             small_splices: 0,
             pipe: None,
             spliced: 0,
+            pipe_waits: 0,
         });
     }
 
@@ -1080,12 +1084,15 @@ impl<'a> EventLoop<'a> {
     /// Closes a connection, logs it and frees its slot.
     fn close(&mut self, key: usize, end: End) {
         let tls = self.connections[key].tls.is_some();
-        let spliced = self.connections[key].spliced;
+        let (spliced, waits) = {
+            let conn = &self.connections[key];
+            (conn.spliced, conn.pipe_waits)
+        };
         let (peer, bytes) = self.remove(key);
         match peer {
             Peer::Admitted(admitted) => {
                 if spliced > 0 {
-                    tracing::debug!(peer = %admitted.peer, spliced, bytes, "connection spliced");
+                    tracing::debug!(peer = %admitted.peer, spliced, waits, "connection spliced");
                 }
                 if tls {
                     // A TLS session's plaintext is counted when it ends; plain echo counts as
