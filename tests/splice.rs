@@ -450,3 +450,36 @@ fn metrics_reconcile_with_bench_at_64_kib() {
 fn metrics_reconcile_with_bench_at_256_kib() {
     reconciles_with_bench(256 * 1024);
 }
+
+#[test]
+fn tls_connections_never_splice() {
+    let server = splicing(&["--listen", "tls://127.0.0.1:0"]).start();
+    let (_, addr) = server
+        .listeners
+        .iter()
+        .find(|(kind, _)| kind == "tls")
+        .cloned()
+        .expect("a tls listener");
+    let output = Command::new(BIN)
+        .args(["bench", &format!("tls://{addr}"), "--insecure"])
+        .args(["--conns", "1", "--requests", "20", "--threads", "1"])
+        .args(["--size", "262144", "--json", "-q"])
+        .output()
+        .expect("run bench");
+    assert!(
+        output.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("bench prints one JSON object");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["mismatches"], 0, "{report}");
+    assert_eq!(report["requests"], 20, "{report}");
+    server.wait_for_log("the TLS close lines", |log| {
+        log.matches("connection closed").count() >= 2
+    });
+    let log = server.log();
+    assert!(!log.contains("splice"), "a TLS connection spliced:\n{log}");
+    assert!(server.stop().success());
+}
