@@ -483,3 +483,22 @@ fn tls_connections_never_splice() {
     assert!(!log.contains("splice"), "a TLS connection spliced:\n{log}");
     assert!(server.stop().success());
 }
+
+#[test]
+fn the_shutdown_deadline_closes_a_connection_stuck_on_the_splice_path() {
+    let mut server = splicing(&["--shutdown-timeout", "300ms"]).start();
+    let stalled = connect(server.addr);
+    let peer = stalled.local_addr().unwrap();
+    push_until_blocked(&stalled);
+    wait_switched(&server, peer);
+    server.terminate();
+    let status = server
+        .wait_timeout(PATIENCE)
+        .expect("the server exits at the deadline");
+    assert!(status.success(), "{status}");
+    let close = close_line(&server, peer);
+    assert!(close.contains("end=\"closed at shutdown\""), "{close}");
+    let (_, waits) = spliced(&server, peer).expect("the stalled client spliced");
+    assert!(waits > 0, "its pipe never held unsent echo");
+    drop(stalled);
+}
