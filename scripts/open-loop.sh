@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Open-loop latency (issue 14, target 3): the C reference (../shared/bench/epoll_echo.c) and
+# the event-driven models (epoll, the default; async; uring), each with one worker pinned to
+# CPU 0, the load generator on CPU 1. First the C reference's closed-loop maximum at 50
+# connections and 512 B (median of 3 runs); then REPEAT rounds in which every server in turn
+# gets `bench --rate` at PERCENT (default 70) of that maximum, so latency runs from each
+# request's scheduled time and queueing is not hidden. Prints each server's p99 and p99.9
+# divided by the C reference's of the same round (median and range over the rounds).
+#
+# usage: [REPEAT=5] [DURATION=5] [PERCENT=70] [MODELS=epoll,async,uring]
+#        [OUT=target/benchmarks] scripts/open-loop.sh
+set -euo pipefail
+
+default_port=5399
+# shellcheck source=scripts/bench_setup.sh
+source "$(dirname "$0")/bench_setup.sh"
+duration=${DURATION:-5}
+percent=${PERCENT:-70}
+models=${MODELS:-epoll,async,uring}
+runs="$out/open-loop"
+rm -rf "$runs"
+mkdir -p "$runs"
+
+cc -O2 -o "$out/epoll_echo" "${EPOLL_ECHO_C:-$root/../shared/bench/epoll_echo.c}"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null || true' EXIT
+names=(c-reference)
+taskset -c 0 "$out/epoll_echo" "$port" >/dev/null &
+pids+=($!)
+ports=("$port")
+next=$((port + 1))
+IFS=, read -ra model_list <<<"$models"
+for model in "${model_list[@]}"; do
+    taskset -c 0 "$multiecho" -q serve --model "$model" --workers 1 \
+        --listen "127.0.0.1:$next" &
+    pids+=($!)
+    names+=("$model")
+    ports+=("$next")
+    next=$((next + 1))
+done
+for p in "${ports[@]}"; do wait_for_port "$p"; done
+
+bench() { # PORT OUTFILE [bench args...]
+    local p=$1 file=$2
+    shift 2
+    taskset -c 1 "$multiecho" -q bench "127.0.0.1:$p" --conns 50 --size 512 --threads 1 \
+        --warmup 1 --duration "$duration" --json "$@" >"$file"
+}
+
+for i in 1 2 3; do bench "$port" "$runs/closed-$i.json"; done
+rate=$(python3 - "$runs" "$percent" <<'EOF'
+import json, statistics, sys
+runs, percent = sys.argv[1], float(sys.argv[2])
+best = statistics.median(json.load(open(f"{runs}/closed-{i}.json"))["requests_per_sec"] for i in (1, 2, 3))
+print(round(best * percent / 100))
+EOF
+)
+echo "c-reference closed loop at 50 conns, 512 B: median of 3 runs; open-loop rate ${percent}%: $rate/s"
+
+for round in $(seq 1 "$repeat"); do
+    for k in "${!names[@]}"; do
+        bench "${ports[$k]}" "$runs/${names[$k]}-$round.json" --rate "$rate"
+    done
+done
+
+python3 - "$runs" "$repeat" "${names[@]}" <<'EOF'
+import json, statistics, sys
+runs, repeat, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+def report(name, r):
+    return json.load(open(f"{runs}/{name}-{r}.json"))
+for name in names:
+    rs = [report(name, r) for r in range(1, repeat + 1)]
+    bad = sum(x["mismatches"] + x["errors"] for x in rs)
+    print(f"{name}: achieved {statistics.median(x['requests_per_sec'] for x in rs):.0f}/s, "
+          f"p99 {statistics.median(x['latency_us']['p99'] for x in rs):.0f} us, "
+          f"p99.9 {statistics.median(x['latency_us']['p999'] for x in rs):.0f} us "
+          f"(medians), errors+mismatches {bad}")
+print("\n| server | p99 ÷ C | p99.9 ÷ C |\n|---|---:|---:|")
+for name in names[1:]:
+    cells = []
+    for key in ("p99", "p999"):
+        ratios = [report(name, r)["latency_us"][key] / report(names[0], r)["latency_us"][key]
+                  for r in range(1, repeat + 1)]
+        cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})")
+    print(f"| {name} | " + " | ".join(cells) + " |")
+EOF
