@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -154,16 +154,45 @@ impl Drop for Peer {
     }
 }
 
-/// Waits until something accepts TCP connections on `port`.
-fn wait_listening(port: u16, child: &mut Child, what: &str) {
+/// Waits until `child` itself listens on 127.0.0.1:`port` (a listening socket in
+/// /proc/net/tcp whose inode is one of the child's descriptors); `false` if it exited first
+/// (its bind failed: the free port was taken meanwhile by another test). A probing connect
+/// cannot tell: it succeeds against whichever process took the port.
+fn wait_listening(port: u16, child: &mut Child, what: &str) -> bool {
     let deadline = Instant::now() + PATIENCE;
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited ({status}) before listening");
+    loop {
+        if listens_on(child.id(), port) {
+            return true;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
         }
         assert!(Instant::now() < deadline, "{what} did not start listening");
         thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Whether process `pid` holds a socket listening on 127.0.0.1:`port`.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let wanted = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let inode = fields.get(9)?;
+            (fields.get(1) == Some(&wanted.as_str()) && fields.get(3) == Some(&"0A"))
+                .then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|inode| target.to_str() == Some(inode)))
+    })
 }
 
 /// Debian's ncat with TLS and its echo recipe: `ncat --ssl -l --keep-open --exec /bin/cat`,
@@ -178,24 +207,29 @@ fn ncat_ssl_with((cert, key): &(PathBuf, PathBuf)) -> Option<Peer> {
         common::skip_unless_ci("no ncat on this machine (apt-get install ncat; .ci/run does)");
         return None;
     }
-    let port = free_port();
-    let mut child = Command::new("ncat")
-        .args(["--ssl", "--ssl-cert"])
-        .arg(cert)
-        .arg("--ssl-key")
-        .arg(key)
-        .args(["-l", "--keep-open", "--exec", "/bin/cat", "127.0.0.1"])
-        .arg(port.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start ncat");
-    wait_listening(port, &mut child, "ncat --ssl");
-    Some(Peer {
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-    })
+    // A free port can be taken by another test before ncat binds it: then try another.
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = Command::new("ncat")
+            .args(["--ssl", "--ssl-cert"])
+            .arg(cert)
+            .arg("--ssl-key")
+            .arg(key)
+            .args(["-l", "--keep-open", "--exec", "/bin/cat", "127.0.0.1"])
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ncat");
+        if wait_listening(port, &mut child, "ncat --ssl") {
+            return Some(Peer {
+                child,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            });
+        }
+    }
+    panic!("ncat --ssl exited before listening, five times");
 }
 
 /// `openssl s_server -Verify 1` trusting the client certificate: mutual TLS. With `-rev` it
