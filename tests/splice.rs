@@ -12,13 +12,13 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr};
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::metrics::{scrape_until, totals};
 use common::{
     assert_same, connect, cpu_ticks, push_until_blocked, round_trip, Server, ServerBuilder, BIN,
     PATIENCE,
@@ -358,31 +358,6 @@ fn small_messages_go_back_to_read_and_write() {
     assert!(server.stop().success());
 }
 
-/// One HTTP/1.0 GET of /metrics: the body.
-fn scrape(addr: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
-    let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    body.to_string()
-}
-
-/// Sample values by metric name, summed over their label sets.
-fn totals(text: &str) -> HashMap<String, f64> {
-    let mut totals = HashMap::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-    {
-        let (series, value) = line.rsplit_once(' ').expect("a sample line");
-        let name = series.split('{').next().unwrap().to_string();
-        *totals.entry(name).or_insert(0.0) += value.parse::<f64>().expect("a number");
-    }
-    totals
-}
-
 /// After a bench run at `size`, the byte counters equal what the bench verified, with the
 /// bench's connections spliced.
 fn reconciles_with_bench(size: u64) {
@@ -413,15 +388,9 @@ fn reconciles_with_bench(size: u64) {
     assert_eq!(requests, 200, "{report}");
     // Its connections and the probe it opens first.
     let connections = report["connections"].as_u64().unwrap() + 1;
-    let deadline = Instant::now() + PATIENCE;
-    let t = loop {
-        let t = totals(&scrape(metrics));
-        if t["multiecho_connections_closed_total"] >= connections as f64 {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "the closes never showed");
-        thread::sleep(Duration::from_millis(20));
-    };
+    let t = totals(&scrape_until(metrics, "the bench's closes", |t| {
+        t["multiecho_connections_closed_total"] >= connections as f64
+    }));
     let bytes = (requests * size) as f64;
     assert_eq!(
         t["multiecho_bytes_received_total"], bytes,

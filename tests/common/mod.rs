@@ -7,6 +7,7 @@
 
 pub mod haproxy;
 pub mod in_process;
+pub mod metrics;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
