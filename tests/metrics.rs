@@ -59,19 +59,7 @@ fn promtool_check(text: &str) {
 
 /// Runs `multiecho bench --json` and returns its report.
 fn bench(addr: SocketAddr, args: &[&str]) -> serde_json::Value {
-    let output = Command::new(BIN)
-        .arg("bench")
-        .arg(addr.to_string())
-        .args(args)
-        .args(["--json", "-q"])
-        .output()
-        .expect("run bench");
-    assert!(
-        output.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("bench prints one JSON object")
+    common::bench_json(&addr.to_string(), args)
 }
 
 /// Connections `bench` opens besides those its report counts.

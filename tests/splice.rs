@@ -14,13 +14,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::metrics::{scrape_until, totals};
 use common::{
-    assert_same, connect, cpu_ticks, push_until_blocked, round_trip, Server, ServerBuilder, BIN,
+    assert_same, connect, cpu_ticks, push_until_blocked, round_trip, Server, ServerBuilder,
     PATIENCE,
 };
 use multiecho::payload;
@@ -368,20 +367,20 @@ fn reconciles_with_bench(size: u64) {
         .find(|(kind, _)| kind == "metrics")
         .map(|(_, addr)| *addr)
         .expect("a metrics line on --ready-fd");
-    let output = Command::new(BIN)
-        .arg("bench")
-        .arg(server.addr.to_string())
-        .args(["--conns", "2", "--requests", "200", "--threads", "1"])
-        .args(["--size", &size.to_string(), "--json", "-q"])
-        .output()
-        .expect("run bench");
-    assert!(
-        output.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+    let size_arg = size.to_string();
+    let report = common::bench_json(
+        &server.addr.to_string(),
+        &[
+            "--conns",
+            "2",
+            "--requests",
+            "200",
+            "--threads",
+            "1",
+            "--size",
+            &size_arg,
+        ],
     );
-    let report: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("bench prints one JSON object");
     assert_eq!(report["errors"], 0, "{report}");
     assert_eq!(report["mismatches"], 0, "{report}");
     let requests = report["requests"].as_u64().unwrap();
@@ -429,19 +428,20 @@ fn tls_connections_never_splice() {
         .find(|(kind, _)| kind == "tls")
         .cloned()
         .expect("a tls listener");
-    let output = Command::new(BIN)
-        .args(["bench", &format!("tls://{addr}"), "--insecure"])
-        .args(["--conns", "1", "--requests", "20", "--threads", "1"])
-        .args(["--size", "262144", "--json", "-q"])
-        .output()
-        .expect("run bench");
-    assert!(
-        output.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+    let report = common::bench_json(
+        &format!("tls://{addr}"),
+        &[
+            "--insecure",
+            "--conns",
+            "1",
+            "--requests",
+            "20",
+            "--threads",
+            "1",
+            "--size",
+            "262144",
+        ],
     );
-    let report: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("bench prints one JSON object");
     assert_eq!(report["errors"], 0, "{report}");
     assert_eq!(report["mismatches"], 0, "{report}");
     assert_eq!(report["requests"], 20, "{report}");

@@ -647,3 +647,21 @@ pub const PROMPT: Duration = Duration::from_secs(5);
 pub fn payload_for(round: u64) -> Vec<u8> {
     multiecho::payload::bytes(4242 + round, 1000 + (round as usize * 97) % 7000)
 }
+
+/// Runs `multiecho bench TARGET ARGS --json -q` and returns its report; panics with bench's
+/// stderr if it failed.
+pub fn bench_json(target: &str, args: &[&str]) -> serde_json::Value {
+    let output = Command::new(BIN)
+        .arg("bench")
+        .arg(target)
+        .args(args)
+        .args(["--json", "-q"])
+        .output()
+        .expect("run bench");
+    assert!(
+        output.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("bench prints one JSON object")
+}
