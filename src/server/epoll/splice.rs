@@ -139,17 +139,14 @@ impl PipePool {
         if mode == crate::server::SpliceMode::Off {
             return Ok(0);
         }
-        match std::env::var(PIPES_ENV) {
-            Err(std::env::VarError::NotPresent) => Ok(POOL_PIPES),
-            Ok(text) if text.trim().parse::<usize>().is_ok_and(|n| n <= 4096) => {
-                Ok(text.trim().parse().expect("checked"))
-            }
-            Ok(text) => Err(crate::Error::io(
+        let text = match std::env::var_os(PIPES_ENV) {
+            None => return Ok(POOL_PIPES),
+            Some(text) => text.to_string_lossy().into_owned(),
+        };
+        match text.trim().parse::<usize>() {
+            Ok(pipes) if pipes <= 4096 => Ok(pipes),
+            _ => Err(crate::Error::io(
                 format!("invalid {PIPES_ENV}={text}"),
-                io::Error::other("expected a number of pipes from 0 to 4096"),
-            )),
-            Err(std::env::VarError::NotUnicode(text)) => Err(crate::Error::io(
-                format!("invalid {PIPES_ENV}={}", text.to_string_lossy()),
                 io::Error::other("expected a number of pipes from 0 to 4096"),
             )),
         }
