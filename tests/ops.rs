@@ -340,11 +340,9 @@ fn listen_pid_of_another_process_is_ignored_with_a_warning() {
         .unwrap_or_else(|log| panic!("did not start: {log}"));
     let echoed = round_trip(connect(server.addr), b"own socket\n");
     assert_same(&echoed, b"own socket\n", "echo on --listen");
-    let log = server.log();
-    assert!(
-        log.contains("WARN") && log.contains("LISTEN_PID=1 is not this process"),
-        "log:\n{log}"
-    );
+    server.wait_for_log("the LISTEN_PID warning", |log| {
+        log.contains("WARN") && log.contains("LISTEN_PID=1 is not this process")
+    });
 }
 
 /// LISTEN_FDS naming a descriptor that is not a socket (a file): one clear error, exit 1.
