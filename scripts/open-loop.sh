@@ -4,8 +4,9 @@
 # CPU 0, the load generator on CPU 1. First the C reference's closed-loop maximum at 50
 # connections and 512 B (median of 3 runs); then REPEAT rounds in which every server in turn
 # gets `bench --rate` at PERCENT (default 70) of that maximum, so latency runs from each
-# request's scheduled time and queueing is not hidden. Prints each server's p99 and p99.9
-# divided by the C reference's of the same round (median and range over the rounds).
+# request's scheduled time and queueing is not hidden; the order rotates from round to round.
+# Prints each server's p99 and p99.9 divided by the C reference's of the same round (median
+# and range over the rounds).
 #
 # usage: [REPEAT=5] [DURATION=5] [PERCENT=70] [MODELS=epoll,async,uring]
 #        [OUT=target/benchmarks] scripts/open-loop.sh
@@ -57,8 +58,12 @@ EOF
 )
 echo "c-reference closed loop at 50 conns, 512 B: median of 3 runs; open-loop rate ${percent}%: $rate/s"
 
+# Each round starts one server later in the list, so that no server always runs first or
+# right after the same neighbour.
+count=${#names[@]}
 for round in $(seq 1 "$repeat"); do
-    for k in "${!names[@]}"; do
+    for step in $(seq 0 $((count - 1))); do
+        k=$(((round - 1 + step) % count))
         bench "${ports[$k]}" "$runs/${names[$k]}-$round.json" --rate "$rate"
     done
 done
