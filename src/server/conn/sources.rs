@@ -89,7 +89,9 @@ pub enum DatagramVerdict {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {
     index: u32,
-    key: u128,
+    /// The source's key, as bytes: a `u128` would align the slot (and every connection that
+    /// holds one) to 16 bytes.
+    key: [u8; 16],
 }
 
 /// The limits one source is held to.
@@ -172,7 +174,7 @@ impl Sources {
         entry.active += 1;
         Verdict::Admitted(Slot {
             index: (set * WAYS + way) as u32,
-            key,
+            key: key.to_ne_bytes(),
         })
     }
 
@@ -207,7 +209,7 @@ impl Sources {
         let mut table = self.table.lock();
         let entry = &mut table.sets[set][way];
         // An entry with open connections is never evicted, so it still holds this source.
-        if entry.used != 0 && entry.key == slot.key && entry.active > 0 {
+        if entry.used != 0 && entry.key.to_ne_bytes() == slot.key && entry.active > 0 {
             entry.active -= 1;
         }
     }
