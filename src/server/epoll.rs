@@ -12,7 +12,7 @@
 //! FIN or an error: that edge is spent, so reads go on until they return it. A connection is
 //! registered once for both readable and writable and never re-registered (no `epoll_ctl` on
 //! the hot path). Each read is written straight back; if the socket takes only part of it, the
-//! rest is copied into that connection's `pending` buffer and the connection stops reading
+//! rest is copied into that connection's backlog and the connection stops reading
 //! (backpressure) until a writable edge lets it flush; then it reads again, since the edge
 //! that announced new data was already spent. A connection that keeps its socket full is read
 //! at most `READ_BUDGET` times per turn and then put at the back of the queue, so one fast
@@ -27,16 +27,17 @@
 //! stream, once the pipe is empty) ends a turn; the counters, the idle time and the close
 //! record follow the bytes exactly as they follow reads and writes. After 4 small splices in a
 //! row (under 16 KiB each) it goes back to read/write; with every pipe lent out it reads and
-//! writes meanwhile. A PROXY header is always read (and what follows it echoed from
-//! `pending`) before the first splice; TLS connections never splice. Its cost: per splice
+//! writes meanwhile. A PROXY header is always read (and what follows it echoed from the
+//! backlog) before the first splice; TLS connections never splice. Its cost: per splice
 //! echo, two splices instead of a read and a write, plus one splice that finds the socket
 //! empty; per worker, at most 64 pipes (128 descriptors, up to 256 KiB of kernel memory each)
 //! opened as needed and kept.
 //!
 //! Costs: one thread per worker, two syscalls per echoed message (read, write) plus the shared
 //! `epoll_wait`, no allocation on the hot path. An idle connection costs its slab entry
-//! (224 bytes on x86-64, about 40 of them the splice path's state) and its kernel socket
-//! buffers: nothing of its own in user space, and no pipe. A connection whose client does not
+//! (136 bytes on x86-64, and a unit test keeps it at most 144: the backlog and the splice
+//! path's state are boxed, allocated only for the connections that need them) and its kernel socket
+//! buffers: nothing else of its own in user space, and no pipe. A connection whose client does not
 //! read holds at most one read's worth (64 KiB) of pending echo, or on the splice path one
 //! pipe's worth (256 KiB, kernel memory), and the kernel stops the client once that
 //! connection's receive buffer is full.
@@ -46,7 +47,7 @@
 //! into the same 64 KiB buffer and handed to the session, which decrypts, echoes into rustls's
 //! writer and queues ciphertext; the queue is written straight from rustls's buffers with one
 //! `writev`. The session wants no input while any output is unsent (plain echo's rule), and a
-//! writable edge flushes it as it flushes `pending`. A TLS connection costs one plaintext
+//! writable edge flushes it as it flushes a plain backlog. A TLS connection costs one plaintext
 //! scratch buffer per worker (16 KiB) plus its session: a few KiB while idle, at most about
 //! 200 KiB for a client that stops reading (see `tls::session`). Handshakes: a connection
 //! handshakes only with a permit under the server's cap on handshakes in progress; without one
@@ -177,10 +178,8 @@ struct Connection {
     permit: Permit,
     last_active: Instant,
     bytes: u64,
-    /// Echo the socket has not taken yet; empty (no allocation) when caught up.
-    pending: Vec<u8>,
-    /// How much of `pending` has been written.
-    pending_sent: usize,
+    /// Echo the socket has not taken yet; `None` (no allocation) when caught up.
+    backlog: Option<Box<Backlog>>,
     /// An event reported the peer's FIN or an error: that edge is spent, so reads must go on
     /// until they see it (a short read no longer proves there is nothing left).
     peer_closing: bool,
@@ -189,7 +188,31 @@ struct Connection {
     tls: Option<Box<TlsConn>>,
     /// On the splice path (`--splice auto`, a plain connection moving bulk data).
     splicing: bool,
-    /// Small splices in a row, on the splice path.
+    /// What the splice path keeps, from the first switch to it on (boxed: most connections
+    /// never splice).
+    splice: Option<Box<SpliceState>>,
+}
+
+/// Echo the socket did not take at once, kept until it does.
+struct Backlog {
+    data: Vec<u8>,
+    /// How much of `data` has been written.
+    sent: usize,
+}
+
+impl Backlog {
+    fn new(data: &[u8]) -> Option<Box<Backlog>> {
+        Some(Box::new(Backlog {
+            data: data.to_vec(),
+            sent: 0,
+        }))
+    }
+}
+
+/// A connection's splice-path state.
+#[derive(Default)]
+struct SpliceState {
+    /// Small splices in a row.
     small_splices: u8,
     /// The pipe lent to it while the pipe holds echo the socket has not taken.
     pipe: Option<HeldPipe>,
@@ -298,14 +321,18 @@ impl Connection {
                 return next;
             }
         }
-        if !self.pending.is_empty() {
+        if self.backlog.is_some() {
             match self.flush(now, lifecycle) {
                 Ok(true) => {}
                 Ok(false) => return Next::Wait,
                 Err(e) => return Next::Close(End::Failed(e)),
             }
         }
-        if self.pipe.is_some() {
+        if self
+            .splice
+            .as_ref()
+            .is_some_and(|state| state.pipe.is_some())
+        {
             match self.flush_pipe(pipes, now, lifecycle) {
                 Ok(true) => {}
                 Ok(false) => return Next::Wait,
@@ -341,14 +368,13 @@ impl Connection {
             self.bytes += written as u64;
             if written < read {
                 // Backpressure: keep the rest and stop reading until it is flushed.
-                self.pending.extend_from_slice(&buffer[written..read]);
-                self.pending_sent = 0;
+                self.backlog = Backlog::new(&buffer[written..read]);
                 return Next::Wait;
             }
             if read == buffer.len() && !self.splicing && pipes.enabled() {
                 // A bulk transfer: from now on the kernel moves it without a copy.
                 self.splicing = true;
-                self.small_splices = 0;
+                self.splice.get_or_insert_default().small_splices = 0;
                 self.log_switch("splice path: a read filled the buffer");
             }
             if read < buffer.len() && !self.peer_closing {
@@ -489,22 +515,23 @@ impl Connection {
             }
         };
         self.count_spliced(sent, lifecycle);
+        let state = self.splice.get_or_insert_default();
         if held.queued() > 0 {
             // Backpressure: keep the rest in the pipe and stop reading until it is out.
-            self.pipe = Some(held);
-            self.pipe_waits = self.pipe_waits.saturating_add(1);
+            state.pipe = Some(held);
+            state.pipe_waits = state.pipe_waits.saturating_add(1);
             return Spliced::Done(Next::Wait);
         }
         pipes.give_back(held);
         if moved < SMALL_SPLICE {
-            self.small_splices += 1;
-            if self.small_splices >= SMALL_SPLICES_TO_LEAVE {
+            state.small_splices += 1;
+            if state.small_splices >= SMALL_SPLICES_TO_LEAVE {
+                state.small_splices = 0;
                 self.splicing = false;
-                self.small_splices = 0;
                 self.log_switch("copy path: small messages again");
             }
         } else {
-            self.small_splices = 0;
+            state.small_splices = 0;
         }
         Spliced::Again
     }
@@ -517,16 +544,17 @@ impl Connection {
         now: Instant,
         lifecycle: &Lifecycle,
     ) -> io::Result<bool> {
-        let held = self.pipe.as_mut().expect("a pipe with echo in it");
+        let state = self.splice.as_mut().expect("splice state with a pipe");
+        let held = state.pipe.as_mut().expect("a pipe with echo in it");
         // On a failure the pipe stays with the connection, and closes with it.
         let sent = held.drain(self.stream.as_fd())?;
         let empty = held.queued() == 0;
+        if empty {
+            pipes.give_back(state.pipe.take().expect("the pipe"));
+        }
         if sent > 0 {
             self.last_active = now;
             self.count_spliced(sent, lifecycle);
-        }
-        if empty {
-            pipes.give_back(self.pipe.take().expect("the pipe"));
         }
         Ok(empty)
     }
@@ -534,7 +562,7 @@ impl Connection {
     fn count_spliced(&mut self, sent: usize, lifecycle: &Lifecycle) {
         lifecycle.sent(sent);
         self.bytes += sent as u64;
-        self.spliced += sent as u64;
+        self.splice.get_or_insert_default().spliced += sent as u64;
     }
 
     /// A debug line saying the connection changed paths (only admitted ones ever do).
@@ -546,8 +574,11 @@ impl Connection {
 
     /// Whether echo is waiting for the socket to take it (plain, spliced or TLS).
     fn output_pending(&self) -> bool {
-        !self.pending.is_empty()
-            || self.pipe.is_some()
+        self.backlog.is_some()
+            || self
+                .splice
+                .as_ref()
+                .is_some_and(|state| state.pipe.is_some())
             || self
                 .tls
                 .as_ref()
@@ -596,15 +627,13 @@ impl Connection {
                             tls.handshake.restart(Instant::now(), tls.timeout);
                             tls.session.receive(rest, scratch);
                         }
-                        None => {
-                            self.pending.extend_from_slice(rest);
-                            self.pending_sent = 0;
-                        }
+                        None if !rest.is_empty() => self.backlog = Backlog::new(rest),
+                        None => {}
                     }
                     let Ok(admitted) = lifecycle.admit_proxied(listener, proxy, &header) else {
                         return Some(Next::Drop);
                     };
-                    lifecycle.received(self.pending.len());
+                    lifecycle.received(self.backlog.as_ref().map_or(0, |b| b.data.len()));
                     self.peer = Peer::Admitted(admitted);
                     return None;
                 }
@@ -615,19 +644,19 @@ impl Connection {
 
     /// Writes pending echo; returns whether all of it is out.
     fn flush(&mut self, now: Instant, lifecycle: &Lifecycle) -> io::Result<bool> {
-        let written = write_some(&self.stream, &self.pending[self.pending_sent..])?;
+        let backlog = self.backlog.as_mut().expect("a backlog to flush");
+        let written = write_some(&self.stream, &backlog.data[backlog.sent..])?;
         if written > 0 {
             lifecycle.sent(written);
             self.last_active = now;
             self.bytes += written as u64;
-            self.pending_sent += written;
+            backlog.sent += written;
         }
-        if self.pending_sent < self.pending.len() {
+        if backlog.sent < backlog.data.len() {
             return Ok(false);
         }
         // Give the memory back: an idle connection holds no buffer.
-        self.pending = Vec::new();
-        self.pending_sent = 0;
+        self.backlog = None;
         Ok(true)
     }
 }
@@ -1012,15 +1041,11 @@ impl<'a> EventLoop<'a> {
             permit,
             last_active: now,
             bytes: 0,
-            pending: Vec::new(),
-            pending_sent: 0,
+            backlog: None,
             peer_closing: false,
             tls,
             splicing: false,
-            small_splices: 0,
-            pipe: None,
-            spliced: 0,
-            pipe_waits: 0,
+            splice: None,
         });
     }
 
@@ -1086,10 +1111,10 @@ impl<'a> EventLoop<'a> {
     /// Closes a connection, logs it and frees its slot.
     fn close(&mut self, key: usize, end: End) {
         let tls = self.connections[key].tls.is_some();
-        let (spliced, waits) = {
-            let conn = &self.connections[key];
-            (conn.spliced, conn.pipe_waits)
-        };
+        let (spliced, waits) = self.connections[key]
+            .splice
+            .as_ref()
+            .map_or((0, 0), |state| (state.spliced, state.pipe_waits));
         let (peer, bytes) = self.remove(key);
         match peer {
             Peer::Admitted(admitted) => {
@@ -1126,10 +1151,10 @@ impl<'a> EventLoop<'a> {
             peer,
             permit,
             tls,
-            pipe,
+            splice,
             ..
         } = conn;
-        if let Some(pipe) = pipe {
+        if let Some(pipe) = splice.and_then(|state| state.pipe) {
             // Echo the client never took: the pool closes the pipe with it.
             self.pipes.give_back(pipe);
         }
@@ -1233,5 +1258,14 @@ mod tests {
         assert_ne!(listener_token(0), HANDSHAKE_ROOM);
         assert!(listener_token(1).0 < listener_token(0).0);
         assert!(listener_token(16).0 > 1 << 40);
+    }
+
+    /// An idle connection is its slab entry: what the 10,000-idle-connections figure in
+    /// BENCHMARKS.md is made of.
+    #[test]
+    fn an_idle_connection_stays_small() {
+        let entry = std::mem::size_of::<Connection>();
+        eprintln!("Connection: {entry} bytes");
+        assert!(entry <= 144, "Connection is {entry} bytes");
     }
 }
