@@ -328,11 +328,7 @@ impl Connection {
                 Err(e) => return Next::Close(End::Failed(e)),
             }
         }
-        if self
-            .splice
-            .as_ref()
-            .is_some_and(|state| state.pipe.is_some())
-        {
+        if self.holds_pipe() {
             match self.flush_pipe(pipes, now, lifecycle) {
                 Ok(true) => {}
                 Ok(false) => return Next::Wait,
@@ -572,13 +568,17 @@ impl Connection {
         }
     }
 
+    /// Whether a pipe with echo in it is lent to this connection.
+    fn holds_pipe(&self) -> bool {
+        self.splice
+            .as_ref()
+            .is_some_and(|state| state.pipe.is_some())
+    }
+
     /// Whether echo is waiting for the socket to take it (plain, spliced or TLS).
     fn output_pending(&self) -> bool {
         self.backlog.is_some()
-            || self
-                .splice
-                .as_ref()
-                .is_some_and(|state| state.pipe.is_some())
+            || self.holds_pipe()
             || self
                 .tls
                 .as_ref()
