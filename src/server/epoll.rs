@@ -1265,7 +1265,8 @@ mod tests {
     #[test]
     fn an_idle_connection_stays_small() {
         let entry = std::mem::size_of::<Connection>();
-        eprintln!("Connection: {entry} bytes");
-        assert!(entry <= 144, "Connection is {entry} bytes");
+        // mio's sockets carry a selector id in debug builds (its registration checks).
+        let bound = if cfg!(debug_assertions) { 160 } else { 144 };
+        assert!(entry <= bound, "Connection is {entry} bytes");
     }
 }
