@@ -157,6 +157,21 @@ pub struct ServerConfig {
     pub tls: TlsOptions,
     /// Whether the epoll model may echo bulk transfers with splice(2) (other models ignore it).
     pub splice: SpliceMode,
+    /// Whether the epoll model takes UDP segment trains whole (`UDP_GRO`; others ignore it).
+    pub udp_gro: UdpGroMode,
+}
+
+/// Whether the epoll model sets `UDP_GRO` on its `udp://` sockets (`serve --udp-gro`): a
+/// sender's train of equal datagrams then arrives as one message, is decided datagram by
+/// datagram, and goes back as one `UDP_SEGMENT` send that the kernel cuts into the same
+/// datagrams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum UdpGroMode {
+    /// One message per datagram, as every model receives them.
+    #[default]
+    Off,
+    /// Trains whole, where the kernel allows it (it falls back to `off` with a warning).
+    On,
 }
 
 /// Whether the epoll model echoes bulk transfers with splice(2), socket to pipe to the same
@@ -184,6 +199,7 @@ impl Default for ServerConfig {
             metrics: None,
             tls: TlsOptions::default(),
             splice: SpliceMode::default(),
+            udp_gro: UdpGroMode::default(),
         }
     }
 }
