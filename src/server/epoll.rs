@@ -102,6 +102,7 @@ use crate::tls::{HandshakePermit, TlsServer};
 
 mod splice;
 mod udp;
+pub(crate) use udp::request_gro;
 
 use splice::{HeldPipe, PipePool, SMALL_SPLICE, SMALL_SPLICES_TO_LEAVE};
 

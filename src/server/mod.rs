@@ -458,6 +458,9 @@ pub fn run_with(
     let server = Server::with_kinds(listeners, kinds, config, shutdown)?
         .with_udp(udp)
         .with_tls(tls);
+    if model == Model::Epoll {
+        epoll::request_gro(&server);
+    }
     // Listening sockets complete handshakes (and UDP sockets queue datagrams) from now on,
     // before the model first accepts. Announced and closed before the metrics process is
     // forked, so that no child holds the ready descriptor open (its reader waits for EOF).

@@ -46,6 +46,20 @@ struct Endpoint {
     batch: Batch,
 }
 
+/// Sets `UDP_GRO` on every UDP socket with `--udp-gro on`: called before readiness is
+/// announced, since a train queued before it is set arrives split (still exact, not whole).
+/// A kernel that refuses it leaves the socket as it was, with one warning.
+pub(crate) fn request_gro(server: &Server) {
+    if server.config.udp_gro != UdpGroMode::On {
+        return;
+    }
+    for socket in &server.udp {
+        if let Err(e) = enable_gro(socket) {
+            tracing::warn!("the kernel refused UDP_GRO ({e}); receiving one datagram per message");
+        }
+    }
+}
+
 /// Starts the UDP loops on `scope` (none without UDP sockets).
 pub(super) fn spawn<'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
@@ -54,21 +68,14 @@ pub(super) fn spawn<'scope>(
     if server.udp.is_empty() {
         return Ok(());
     }
-    // Set on the socket itself, which every loop's duplicate shares.
+    // Whatever set it (`request_gro`, before readiness), a socket with UDP_GRO delivers
+    // trains, so its batches must split them.
     let gro: Vec<bool> = server
         .udp
         .iter()
         .map(|socket| {
-            server.config.udp_gro == UdpGroMode::On
-                && match enable_gro(socket) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::warn!(
-                            "the kernel refused UDP_GRO ({e}); receiving one datagram per message"
-                        );
-                        false
-                    }
-                }
+            nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::UdpGroSegment)
+                .unwrap_or(false)
         })
         .collect();
     for id in 0..server.config.workers.max(1) {
