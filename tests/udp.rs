@@ -1,6 +1,7 @@
 //! UDP echo (`--listen udp://`), for every model that serves it: exact echoes at every size,
 //! zero-length datagrams, real peers (socat, nc -u), the loop guard, the per-source rate,
-//! shutdown, and the models and inputs that must be refused.
+//! segment trains (`UDP_SEGMENT` senders; epoll's `--udp-gro on` takes them whole), shutdown,
+//! and the models and inputs that must be refused.
 
 mod common;
 
