@@ -217,3 +217,81 @@ fn warm_up_datagrams_are_echoed_and_checked_but_not_counted() {
         "the server saw the warm-up too: {seen} datagrams, {sent} counted"
     );
 }
+
+/// `--udp-gso 8` in the open loop against a server that receives one datagram at a time
+/// (the kernel splits each train): every datagram is sent, echoed and checked on its own.
+#[test]
+fn trains_on_a_schedule_are_checked_datagram_by_datagram() {
+    let server = TestServer::start(move |socket, data, from| {
+        if from.port() != 0 {
+            let _ = socket.send_to(data, from);
+        }
+    });
+    let out = bench(
+        server.addr,
+        &[
+            "--conns",
+            "2",
+            "--rate",
+            "4000",
+            "--udp-gso",
+            "8",
+            "--size",
+            "100",
+            "--requests",
+            "2000",
+            "--udp-timeout",
+            "5s",
+            "--json",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    assert_eq!(report["sent"].as_u64(), Some(2000), "{stdout}");
+    assert_eq!(report["requests"].as_u64(), Some(2000), "{stdout}");
+    assert_eq!(report["mismatches"].as_u64(), Some(0), "{stdout}");
+    assert_eq!(report["config"]["udp_gso"].as_u64(), Some(8), "{stdout}");
+}
+
+/// A train that cannot be sent is refused before any datagram goes out, in one line.
+#[test]
+fn udp_gso_values_that_cannot_work_fail_in_one_line() {
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    for (args, expected) in [
+        (&["--udp-gso", "0"][..], "--udp-gso must be 1 to 64"),
+        (&["--udp-gso", "65"], "--udp-gso must be 1 to 64"),
+        (
+            &["--udp-gso", "2", "--size", "32754"],
+            "does not fit one UDP send",
+        ),
+        (
+            &["--udp-gso", "64", "--size", "1024"],
+            "at most 63 datagrams of this size",
+        ),
+    ] {
+        let out = bench(addr, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+    }
+    let out = Command::new(BIN)
+        .args(["bench", &addr.to_string(), "--udp-gso", "8"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--udp-gso is for udp:// targets"),
+        "{stderr}"
+    );
+    silent.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 16];
+    assert!(silent.recv(&mut buf).is_err(), "nothing was sent");
+}

@@ -66,6 +66,8 @@ pub struct BenchPlan {
     pub udp_timeout: Duration,
     /// UDP: fail if more than this percentage of the datagrams were lost.
     pub max_loss: Option<f64>,
+    /// UDP: datagrams per send, as a `UDP_SEGMENT` train (1: one send per datagram).
+    pub udp_gso: usize,
     /// One JSON object ([`Report`]) on stdout instead of the text report.
     pub json: bool,
     /// Write [`generator::LOAD_STARTED`] to stderr when the load starts (for `compare`).

@@ -14,6 +14,13 @@
 //! corrupted, truncated or names a flow or sequence number never sent is a mismatch, reported
 //! with its flow and sequence number, and the exit status is non-zero.
 //!
+//! `--udp-gso N`: a flow sends up to N datagrams at once as a segment train, one `sendmsg`
+//! with a `UDP_SEGMENT` control message of `--size`, which the kernel sends as N datagrams
+//! (each with its own flow, sequence number and fill, so nothing above changes). Closed loop:
+//! a flow waits until a whole train fits in `--pipeline` (or the quota's rest); open loop: the
+//! datagrams due go together, up to N. The bench's sockets do not set `UDP_GRO`, so echoes
+//! arrive one datagram per receive, and each is checked as before.
+//!
 //! `--warmup`: the load runs that long before the measured window; echoes of datagrams sent
 //! during it are still checked byte by byte but not counted (nor are those lost), so every
 //! figure is of the window alone.
@@ -38,6 +45,9 @@ use crate::payload::Rng;
 pub const HEADER: usize = 16;
 /// The largest datagram over IPv4.
 pub const MAX_SIZE: usize = 65_507;
+/// Datagrams one `UDP_SEGMENT` send may carry (the kernel's `UDP_MAX_SEGMENTS` before 6.x
+/// raised it; the same figure as its GRO limit).
+pub const MAX_GSO_SEGMENTS: usize = 64;
 /// Sequence numbers remembered per flow, to tell a duplicate from a late echo.
 const WINDOW: usize = 1 << 16;
 
@@ -173,6 +183,13 @@ pub struct UdpConfig {
     pub rate: Option<f64>,
     pub udp_timeout_ms: f64,
     pub threads: usize,
+    /// Datagrams per send (`--udp-gso`; 1: one send each).
+    #[serde(default = "one")]
+    pub udp_gso: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 struct Plan {
@@ -180,6 +197,8 @@ struct Plan {
     seed: u64,
     size: usize,
     pipeline: usize,
+    /// Datagrams per send, at most.
+    gso: usize,
     timeout: Duration,
     /// The end of the warm-up: counting starts here.
     measure_from: Instant,
@@ -219,6 +238,7 @@ pub fn run(plan: &BenchPlan, addr: SocketAddr) -> anyhow::Result<()> {
                     seed,
                     size,
                     pipeline: plan.pipeline,
+                    gso: plan.udp_gso.max(1),
                     timeout: plan.udp_timeout,
                     measure_from,
                     end: duration.map(|d| measure_from + d),
@@ -274,6 +294,7 @@ pub fn run(plan: &BenchPlan, addr: SocketAddr) -> anyhow::Result<()> {
             rate: plan.rate,
             udp_timeout_ms: plan.udp_timeout.as_secs_f64() * 1e3,
             threads,
+            udp_gso: plan.udp_gso.max(1),
         },
     };
     let text = if plan.json {
@@ -340,6 +361,10 @@ fn to_text(r: &UdpReport) -> String {
         mode = match r.config.rate {
             Some(rate) => format!("open loop at {rate}/s"),
             None => format!("{} in flight per flow", r.config.pipeline),
+        } + &if r.config.udp_gso > 1 {
+            format!(", trains of up to {} (UDP_SEGMENT)", r.config.udp_gso)
+        } else {
+            String::new()
         },
         requests = r.requests,
         sent = r.sent,
@@ -412,6 +437,7 @@ fn run_thread(
     };
     let mut events = Events::with_capacity(256);
     let mut out = Vec::with_capacity(plan.size);
+    let mut train = Vec::with_capacity(plan.size * plan.gso);
     let mut expect = Vec::with_capacity(plan.size);
     let mut buf = vec![0u8; 64 * 1024];
     let mut quota = plan.quota;
@@ -432,32 +458,69 @@ fn run_thread(
         if !stopping {
             for flow in &mut flows {
                 while quota != Some(0) {
-                    let may = if rate.is_some() {
-                        flow.due <= now
+                    let left =
+                        quota.map_or(usize::MAX, |q| usize::try_from(q).unwrap_or(usize::MAX));
+                    let count = if rate.is_some() {
+                        // The datagrams due now, up to a train.
+                        let mut due = 0;
+                        while due < plan.gso.min(left)
+                            && flow.due + flow.interval * due as u32 <= now
+                        {
+                            due += 1;
+                        }
+                        due
                     } else {
-                        flow.in_flight < plan.pipeline
+                        let free = plan.pipeline.saturating_sub(flow.in_flight);
+                        let count = free.min(plan.gso).min(left);
+                        // Closed loop: a whole train (or the quota's rest) or nothing.
+                        if count < plan.gso.min(plan.pipeline).min(left) {
+                            0
+                        } else {
+                            count
+                        }
                     };
-                    if !may {
+                    if count == 0 {
                         break;
                     }
-                    datagram(plan.seed, flow.id, flow.next, plan.size, &mut out);
-                    match flow.socket.send(&out) {
-                        Ok(_) => {}
+                    let bytes = if count == 1 {
+                        datagram(plan.seed, flow.id, flow.next, plan.size, &mut out);
+                        &out
+                    } else {
+                        train.clear();
+                        for i in 0..count as u64 {
+                            datagram(plan.seed, flow.id, flow.next + i, plan.size, &mut out);
+                            train.extend_from_slice(&out);
+                        }
+                        &train
+                    };
+                    match send_train(&flow.socket, bytes, plan.size, count) {
+                        Ok(()) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) => {
-                            tally.fail(false, format!("flow {}: cannot send: {e}", flow.id));
+                            let what = if count > 1 {
+                                format!(
+                                    "flow {}: cannot send a train of {count} datagrams \
+                                     (UDP_SEGMENT): {e}",
+                                    flow.id
+                                )
+                            } else {
+                                format!("flow {}: cannot send: {e}", flow.id)
+                            };
+                            tally.fail(false, what);
                             return Ok(tally);
                         }
                     }
-                    let sent_at = if rate.is_some() { flow.due } else { now };
-                    flow.states.push_back(State::InFlight(sent_at));
-                    flow.next += 1;
-                    flow.in_flight += 1;
-                    flow.due += flow.interval;
-                    if measuring {
-                        tally.sent += 1;
-                        if let Some(q) = &mut quota {
-                            *q -= 1;
+                    for _ in 0..count {
+                        let sent_at = if rate.is_some() { flow.due } else { now };
+                        flow.states.push_back(State::InFlight(sent_at));
+                        flow.next += 1;
+                        flow.in_flight += 1;
+                        flow.due += flow.interval;
+                        if measuring {
+                            tally.sent += 1;
+                            if let Some(q) = &mut quota {
+                                *q -= 1;
+                            }
                         }
                     }
                 }
@@ -519,6 +582,37 @@ fn run_thread(
                 };
                 check(plan, flow, &buf[..n], &mut expect, &mut tally);
             }
+        }
+    }
+}
+
+/// Sends `count` datagrams of `size` bytes, back to back in `train`: one plain send for one,
+/// one `sendmsg` with `UDP_SEGMENT` for more (all or nothing: the kernel takes the whole train
+/// or returns an error).
+fn send_train(
+    socket: &mio::net::UdpSocket,
+    train: &[u8],
+    size: usize,
+    count: usize,
+) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    if count <= 1 {
+        return socket.send(train).map(drop);
+    }
+    // --size is checked to fit 65,507 bytes, so a u16.
+    let segment = u16::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    loop {
+        match sendmsg::<SockaddrStorage>(
+            socket.as_raw_fd(),
+            &[io::IoSlice::new(train)],
+            &[ControlMessage::UdpGsoSegments(&segment)],
+            MsgFlags::empty(),
+            None,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }

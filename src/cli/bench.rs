@@ -11,7 +11,7 @@ use super::groups::{ChurnArgs, TargetArgs};
 use super::parse::{
     conns, parse_duration, parse_interval, parse_message_size, parse_percent, parse_rate, threads,
 };
-use crate::bench::udp::{HEADER, MAX_SIZE};
+use crate::bench::udp::{HEADER, MAX_GSO_SEGMENTS, MAX_SIZE};
 use crate::bench::{BenchPlan, DEFAULT_DURATION};
 use crate::listen::ListenerKind;
 
@@ -61,6 +61,13 @@ pub struct BenchArgs {
     /// Without it loss, duplicates and reordering are reported, not failures.
     #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
     pub max_loss: Option<f64>,
+    /// udp://: send each flow's datagrams as segment trains of up to N (1 to 64): one sendmsg
+    /// with a UDP_SEGMENT control message carrying N datagrams of --size bytes (N × size at
+    /// most 65,507), which the kernel sends as N datagrams, each still checked on its own. A
+    /// flow sends once a whole train fits in --pipeline (open loop: the datagrams due, up to
+    /// N), so --pipeline should be N or more. 1 (the default): one send per datagram.
+    #[arg(long, value_name = "N")]
+    pub udp_gso: Option<u64>,
     /// Print one JSON object on stdout instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -96,8 +103,24 @@ impl BenchArgs {
                          connection"
                     );
                 }
+                if let Some(n) = self.udp_gso {
+                    if !(1..=MAX_GSO_SEGMENTS as u64).contains(&n) {
+                        bail!("--udp-gso must be 1 to {MAX_GSO_SEGMENTS} datagrams per train, not {n}");
+                    }
+                    if n as usize * size > MAX_SIZE {
+                        bail!(
+                            "--udp-gso {n} with --size {size}: a train of {} bytes does not fit \
+                             one UDP send of {MAX_SIZE} bytes (at most {} datagrams of this size)",
+                            n as usize * size,
+                            MAX_SIZE / size
+                        );
+                    }
+                }
             }
             kind => bail!("bench speaks tcp://, udp:// and tls://, not {kind}://"),
+        }
+        if self.udp_gso.is_some() && target.kind != ListenerKind::Udp {
+            bail!("--udp-gso is for udp:// targets: segment trains are UDP datagrams");
         }
         let duration = match (self.duration, self.requests) {
             (None, None) => Some(DEFAULT_DURATION),
@@ -118,6 +141,8 @@ impl BenchArgs {
             requests_per_conn,
             udp_timeout: self.udp_timeout,
             max_loss: self.max_loss,
+            // Checked above: 1 to 64.
+            udp_gso: self.udp_gso.map_or(1, |n| n as usize),
             json: self.json,
             announce_start: self.announce_start,
             tls: self.tls.options(),

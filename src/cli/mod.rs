@@ -124,6 +124,7 @@ mod tests {
         assert_eq!(config.backlog, 1024);
         assert_eq!(config.idle_timeout, None);
         assert_eq!(config.splice, crate::server::SpliceMode::Auto);
+        assert_eq!(config.udp_gro, crate::server::UdpGroMode::Off);
     }
 
     #[test]
@@ -222,6 +223,33 @@ mod tests {
                 "--interval is not supported for udp://",
             ),
             (
+                bench_error(&["bench", "udp://127.0.0.1:7", "--udp-gso", "0"]),
+                "--udp-gso must be 1 to 64 datagrams per train, not 0",
+            ),
+            (
+                bench_error(&["bench", "udp://127.0.0.1:7", "--udp-gso", "65"]),
+                "--udp-gso must be 1 to 64 datagrams per train, not 65",
+            ),
+            (
+                bench_error(&[
+                    "bench",
+                    "udp://127.0.0.1:7",
+                    "--udp-gso",
+                    "8",
+                    "--size",
+                    "8189",
+                ]),
+                "a train of 65512 bytes does not fit one UDP send of 65507 bytes (at most 7",
+            ),
+            (
+                bench_error(&["bench", "127.0.0.1:7", "--udp-gso", "8"]),
+                "--udp-gso is for udp:// targets",
+            ),
+            (
+                bench_error(&["bench", "tls://127.0.0.1:7", "--udp-gso", "1"]),
+                "--udp-gso is for udp:// targets",
+            ),
+            (
                 bench_error(&["bench", "tcp+proxy://127.0.0.1:7"]),
                 "bench speaks tcp://, udp:// and tls://",
             ),
@@ -255,6 +283,7 @@ mod tests {
         let plan = bench.plan().unwrap();
         assert_eq!(plan.conns, 50);
         assert_eq!(plan.size, 512);
+        assert_eq!(plan.udp_gso, 1, "one send per datagram");
         assert_eq!(plan.duration, Some(crate::bench::DEFAULT_DURATION));
         let Command::Bench(bench) = parse(&["bench", "-n", "100"]).unwrap().command else {
             panic!("not bench")

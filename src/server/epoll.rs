@@ -74,8 +74,12 @@
 //! and pauses reading that socket). Cost: a `recvmmsg` and a `sendmmsg` per batch of up to 64
 //! plus a share of `epoll_wait`, a batch of 64 slots of 64 KiB per socket per loop (touched as
 //! far as datagrams fill them), no copy when the send buffer is full; every loop wakes on a
-//! burst. At shutdown the UDP
-//! loops stop at once while the TCP workers drain.
+//! burst. With `--udp-gro on` (off by default) the sockets get `UDP_GRO` before readiness:
+//! a sender's train of equal datagrams (one `UDP_SEGMENT` send, or coalesced on the way in)
+//! arrives as one message, each of its datagrams is admitted and counted on its own, and the
+//! admitted ones go back as one `UDP_SEGMENT` message that the kernel cuts into the same
+//! datagrams; it pays for clients that send trains, and costs ordinary clients fresh receive
+//! headers per batch. At shutdown the UDP loops stop at once while the TCP workers drain.
 
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
@@ -103,6 +107,7 @@ use crate::tls::{HandshakePermit, TlsServer};
 
 mod splice;
 mod udp;
+pub(crate) use udp::request_gro;
 
 use splice::{HeldPipe, PipePool, SMALL_SPLICE, SMALL_SPLICES_TO_LEAVE};
 

@@ -157,6 +157,21 @@ pub struct ServerConfig {
     pub tls: TlsOptions,
     /// Whether the epoll model may echo bulk transfers with splice(2) (other models ignore it).
     pub splice: SpliceMode,
+    /// Whether the epoll model takes UDP segment trains whole (`UDP_GRO`; others ignore it).
+    pub udp_gro: UdpGroMode,
+}
+
+/// Whether the epoll model sets `UDP_GRO` on its `udp://` sockets (`serve --udp-gro`): a
+/// sender's train of equal datagrams then arrives as one message, is decided datagram by
+/// datagram, and goes back as one `UDP_SEGMENT` send that the kernel cuts into the same
+/// datagrams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum UdpGroMode {
+    /// One message per datagram, as every model receives them.
+    #[default]
+    Off,
+    /// Trains whole, where the kernel allows it (it falls back to `off` with a warning).
+    On,
 }
 
 /// Whether the epoll model echoes bulk transfers with splice(2), socket to pipe to the same
@@ -184,6 +199,7 @@ impl Default for ServerConfig {
             metrics: None,
             tls: TlsOptions::default(),
             splice: SpliceMode::default(),
+            udp_gro: UdpGroMode::default(),
         }
     }
 }
@@ -442,6 +458,9 @@ pub fn run_with(
     let server = Server::with_kinds(listeners, kinds, config, shutdown)?
         .with_udp(udp)
         .with_tls(tls);
+    if model == Model::Epoll {
+        epoll::request_gro(&server);
+    }
     // Listening sockets complete handshakes (and UDP sockets queue datagrams) from now on,
     // before the model first accepts. Announced and closed before the metrics process is
     // forked, so that no child holds the ready descriptor open (its reader waits for EOF).

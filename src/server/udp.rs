@@ -33,7 +33,7 @@ const SOCKET_RECEIVE_BUFFER: usize = 4 << 20;
 pub const RECEIVE_BUDGET: usize = 4 * BATCH_SLOTS;
 
 mod batch;
-pub use batch::{Batch, BATCH_SLOTS};
+pub use batch::{enable_gro, Batch, BATCH_SLOTS};
 
 /// One received datagram, as the policy sees it.
 #[derive(Debug, Clone, Copy)]

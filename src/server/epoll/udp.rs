@@ -8,6 +8,18 @@
 //! non-blocking `sendmmsg`. If the kernel's send buffer is full the unsent echoes stay in the
 //! socket's batch and that socket is not read again until a writable edge lets them go out:
 //! backpressure, as on TCP, instead of dropping them.
+//!
+//! Segment trains (`--udp-gro on`; off by default): each socket gets `UDP_GRO` before the
+//! loops start, so a sender's train of equal datagrams (sent with one `UDP_SEGMENT` call, or
+//! coalesced by the kernel on the way in) arrives as one message of a batch. The batch splits
+//! it by the segment size the kernel gives, runs every datagram through the policy and the
+//! counters on its own, and sends the admitted ones back as one `UDP_SEGMENT` message, which
+//! the kernel cuts into the same datagrams again: one pass through the stack per train each
+//! way instead of one per datagram. An ordinary client's datagrams arrive one per message as
+//! before, at the cost of fresh receive headers for each batch that held one (nix keeps the
+//! kernel's shortened control lengths otherwise). A kernel that refuses `UDP_GRO` leaves the
+//! socket as it was (one warning); one that refuses a `UDP_SEGMENT` send gets the train's
+//! datagrams one by one.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -19,8 +31,8 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::socket::MsgFlags;
 
 use crate::server::conn::Lifecycle;
-use crate::server::udp::{is_transient, Batch, RECEIVE_BUDGET};
-use crate::server::Server;
+use crate::server::udp::{enable_gro, is_transient, Batch, RECEIVE_BUDGET};
+use crate::server::{Server, UdpGroMode};
 use crate::shutdown::Shutdown;
 
 const SHUTDOWN: Token = Token(usize::MAX);
@@ -34,6 +46,20 @@ struct Endpoint {
     batch: Batch,
 }
 
+/// Sets `UDP_GRO` on every UDP socket with `--udp-gro on`: called before readiness is
+/// announced, since a train queued before it is set arrives split (still exact, not whole).
+/// A kernel that refuses it leaves the socket as it was, with one warning.
+pub(crate) fn request_gro(server: &Server) {
+    if server.config.udp_gro != UdpGroMode::On {
+        return;
+    }
+    for socket in &server.udp {
+        if let Err(e) = enable_gro(socket) {
+            tracing::warn!("the kernel refused UDP_GRO ({e}); receiving one datagram per message");
+        }
+    }
+}
+
 /// Starts the UDP loops on `scope` (none without UDP sockets).
 pub(super) fn spawn<'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
@@ -42,8 +68,18 @@ pub(super) fn spawn<'scope>(
     if server.udp.is_empty() {
         return Ok(());
     }
+    // Whatever set it (`request_gro`, before readiness), a socket with UDP_GRO delivers
+    // trains, so its batches must split them.
+    let gro: Vec<bool> = server
+        .udp
+        .iter()
+        .map(|socket| {
+            nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::UdpGroSegment)
+                .unwrap_or(false)
+        })
+        .collect();
     for id in 0..server.config.workers.max(1) {
-        let (poll, endpoints) = prepare(server)?;
+        let (poll, endpoints) = prepare(server, &gro)?;
         std::thread::Builder::new()
             .name(format!("epoll-udp-{id}"))
             .spawn_scoped(scope, move || {
@@ -57,7 +93,7 @@ pub(super) fn spawn<'scope>(
     Ok(())
 }
 
-fn prepare(server: &Server) -> crate::Result<(Poll, Vec<Endpoint>)> {
+fn prepare(server: &Server, gro: &[bool]) -> crate::Result<(Poll, Vec<Endpoint>)> {
     let context = |e| crate::Error::io("cannot prepare the UDP sockets", e);
     let poll = Poll::new().map_err(context)?;
     let shutdown_fd = server.shutdown.as_fd().as_raw_fd();
@@ -80,7 +116,11 @@ fn prepare(server: &Server) -> crate::Result<(Poll, Vec<Endpoint>)> {
             socket,
             // Datagrams may have queued before registration raised any edge.
             readable: true,
-            batch: Batch::default(),
+            batch: if gro[index] {
+                Batch::default().with_gro()
+            } else {
+                Batch::default()
+            },
         });
     }
     Ok((poll, endpoints))
