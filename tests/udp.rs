@@ -573,6 +573,26 @@ fn models_without_udp_refuse_it_naming_those_that_serve_it() {
 }
 
 #[test]
+fn udp_gro_on_is_refused_by_models_other_than_epoll() {
+    for model in ["iterative", "async", "uring"] {
+        let err = fails_to_start(&[
+            "--model",
+            model,
+            "--udp-gro",
+            "on",
+            "--listen",
+            "udp://127.0.0.1:0",
+        ]);
+        assert!(
+            err.contains(&format!(
+                "--udp-gro on is served by the epoll model only, not by {model}"
+            )) && err.lines().count() == 1,
+            "{model}: {err}"
+        );
+    }
+}
+
+#[test]
 fn a_udp_port_in_use_and_malformed_urls_are_refused() {
     let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
     let spec = format!("udp://{}", taken.local_addr().unwrap());

@@ -102,7 +102,7 @@ pub struct UdpArgs {
     /// datagram, well below a lab link. Throughput benchmarks from one address pass 0.
     #[arg(long, value_name = "N", default_value_t = crate::server::conn::datagram::DEFAULT_UDP_RATE)]
     pub udp_rate: u32,
-    /// UDP GRO (epoll model only; the others ignore it). on: the kernel hands over a sender's
+    /// UDP GRO (epoll model only; the others refuse on). on: the kernel hands over a sender's
     /// train of equal datagrams (sent with UDP_SEGMENT, or coalesced on the way in) as one
     /// message; each of its datagrams still goes through the loop guard, --allow/--deny and
     /// --udp-rate and is counted on its own, and the admitted ones go back as the same

@@ -395,6 +395,11 @@ pub fn run_with(
             Model::udp_models()
         )));
     }
+    if config.udp_gro == UdpGroMode::On && model != Model::Epoll {
+        return Err(crate::Error::Unsupported(format!(
+            "--udp-gro on is served by the epoll model only, not by {model}"
+        )));
+    }
     if first_udp.is_none() {
         // No UDP listener: no datagram rules (and no per-source table kept for them).
         config.admission.udp = None;
