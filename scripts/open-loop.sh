@@ -6,9 +6,11 @@
 # gets `bench --rate` at PERCENT (default 70) of that maximum, so latency runs from each
 # request's scheduled time and queueing is not hidden; the order rotates from round to round.
 # Prints each server's p99 and p99.9 divided by the C reference's of the same round (median
-# and range over the rounds).
+# and range over the rounds). Each run also records the share of the machine's CPU time the
+# host stole for other guests (/proc/stat); a round in which any run lost more than MAX_STEAL
+# percent (default 5) is left out of the ratios, and the script says how many were.
 #
-# usage: [REPEAT=5] [DURATION=5] [PERCENT=70] [MODELS=epoll,async,uring]
+# usage: [REPEAT=5] [DURATION=5] [PERCENT=70] [MODELS=epoll,async,uring] [MAX_STEAL=5]
 #        [OUT=target/benchmarks] scripts/open-loop.sh
 set -euo pipefail
 
@@ -41,11 +43,18 @@ for model in "${model_list[@]}"; do
 done
 for p in "${ports[@]}"; do wait_for_port "$p"; done
 
+# "STEAL TOTAL": the machine's stolen and total CPU time so far, in ticks.
+machine_time() { awk '/^cpu /{t = 0; for (i = 2; i <= 9; i++) t += $i; print $9, t}' /proc/stat; }
+
 bench() { # PORT OUTFILE [bench args...]
-    local p=$1 file=$2
+    local p=$1 file=$2 before after
     shift 2
+    before=$(machine_time)
     taskset -c 1 "$multiecho" -q bench "127.0.0.1:$p" --conns 50 --size 512 --threads 1 \
         --warmup 1 --duration "$duration" --json "$@" >"$file"
+    after=$(machine_time)
+    echo "$before $after" | awk '{t = $4 - $2; print (t > 0 ? 100 * ($3 - $1) / t : 0)}' \
+        >"${file%.json}.steal"
 }
 
 for i in 1 2 3; do bench "$port" "$runs/closed-$i.json"; done
@@ -68,11 +77,19 @@ for round in $(seq 1 "$repeat"); do
     done
 done
 
-python3 - "$runs" "$repeat" "${names[@]}" <<'EOF'
+python3 - "$runs" "$repeat" "${MAX_STEAL:-5}" "${names[@]}" <<'EOF'
 import json, statistics, sys
-runs, repeat, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+runs, repeat, max_steal, names = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
 def report(name, r):
     return json.load(open(f"{runs}/{name}-{r}.json"))
+def steal(name, r):
+    return float(open(f"{runs}/{name}-{r}.steal").read())
+steals = {r: max(steal(name, r) for name in names) for r in range(1, repeat + 1)}
+kept = [r for r in steals if steals[r] <= max_steal]
+print("most CPU time stolen by the host in a run, per round (%): "
+      + ", ".join(f"{steals[r]:.1f}" for r in sorted(steals)))
+print(f"{repeat - len(kept)} of {repeat} rounds left out of the ratios (more than "
+      f"{max_steal:g}% stolen in a run)")
 for name in names:
     rs = [report(name, r) for r in range(1, repeat + 1)]
     bad = sum(x["mismatches"] + x["errors"] for x in rs)
@@ -85,7 +102,8 @@ for name in names[1:]:
     cells = []
     for key in ("p99", "p999"):
         ratios = [report(name, r)["latency_us"][key] / report(names[0], r)["latency_us"][key]
-                  for r in range(1, repeat + 1)]
-        cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})")
+                  for r in kept]
+        cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
+                     if ratios else "–")
     print(f"| {name} | " + " | ".join(cells) + " |")
 EOF

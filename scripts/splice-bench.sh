@@ -3,9 +3,10 @@
 # `--splice off` (one worker each) against the C reference (../shared/bench/epoll_echo.c), in
 # one interleaved compare run at 64 KiB and 256 KiB, 1 and 50 connections; servers pinned to
 # CPU 0, the load generator to CPU 1. scripts/paired_ratios.py then divides each figure by the
-# C reference's of the same round.
+# C reference's of the same round, leaving out pairs in which the host stole more than
+# MAX_STEAL percent (default 5) of the machine's CPU time for other guests.
 #
-# usage: [REPEAT=5] [DURATION=3] [OUT=target/benchmarks] scripts/splice-bench.sh
+# usage: [REPEAT=5] [DURATION=3] [MAX_STEAL=5] [OUT=target/benchmarks] scripts/splice-bench.sh
 set -euo pipefail
 
 default_port=5399
@@ -30,4 +31,5 @@ wait_for_port $((port + 2))
     --external "splice-auto=127.0.0.1:$((port + 1))@$spliced" \
     --external "splice-off=127.0.0.1:$((port + 2))@$copied" \
     --out "$out/splice-bench"
-python3 "$root/scripts/paired_ratios.py" "$out/splice-bench/report.json"
+python3 "$root/scripts/paired_ratios.py" "$out/splice-bench/report.json" \
+    --max-steal "${MAX_STEAL:-5}"

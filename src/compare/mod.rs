@@ -187,6 +187,7 @@ pub fn run(plan: &ComparePlan) -> anyhow::Result<()> {
         settings,
         servers: Vec::new(),
         noise: None,
+        steal: None,
     };
     let swept = sweep(&exe, plan, &mut contenders, &mut report, &progress);
     // Stopped even when the sweep failed (a report it could not write, say).
@@ -290,6 +291,7 @@ fn end_with_parent(command: &mut std::process::Command) {
 fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let report = &Report {
         noise: report::Noise::of(&report.servers),
+        steal: report::Steal::of(&report.servers),
         ..report.clone()
     };
     let json = serde_json::to_string_pretty(report)?;

@@ -99,6 +99,42 @@ fn tree_from_full_scan(root: i32) -> Vec<i32> {
     all
 }
 
+/// The machine's CPU time so far, from the first line of /proc/stat: all of it, and the part
+/// the hypervisor gave to other guests while this one wanted to run (steal), in clock ticks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MachineTime {
+    pub total: u64,
+    pub steal: u64,
+}
+
+/// Parses the `cpu` line of /proc/stat: user nice system idle iowait irq softirq steal (guest
+/// time is already in user). Kernels before 2.6.11 have no steal field: `None`.
+fn parse_machine_time(text: &str) -> Option<MachineTime> {
+    let line = text.lines().find(|line| line.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    (fields.len() == 8).then(|| MachineTime {
+        total: fields.iter().sum(),
+        steal: fields[7],
+    })
+}
+
+/// The machine's CPU time so far (`None` without /proc/stat).
+pub fn machine_time() -> Option<MachineTime> {
+    parse_machine_time(&fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// The share of the machine's CPU time stolen between two readings, in percent.
+pub fn steal_percent(before: MachineTime, after: MachineTime) -> Option<f64> {
+    let total = after.total.checked_sub(before.total).filter(|&t| t > 0)?;
+    let steal = after.steal.saturating_sub(before.steal);
+    Some(steal as f64 * 100.0 / total as f64)
+}
+
 /// Seconds per clock tick, the unit of /proc/PID/stat times.
 fn seconds_per_tick() -> f64 {
     let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK);
@@ -155,6 +191,32 @@ mod tests {
             })
         );
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn machine_time_counts_steal_against_the_whole() {
+        let text = "cpu  100 5 50 800 10 3 2 30 7 0\ncpu0 50 2 25 400 5 1 1 15 3 0\n";
+        let before = parse_machine_time(text).unwrap();
+        assert_eq!(
+            before,
+            MachineTime {
+                total: 1000,
+                steal: 30
+            }
+        );
+        let after = MachineTime {
+            total: 1200,
+            steal: 80,
+        };
+        assert_eq!(steal_percent(before, after), Some(25.0));
+        assert_eq!(steal_percent(before, before), None, "no time passed");
+        assert_eq!(
+            parse_machine_time("cpu  1 2 3 4 5 6 7\n"),
+            None,
+            "no steal field"
+        );
+        assert_eq!(parse_machine_time("intr 5\n"), None);
+        assert!(machine_time().is_some(), "this machine has /proc/stat");
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub struct Report {
     /// How much the repeated runs of a point disagreed (`None`: one run per point).
     #[serde(default)]
     pub noise: Option<Noise>,
+    /// CPU time the host took for other guests during the runs (`None`: not measured).
+    #[serde(default)]
+    pub steal: Option<Steal>,
 }
 
 /// The noise the sweep measured: how far apart the runs of one point are, in round trips
@@ -29,6 +32,39 @@ pub struct Noise {
     /// The widest spread, and where: "server at N conns, S".
     pub widest_spread: f64,
     pub widest_at: String,
+}
+
+/// Stolen CPU time above which a run is called disturbed in the report.
+pub const STEAL_LIMIT_PERCENT: f64 = 5.0;
+
+/// CPU time the host took from this (virtual) machine for other guests during the runs'
+/// windows: a benchmark on a busy host measures the host as well as the servers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Steal {
+    /// Runs whose window was measured.
+    pub runs: usize,
+    /// The most stolen in any one run, in percent of the machine's CPU time.
+    pub worst_percent: f64,
+    /// Runs with more than [`STEAL_LIMIT_PERCENT`] stolen.
+    pub runs_over_limit: usize,
+}
+
+impl Steal {
+    /// The steal of `servers`' runs; `None` where none was measured (no /proc/stat, or a
+    /// report from before compare measured it).
+    pub fn of(servers: &[ServerResult]) -> Option<Steal> {
+        let steals: Vec<f64> = servers
+            .iter()
+            .flat_map(|server| &server.points)
+            .flat_map(|point| &point.runs)
+            .filter_map(|run| run.figures.as_ref()?.steal_percent)
+            .collect();
+        Some(Steal {
+            runs: steals.len(),
+            worst_percent: steals.iter().copied().reduce(f64::max)?,
+            runs_over_limit: steals.iter().filter(|&&s| s > STEAL_LIMIT_PERCENT).count(),
+        })
+    }
 }
 
 impl Noise {
@@ -234,6 +270,11 @@ pub struct Figures {
     /// UDP: echoes that came back after a later one of their flow.
     #[serde(default)]
     pub reordered: Option<f64>,
+    /// The share of the whole machine's CPU time that the hypervisor gave to other guests
+    /// during the measured window (steal in /proc/stat), in percent: a run with much of it
+    /// measured the host's other work as well as the server.
+    #[serde(default)]
+    pub steal_percent: Option<f64>,
 }
 
 /// Round-trip latency percentiles, in µs.
@@ -293,6 +334,7 @@ impl Figures {
             lost_percent: of_some(|f| f.lost_percent),
             duplicates: of_some(|f| f.duplicates),
             reordered: of_some(|f| f.reordered),
+            steal_percent: of_some(|f| f.steal_percent),
         })
     }
 }
@@ -490,6 +532,14 @@ pub fn warnings(report: &Report) -> Vec<String> {
                 .to_string(),
         );
     }
+    if let Some(steal) = Steal::of(&report.servers).filter(|s| s.runs_over_limit > 0) {
+        warnings.push(format!(
+            "in {} of {} runs the host gave more than {STEAL_LIMIT_PERCENT}% of this \
+             machine's CPU time to other guests (at most {:.1}%): those runs measured the \
+             host's other work as well as the servers, and their ratios are not to be trusted.",
+            steal.runs_over_limit, steal.runs, steal.worst_percent
+        ));
+    }
     match report.environment.tree_dirty {
         Some(true) => warnings.push(
             "the binary was built from uncommitted changes: the commit below does not \
@@ -601,6 +651,14 @@ pub fn markdown(report: &Report, charts: &[String]) -> String {
         None => {
             let _ = writeln!(out, "- Noise: not measured (no point ran more than once)");
         }
+    }
+    if let Some(steal) = Steal::of(&report.servers) {
+        let _ = writeln!(
+            out,
+            "- Steal: the host gave other guests at most {:.1}% of this machine's CPU time in \
+             a run's window ({} of {} runs over {STEAL_LIMIT_PERCENT}%)",
+            steal.worst_percent, steal.runs_over_limit, steal.runs
+        );
     }
     let _ = writeln!(out, "- Command: `{}`", shell_words(&env.command_line));
     if let Some(dir) = &env.working_directory {
@@ -715,6 +773,7 @@ pub(crate) mod tests {
             connect_p99_us: None,
             lost_percent: None,
             duplicates: None,
+            steal_percent: None,
             reordered: None,
         };
         let ran = |name: &str, scale: f64| ServerResult {
@@ -778,6 +837,7 @@ pub(crate) mod tests {
                 pipeline: None,
             },
             noise: None,
+            steal: None,
             servers: vec![
                 ran("thread", 1.0),
                 failing,
@@ -898,6 +958,48 @@ pub(crate) mod tests {
         assert_eq!(noise.widest_at, "thread at 50 conns, 64 B");
         let md = markdown(&report, &[]);
         assert!(md.contains("differ by a median of 43%"), "{md}");
+    }
+
+    #[test]
+    fn stolen_cpu_time_is_reported_and_warned_of_over_the_limit() {
+        let mut report = synthetic();
+        report.settings.client_cpus = Some("1".into());
+        report.settings.repeat = 3;
+        report.environment.tree_dirty = Some(false);
+        let run = |steal: Option<f64>| Run {
+            figures: Some(Figures {
+                round_trips_per_sec: 100.0,
+                steal_percent: steal,
+                ..Figures::default()
+            }),
+            failure: None,
+        };
+        report.servers[0].points[0] = Point::from_runs(1, 64, vec![run(None), run(None)]);
+        report.servers[0].points[1] = Point::from_runs(50, 64, vec![run(None)]);
+        assert_eq!(Steal::of(&report.servers), None, "not measured");
+        assert!(!markdown(&report, &[]).contains("- Steal:"));
+        report.servers[0].points[0] = Point::from_runs(1, 64, vec![run(Some(0.5)), run(Some(2.0))]);
+        let md = markdown(&report, &[]);
+        assert!(
+            md.contains(
+                "- Steal: the host gave other guests at most 2.0% of this machine's CPU \
+                         time in a run's window (0 of 2 runs over 5%)"
+            ),
+            "{md}"
+        );
+        assert!(warnings(&report).is_empty(), "{:?}", warnings(&report));
+        report.servers[0].points[1] = Point::from_runs(50, 64, vec![run(Some(31.25))]);
+        let steal = Steal::of(&report.servers).unwrap();
+        assert_eq!((steal.runs, steal.runs_over_limit), (3, 1));
+        let warnings = warnings(&report);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with(
+                "in 1 of 3 runs the host gave more than 5% of this machine's \
+                                     CPU time to other guests (at most 31.2%)"
+            ),
+            "{warnings:?}"
+        );
     }
 
     #[test]

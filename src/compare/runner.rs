@@ -181,6 +181,9 @@ pub(super) fn run_bench(
     let mut cpu_before: Option<(Instant, f64)> = None;
     let mut cpu_after: Option<(Instant, f64)> = None;
     let mut peak_rss: Option<u64> = None;
+    // The whole machine's steal over the same window: time the hypervisor gave to other guests.
+    let mut machine_before = None;
+    let mut machine_after = None;
     let cpu_now = |pid: Option<i32>| {
         pid.and_then(procfs::cpu_seconds)
             .map(|s| (Instant::now(), s))
@@ -198,9 +201,11 @@ pub(super) fn run_bench(
         if let Some((window_start, window_end)) = edges {
             if cpu_before.is_none() && now >= window_start {
                 cpu_before = cpu_now(target.pid);
+                machine_before = procfs::machine_time();
             }
             if cpu_after.is_none() && now >= window_end {
                 cpu_after = cpu_now(target.pid);
+                machine_after = procfs::machine_time();
             }
         }
         match child.try_wait() {
@@ -225,6 +230,7 @@ pub(super) fn run_bench(
     };
     if cpu_after.is_none() {
         cpu_after = cpu_now(target.pid);
+        machine_after = procfs::machine_time();
     }
     let status = match status {
         Ok(status) => status,
@@ -272,6 +278,9 @@ pub(super) fn run_bench(
         lost_percent: output.lost_percent,
         duplicates: output.duplicates,
         reordered: output.reordered,
+        steal_percent: machine_before
+            .zip(machine_after)
+            .and_then(|(before, after)| procfs::steal_percent(before, after)),
     };
     let mut problems = Vec::new();
     if !status.success() {
