@@ -67,7 +67,7 @@ fn concurrent(ctx: &Context) -> Finding {
     );
     let mut streams = Vec::with_capacity(n);
     for i in 0..n {
-        match exchange::connect(ctx.addr) {
+        match exchange::connect(ctx.target) {
             Ok(s) => streams.push(s),
             Err(e) => {
                 return Finding::fail(
@@ -242,14 +242,14 @@ fn reset_isolation(ctx: &Context) -> Finding {
                 'charlie'"
         .to_string();
     let fail = |summary: String, received: String| Finding::fail_exchange(&sent, summary, received);
-    let mut a = match exchange::connect(ctx.addr) {
+    let mut a = match exchange::connect(ctx.target) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot connect A: {e}"), e.to_string()),
     };
     if let Err(e) = echo_exact(&mut a, b"alpha one") {
         return fail(format!("A not served at first: {e}"), e);
     }
-    let b = match exchange::connect(ctx.addr) {
+    let b = match exchange::connect(ctx.target) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot connect B: {e}"), e.to_string()),
     };
@@ -264,7 +264,7 @@ fn reset_isolation(ctx: &Context) -> Finding {
         );
     }
     drop(a);
-    let c = match exchange::connect(ctx.addr) {
+    let c = match exchange::connect(ctx.target) {
         Ok(s) => s,
         Err(e) => {
             return fail(
@@ -346,7 +346,7 @@ fn connect_storm(ctx: &Context) -> Finding {
     let fail = |summary: String, received: String| Finding::fail_exchange(&sent, summary, received);
     let started = Instant::now();
     for i in 0..STORM_BARE {
-        match exchange::connect(ctx.addr) {
+        match exchange::connect(ctx.target) {
             Ok(stream) if i % 2 == 1 => {
                 let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
             }
@@ -369,7 +369,7 @@ fn connect_storm(ctx: &Context) -> Finding {
                         return;
                     }
                     let message = labelled_payload(i, 32);
-                    let outcome = match exchange::connect(ctx.addr) {
+                    let outcome = match exchange::connect(ctx.target) {
                         Ok(stream) => echo_on(stream, &message),
                         Err(e) => {
                             *failure.lock().unwrap() = Some(format!("connection {i}: {e}"));
@@ -388,7 +388,7 @@ fn connect_storm(ctx: &Context) -> Finding {
     if let Some(why) = failure.into_inner().unwrap() {
         return fail(format!("during the storm: {why}"), why);
     }
-    let after = match exchange::connect(ctx.addr) {
+    let after = match exchange::connect(ctx.target) {
         Ok(stream) => echo_on(stream, b"after the storm"),
         Err(e) => return fail(format!("no connection after the storm: {e}"), e.to_string()),
     };

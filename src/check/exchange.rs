@@ -14,13 +14,45 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a complete echo, how long to wait for bytes that should not come.
 const EXCESS_WAIT: Duration = Duration::from_millis(50);
 
-/// Connects with [`IO_TIMEOUT`] on the connect and on every later read and write.
-pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+/// Where the checks connect, and how each connection begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// `tcp+proxy://`: every connection first sends a PROXY protocol v1 header naming its
+    /// own two ends, as HAProxy in front would, and the checks run on what follows.
+    pub proxy_header: bool,
+}
+
+/// Connects with [`IO_TIMEOUT`] on the connect and on every later read and write, and sends
+/// the PROXY header if the target wants one.
+pub fn connect(target: Target) -> io::Result<TcpStream> {
+    let mut stream = TcpStream::connect_timeout(&target.addr, IO_TIMEOUT)?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    if target.proxy_header {
+        let header = proxy_v1_header(stream.local_addr()?, stream.peer_addr()?);
+        stream.write_all(header.as_bytes())?;
+    }
     Ok(stream)
+}
+
+/// A PROXY protocol v1 line (HAProxy's proxy-protocol.txt, section 2.1) for a connection from
+/// `source` to `destination`.
+pub fn proxy_v1_header(source: SocketAddr, destination: SocketAddr) -> String {
+    let family = match (source, destination) {
+        (SocketAddr::V4(_), SocketAddr::V4(_)) => "TCP4",
+        (SocketAddr::V6(_), SocketAddr::V6(_)) => "TCP6",
+        // A socket's two ends are of one family.
+        _ => return "PROXY UNKNOWN\r\n".to_string(),
+    };
+    format!(
+        "PROXY {family} {} {} {} {}\r\n",
+        source.ip(),
+        destination.ip(),
+        source.port(),
+        destination.port()
+    )
 }
 
 /// How to send a payload.
@@ -317,6 +349,19 @@ pub fn hex(data: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_v1_headers_name_both_ends() {
+        let v4 = |text: &str| text.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            proxy_v1_header(v4("127.0.0.1:40000"), v4("127.0.0.2:7")),
+            "PROXY TCP4 127.0.0.1 127.0.0.2 40000 7\r\n"
+        );
+        assert_eq!(
+            proxy_v1_header(v4("[::1]:40000"), v4("[::1]:7")),
+            "PROXY TCP6 ::1 ::1 40000 7\r\n"
+        );
+    }
 
     #[test]
     fn names_sizes() {

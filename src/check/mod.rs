@@ -20,7 +20,7 @@ pub mod payload;
 pub mod stream;
 
 use std::io::{IsTerminal, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -52,7 +52,7 @@ pub struct CheckPlan {
 /// Where a check's sockets go and the bounds they keep to.
 #[derive(Debug, Clone)]
 pub struct Context {
-    pub addr: SocketAddr,
+    pub target: exchange::Target,
     pub max_conns: usize,
     pub max_size: usize,
     pub idle_pause: Duration,
@@ -171,19 +171,24 @@ pub struct CheckReport {
     pub checks: Vec<CheckResult>,
 }
 
-/// Parses TARGET: `HOST:PORT` or `tcp://HOST:PORT`; other schemes are refused by name.
-pub fn parse_target(text: &str) -> anyhow::Result<SocketAddr> {
-    let rest = match text.split_once("://") {
-        None => text,
-        Some(("tcp", rest)) => rest,
-        Some((scheme, _)) => {
-            bail!("{scheme}:// targets are not supported yet: give HOST:PORT or tcp://HOST:PORT")
-        }
+/// Parses TARGET: `HOST:PORT`, `tcp://HOST:PORT` or `tcp+proxy://HOST:PORT` (every
+/// connection begins with a PROXY protocol v1 header); other schemes are refused by name.
+pub fn parse_target(text: &str) -> anyhow::Result<exchange::Target> {
+    let (rest, proxy_header) = match text.split_once("://") {
+        None => (text, false),
+        Some(("tcp", rest)) => (rest, false),
+        Some(("tcp+proxy", rest)) => (rest, true),
+        Some((scheme, _)) => bail!(
+            "check does not speak {scheme}:// (its checks need a plain TCP stream): give \
+             HOST:PORT, tcp://HOST:PORT or tcp+proxy://HOST:PORT"
+        ),
     };
-    rest.to_socket_addrs()
+    let addr = rest
+        .to_socket_addrs()
         .with_context(|| format!("invalid target '{text}': expected HOST:PORT or tcp://HOST:PORT"))?
         .next()
-        .with_context(|| format!("'{text}' resolves to no address"))
+        .with_context(|| format!("'{text}' resolves to no address"))?;
+    Ok(exchange::Target { addr, proxy_header })
 }
 
 /// Chooses the checks `--only` and `--skip` leave, refusing unknown names.
@@ -204,7 +209,8 @@ fn select(plan: &CheckPlan) -> anyhow::Result<Vec<Check>> {
 
 /// Runs the checks `plan` selects against its target.
 pub fn run_battery(plan: &CheckPlan) -> anyhow::Result<CheckReport> {
-    let addr = parse_target(&plan.target)?;
+    let target = parse_target(&plan.target)?;
+    let addr = target.addr;
     let checks = select(plan)?;
     let open_files = crate::net::raise_open_files_limit().context("cannot raise RLIMIT_NOFILE")?;
     if plan.max_conns as u64 + 64 > open_files {
@@ -214,14 +220,14 @@ pub fn run_battery(plan: &CheckPlan) -> anyhow::Result<CheckReport> {
         );
     }
     let context = Context {
-        addr,
+        target,
         max_conns: plan.max_conns,
         max_size: plan.max_size,
         idle_pause: plan.idle_pause,
         deadline: Instant::now() + plan.time_limit,
     };
     // One connect first, so an unreachable target is one clear error, not a table of failures.
-    exchange::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
+    exchange::connect(target).with_context(|| format!("cannot connect to {addr}"))?;
     let started = Instant::now();
     let mut results = Vec::new();
     for check in checks {
@@ -343,13 +349,13 @@ mod tests {
 
     #[test]
     fn targets() {
-        assert_eq!(parse_target("127.0.0.1:7").unwrap().port(), 7);
-        assert_eq!(parse_target("tcp://127.0.0.1:7").unwrap().port(), 7);
+        let plain = parse_target("127.0.0.1:7").unwrap();
+        assert_eq!((plain.addr.port(), plain.proxy_header), (7, false));
+        assert_eq!(parse_target("tcp://127.0.0.1:7").unwrap(), plain);
+        let proxied = parse_target("tcp+proxy://127.0.0.1:7").unwrap();
+        assert_eq!((proxied.addr, proxied.proxy_header), (plain.addr, true));
         let err = parse_target("udp://127.0.0.1:7").unwrap_err().to_string();
-        assert!(
-            err.contains("udp:// targets are not supported yet"),
-            "{err}"
-        );
+        assert!(err.contains("check does not speak udp://"), "{err}");
         assert!(parse_target("tls://127.0.0.1:7").is_err());
         assert!(parse_target("127.0.0.1").is_err());
     }

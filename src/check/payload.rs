@@ -40,7 +40,7 @@ pub fn checks() -> Vec<Check> {
 
 /// Runs one exchange of `plan` on a new connection; a failed connect is a failure too.
 pub fn exchange_once(ctx: &Context, plan: Plan<'_>) -> Result<exchange::Outcome, Finding> {
-    let stream = exchange::connect(ctx.addr).map_err(|e| {
+    let stream = exchange::connect(ctx.target).map_err(|e| {
         Finding::fail(
             format!("cannot connect: {e}"),
             Evidence {

@@ -87,7 +87,7 @@ fn idle(ctx: &Context) -> Finding {
          then 'after the pause' (16 B)"
     );
     let fail = |summary: String, received: String| Finding::fail_exchange(&sent, summary, received);
-    let mut stream = match exchange::connect(ctx.addr) {
+    let mut stream = match exchange::connect(ctx.target) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot connect: {e}"), e.to_string()),
     };

@@ -10,7 +10,9 @@ use crate::check::CheckPlan;
 /// `multiecho check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// The server to check: HOST:PORT or tcp://HOST:PORT.
+    /// The server to check: HOST:PORT or tcp://HOST:PORT, or tcp+proxy://HOST:PORT for a
+    /// listener that wants a PROXY protocol header first (each connection sends a v1 line
+    /// naming its own two ends, as HAProxy in front would).
     #[arg(value_name = "TARGET")]
     pub target: String,
     /// Print one JSON object on stdout instead of the table.
