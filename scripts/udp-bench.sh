@@ -20,23 +20,8 @@ cc -O2 -o /tmp/udp_mmsg_echo "$root/../shared/bench/udp_mmsg_echo.c"
 mkdir -p "$out/udp-bench"
 runs="$out/udp-bench/runs.tsv"
 
-# Server CPU ticks of PID, its threads and its children (prefork's workers).
-ticks() {
-    local total=0 pid f
-    for pid in "$1" $(pgrep -P "$1" || true); do
-        read -r -a f < "/proc/$pid/stat"
-        total=$((total + f[13] + f[14]))
-    done
-    echo "$total"
-}
-wait_for_udp_port() {
-    for _ in $(seq 1 300); do
-        if ss -Huln "sport = :$1" | grep -q .; then return 0; fi
-        sleep 0.01
-    done
-    echo "nothing listens on udp port $1" >&2
-    return 1
-}
+# shellcheck source=scripts/udp_bench_common.sh
+source "$(dirname "$0")/udp_bench_common.sh"
 
 servers=(udp_echo.c udp_mmsg_echo.c iterative prefork pool epoll async uring)
 declare -A pids ports

@@ -65,6 +65,18 @@ fn bench(addr: SocketAddr, extra: &[&str]) -> Output {
         .expect("run multiecho bench")
 }
 
+/// The JSON report of a bench run that must have succeeded.
+fn json_report(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}: {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).expect("one JSON object")
+}
+
 #[test]
 fn loss_duplicates_and_reordering_are_measured_not_failures() {
     let mut rng = Rng::new(42);
@@ -104,22 +116,15 @@ fn loss_duplicates_and_reordering_are_measured_not_failures() {
             "--json",
         ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "exit {:?}: {stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    let report = json_report(&out);
     let sent = report["sent"].as_f64().unwrap();
     let lost = report["lost"].as_f64().unwrap();
-    assert_eq!(sent, 4000.0, "{stdout}");
+    assert_eq!(sent, 4000.0, "{report}");
     let loss = 100.0 * lost / sent;
-    assert!((3.0..=8.0).contains(&loss), "loss {loss:.2}%: {stdout}");
-    assert!(report["duplicates"].as_u64().unwrap() > 0, "{stdout}");
-    assert!(report["reordered"].as_u64().unwrap() > 0, "{stdout}");
-    assert_eq!(report["mismatches"].as_u64(), Some(0), "{stdout}");
+    assert!((3.0..=8.0).contains(&loss), "loss {loss:.2}%: {report}");
+    assert!(report["duplicates"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["reordered"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["mismatches"].as_u64(), Some(0), "{report}");
 
     // The same loss with a lower bar fails.
     let out = bench(
@@ -193,22 +198,16 @@ fn warm_up_datagrams_are_echoed_and_checked_but_not_counted() {
             "--json",
         ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    let report = json_report(&out);
     let secs = report["duration_secs"].as_f64().unwrap();
     assert!(
         (0.35..0.7).contains(&secs),
-        "the measured window only: {stdout}"
+        "the measured window only: {report}"
     );
     let sent = report["sent"].as_u64().unwrap();
     let echoed = report["requests"].as_u64().unwrap();
-    assert!(echoed > 0 && echoed <= sent, "{stdout}");
-    assert_eq!(report["lost"].as_u64(), Some(0), "{stdout}");
+    assert!(echoed > 0 && echoed <= sent, "{report}");
+    assert_eq!(report["lost"].as_u64(), Some(0), "{report}");
     drop(server);
     let seen = seen.load(Ordering::Relaxed);
     assert!(
@@ -245,17 +244,11 @@ fn trains_on_a_schedule_are_checked_datagram_by_datagram() {
             "--json",
         ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
-    assert_eq!(report["sent"].as_u64(), Some(2000), "{stdout}");
-    assert_eq!(report["requests"].as_u64(), Some(2000), "{stdout}");
-    assert_eq!(report["mismatches"].as_u64(), Some(0), "{stdout}");
-    assert_eq!(report["config"]["udp_gso"].as_u64(), Some(8), "{stdout}");
+    let report = json_report(&out);
+    assert_eq!(report["sent"].as_u64(), Some(2000), "{report}");
+    assert_eq!(report["requests"].as_u64(), Some(2000), "{report}");
+    assert_eq!(report["mismatches"].as_u64(), Some(0), "{report}");
+    assert_eq!(report["config"]["udp_gso"].as_u64(), Some(8), "{report}");
 }
 
 /// A train that cannot be sent is refused before any datagram goes out, in one line.
