@@ -165,12 +165,7 @@ fn the_text_table_names_every_check_and_tcp_urls_work() {
 #[test]
 fn tcp_proxy_targets_send_a_proxy_header_on_every_connection() {
     let server = common::Server::start("epoll", &["--listen", "tcp+proxy://127.0.0.1:0"]);
-    let addr = server
-        .listeners
-        .iter()
-        .find(|(kind, _)| kind == "tcp+proxy")
-        .map(|(_, addr)| *addr)
-        .expect("a tcp+proxy listener");
+    let addr = server.listener("tcp+proxy");
     let output = check(&format!("tcp+proxy://{addr}"), &[]);
     let (report, found) = verdicts(&output);
     assert!(output.status.success(), "{report:#}");

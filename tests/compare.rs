@@ -505,12 +505,7 @@ fn a_udp_sweep_of_the_models_that_serve_it_and_an_external_udp_server() {
         "epoll",
         &["--listen", "udp://127.0.0.1:0", "--udp-rate", "0"],
     );
-    let udp = external
-        .listeners
-        .iter()
-        .find(|(kind, _)| kind == "udp")
-        .map(|(_, addr)| *addr)
-        .expect("the external server's udp listener");
+    let udp = external.listener("udp");
     let named = format!("ext={udp}@{}", external.pid());
     let out = out_dir("udp");
     let output = compare(

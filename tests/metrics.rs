@@ -19,12 +19,7 @@ fn start(model: &str, extra: &[&str]) -> Option<(Server, SocketAddr)> {
     args.extend_from_slice(extra);
     let server = common::start_or_skip(model, &args)?;
     // `--ready-fd`'s last line names the metrics endpoint, bound and accepting.
-    let addr = server
-        .listeners
-        .iter()
-        .find(|(kind, _)| kind == "metrics")
-        .map(|(_, addr)| *addr)
-        .unwrap_or_else(|| panic!("no metrics line on --ready-fd: {:?}", server.listeners));
+    let addr = server.listener("metrics");
     Some((server, addr))
 }
 
@@ -365,12 +360,7 @@ fn start_udp(model: &str, extra: &[&str]) -> Option<(Server, SocketAddr, SocketA
     let mut args = vec!["--listen", "udp://127.0.0.1:0", "--workers", "2"];
     args.extend_from_slice(extra);
     let (server, metrics) = start(model, &args)?;
-    let udp = server
-        .listeners
-        .iter()
-        .find(|(kind, _)| kind == "udp")
-        .map(|(_, addr)| *addr)
-        .unwrap_or_else(|| panic!("no udp listener in {:?}", server.listeners));
+    let udp = server.listener("udp");
     Some((server, metrics, udp))
 }
 

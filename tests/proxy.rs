@@ -275,12 +275,7 @@ fn start_proxy_server(model: &str, extra: &[&str]) -> Option<(Server, SocketAddr
     args.extend_from_slice(extra);
     let server = start_or_skip(model, &args)?;
     // The listeners as the server announced them on --ready-fd: the harness's plain one first.
-    let addr = server
-        .listeners
-        .iter()
-        .find(|(kind, _)| kind == "tcp+proxy")
-        .map(|(_, addr)| *addr)
-        .unwrap_or_else(|| panic!("{model}: no tcp+proxy listener in {:?}", server.listeners));
+    let addr = server.listener("tcp+proxy");
     Some((server, addr))
 }
 

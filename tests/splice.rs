@@ -277,12 +277,7 @@ fn idle_timeout_closes_a_connection_stuck_on_the_splice_path() {
 #[test]
 fn a_proxy_header_is_parsed_before_any_splice() {
     let server = splicing(&["--listen", "tcp+proxy://127.0.0.1:0"]).start();
-    let (_, addr) = server
-        .listeners
-        .iter()
-        .find(|(kind, _)| kind == "tcp+proxy")
-        .cloned()
-        .expect("a tcp+proxy listener");
+    let addr = server.listener("tcp+proxy");
     let data = payload::bytes(12, 3 << 20);
     let mut first = b"PROXY TCP4 10.1.2.3 10.1.2.4 4321 80\r\n".to_vec();
     // The first write also carries the start of the bulk data, after the header.
@@ -361,12 +356,7 @@ fn small_messages_go_back_to_read_and_write() {
 /// bench's connections spliced.
 fn reconciles_with_bench(size: u64) {
     let server = splicing(&["--metrics", "127.0.0.1:0"]).start();
-    let metrics = server
-        .listeners
-        .iter()
-        .find(|(kind, _)| kind == "metrics")
-        .map(|(_, addr)| *addr)
-        .expect("a metrics line on --ready-fd");
+    let metrics = server.listener("metrics");
     let size_arg = size.to_string();
     let report = common::bench_json(
         &server.addr.to_string(),
@@ -422,12 +412,7 @@ fn metrics_reconcile_with_bench_at_256_kib() {
 #[test]
 fn tls_connections_never_splice() {
     let server = splicing(&["--listen", "tls://127.0.0.1:0"]).start();
-    let (_, addr) = server
-        .listeners
-        .iter()
-        .find(|(kind, _)| kind == "tls")
-        .cloned()
-        .expect("a tls listener");
+    let addr = server.listener("tls");
     let report = common::bench_json(
         &format!("tls://{addr}"),
         &[

@@ -181,12 +181,7 @@ fn start_tls(model: &str, scheme: &str, extra: &[&str]) -> (Server, SocketAddr) 
     let mut args = vec!["--listen", listen.as_str()];
     args.extend_from_slice(extra);
     let server = Server::start(model, &args);
-    let addr = server
-        .listeners
-        .iter()
-        .find(|(kind, _)| kind == scheme)
-        .unwrap_or_else(|| panic!("no {scheme} listener in {:?}", server.listeners))
-        .1;
+    let addr = server.listener(scheme);
     (server, addr)
 }
 

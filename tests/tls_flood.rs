@@ -92,12 +92,7 @@ fn client(config: &Arc<ClientConfig>) -> ClientConnection {
 }
 
 fn tls_addr(server: &common::Server) -> SocketAddr {
-    server
-        .listeners
-        .iter()
-        .find(|(kind, _)| kind == "tls")
-        .map(|(_, addr)| *addr)
-        .expect("a tls:// listener")
+    server.listener("tls")
 }
 
 /// Connects and completes a handshake, blocking.

@@ -43,12 +43,7 @@ fn start_with_env(
 
 /// The server's first `udp` listener, as announced on `--ready-fd`.
 fn udp_listener(server: &Server) -> SocketAddr {
-    server
-        .listeners
-        .iter()
-        .find(|(kind, _)| kind == "udp")
-        .map(|(_, addr)| *addr)
-        .unwrap_or_else(|| panic!("no udp listener in {:?}", server.listeners))
+    server.listener("udp")
 }
 
 fn client_socket() -> UdpSocket {

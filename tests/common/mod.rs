@@ -192,6 +192,16 @@ impl ServerBuilder {
 }
 
 impl Server {
+    /// The address of the first listener of `kind` (`tcp+proxy`, `udp`, `tls`, `metrics`) the
+    /// server announced on `--ready-fd`.
+    pub fn listener(&self, kind: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map(|(_, addr)| *addr)
+            .unwrap_or_else(|| panic!("no {kind} listener in {:?}", self.listeners))
+    }
+
     /// `ServerBuilder::new(model).args(extra).try_start()`.
     pub fn try_start(model: &str, extra: &[&str]) -> Result<Server, String> {
         ServerBuilder::new(model).args(extra).try_start()
