@@ -52,7 +52,7 @@ pub enum Model {
     Pool,
     /// Non-blocking event loops on epoll (mio), one per worker.
     Epoll,
-    /// Tokio tasks on a multi-thread runtime.
+    /// Tokio tasks on a current-thread runtime per worker, each with its own accept loop.
     Async,
     /// io_uring submission and completion rings, one per worker thread.
     Uring,
