@@ -492,6 +492,69 @@ fn header_faults_close_only_their_own_connection(model: &str) {
     );
 }
 
+/// For the event models: at the shutdown deadline a connection still waiting for its header
+/// is closed and refused as closed at shutdown (counted, logged), and a served one beside it
+/// is closed and logged as closed at shutdown; the server exits 0 once the deadline passed.
+fn shutdown_deadline_closes_connections_with_and_without_their_header(model: &str) {
+    let Some((mut server, proxy_addr)) = start_proxy_server(
+        model,
+        &[
+            "--workers",
+            "1",
+            "--proxy-timeout",
+            "30s",
+            "--shutdown-timeout",
+            "500ms",
+        ],
+    ) else {
+        return;
+    };
+    // One worker accepts in order: once the second connection's echo is back, the first,
+    // with its ten bytes of a header, has been accepted too and is waiting for the rest.
+    let mut waiting = connect_from(loopback(52), proxy_addr);
+    let waiting_peer = waiting.local_addr().unwrap();
+    waiting
+        .write_all(&v1_line(waiting_peer, proxy_addr)[..10])
+        .unwrap();
+    let mut served = connect_from(loopback(51), proxy_addr);
+    let served_peer = served.local_addr().unwrap();
+    served.write_all(&v1_line(served_peer, proxy_addr)).unwrap();
+    served.write_all(b"served\n").unwrap();
+    common::expect_echo(&mut served, b"served\n", &format!("{model}: served"));
+    server.terminate();
+    let status = server.wait_timeout(PATIENCE).unwrap_or_else(|| {
+        panic!(
+            "{model}: still running after SIGTERM; log:\n{}",
+            server.log()
+        )
+    });
+    assert!(status.success(), "{model}: exit status {status}");
+    for (stream, what) in [(&mut waiting, "half-header"), (&mut served, "served")] {
+        assert!(
+            read_until_closed(stream, PATIENCE).is_empty(),
+            "{model}: the {what} connection got bytes at the deadline"
+        );
+    }
+    let log = server.log();
+    let line_of = |what: &str, peer: SocketAddr| {
+        let wanted = format!("peer={peer} ");
+        log.lines()
+            .find(|line| line.contains(what) && line.contains(&wanted))
+            .unwrap_or_else(|| panic!("{model}: no '{what}' line for {peer}; log:\n{log}"))
+    };
+    let refusal = line_of("connection refused", waiting_peer);
+    assert!(
+        refusal.contains("reason=proxy-header")
+            && refusal.contains("closed at shutdown before the PROXY header"),
+        "{model}: refusal line {refusal:?} does not say shutdown cut the header wait short"
+    );
+    let close = line_of("connection closed", served_peer);
+    assert!(
+        close.contains("closed at shutdown"),
+        "{model}: close line {close:?} does not say shutdown closed it"
+    );
+}
+
 /// Sends `line` through `stream`, half-closes and reads until the server closes; returns the
 /// echo. A refused connection may be reset before the write or the half-close: that is not an
 /// error here, the (empty) echo tells.
@@ -648,3 +711,20 @@ macro_rules! suite {
 }
 
 suite!(iterative, process, prefork, thread, pool, epoll, r#async, uring);
+
+// The event models wait for headers in their event loops; the deadline closes those waits too.
+#[test]
+fn epoll_shutdown_deadline_closes_connections_with_and_without_their_header() {
+    shutdown_deadline_closes_connections_with_and_without_their_header("epoll");
+}
+
+#[test]
+fn async_shutdown_deadline_closes_connections_with_and_without_their_header() {
+    shutdown_deadline_closes_connections_with_and_without_their_header("async");
+}
+
+#[test]
+#[cfg_attr(not(target_os = "linux"), ignore = "io_uring is Linux only")]
+fn uring_shutdown_deadline_closes_connections_with_and_without_their_header() {
+    shutdown_deadline_closes_connections_with_and_without_their_header("uring");
+}

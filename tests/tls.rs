@@ -564,6 +564,72 @@ fn unread_on_server_side(server: SocketAddr, client: SocketAddr) -> Option<u64> 
     })
 }
 
+/// For the event models: a handshake still unfinished at the shutdown deadline is closed and
+/// its close line says shutdown closed it; the server exits 0.
+fn handshake_cut_short_by_the_shutdown_deadline(model: &str) {
+    if !runs_here(model) {
+        return;
+    }
+    let (mut server, addr) = start_tls(
+        model,
+        "tls",
+        &[
+            "--tls-handshake-timeout",
+            "30s",
+            "--shutdown-timeout",
+            "500ms",
+        ],
+    );
+    let mut stream = connect(addr);
+    let me = stream.local_addr().unwrap();
+    // The first bytes of a handshake record, then nothing.
+    stream.write_all(&[0x16, 0x03, 0x01, 0x02]).unwrap();
+    // Read by the server: accepted and in its handshake.
+    assert!(
+        common::wait_until(PATIENCE, || unread_on_server_side(addr, me) == Some(0)),
+        "{model}: the server never read the handshake's first bytes"
+    );
+    server.terminate();
+    let status = server.wait_timeout(PATIENCE).unwrap_or_else(|| {
+        panic!(
+            "{model}: still running after SIGTERM; log:\n{}",
+            server.log()
+        )
+    });
+    assert!(status.success(), "{model}: exit status {status}");
+    let mut buf = [0u8; 64];
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    assert!(
+        matches!(stream.read(&mut buf), Ok(0) | Err(_)),
+        "{model}: the connection is still open"
+    );
+    let log = server.log();
+    let wanted = format!("peer={me} ");
+    let close = log
+        .lines()
+        .find(|line| line.contains("connection closed") && line.contains(&wanted))
+        .unwrap_or_else(|| panic!("{model}: no close line for {me}; log:\n{log}"));
+    assert!(
+        close.contains("closed at shutdown"),
+        "{model}: close line {close:?} does not say shutdown closed it"
+    );
+}
+
+#[test]
+fn epoll_handshake_cut_short_by_the_shutdown_deadline() {
+    handshake_cut_short_by_the_shutdown_deadline("epoll");
+}
+
+#[test]
+fn async_handshake_cut_short_by_the_shutdown_deadline() {
+    handshake_cut_short_by_the_shutdown_deadline("async");
+}
+
+#[test]
+fn uring_handshake_cut_short_by_the_shutdown_deadline() {
+    handshake_cut_short_by_the_shutdown_deadline("uring");
+}
+
 /// A process-model child killed (SIGKILL, as by the OOM killer) in the middle of a handshake
 /// never gives its permit back itself; with `--tls-max-handshakes 1` that permit is the only
 /// one. The cap takes it back from the dead process, so the next client is served at once, not

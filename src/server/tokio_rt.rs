@@ -36,8 +36,10 @@
 //! Shutdown: the first worker's thread also runs the coordinator, which watches the server's
 //! shutdown descriptor through [`AsyncFd`]. Then every accept task stops, the [`TaskTracker`]
 //! of connections (shared by all runtimes) is closed and connections may finish for
-//! `--shutdown-timeout`; those still open are told to close through a [`CancellationToken`],
-//! and each runtime is shut down.
+//! `--shutdown-timeout`; then each runtime is shut down, dropping the tasks still running.
+//! Each connection's [`CloseRecord`] writes its close line when its task ends or is dropped,
+//! so a connection task waits on its socket alone rather than also polling a shutdown signal
+//! (a lock on a shared cache line) at every wake-up.
 //!
 //! UDP (`udp.rs`): each worker's runtime has a task per `udp://` socket, all sharing the one
 //! socket; each waits for readability, receives in batches (`recvmmsg` through `try_io`) until
@@ -82,8 +84,9 @@ mod udp;
 /// The read buffer each worker thread lends to the connection it is running.
 const READ_BUFFER_SIZE: usize = 64 * 1024;
 
-/// How long connections closed at the shutdown deadline get to finish logging.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long a runtime's end waits for threads of its blocking pool: the model starts none, so
+/// this only bounds what a dependency might have started.
+const BLOCKING_POOL_WAIT: Duration = Duration::from_secs(1);
 
 thread_local! {
     static READ_BUFFER: RefCell<Box<[u8]>> =
@@ -101,7 +104,6 @@ pub fn serve(server: &Server) -> crate::Result<()> {
         limit,
         stop_accepting: CancellationToken::new(),
         connections: TaskTracker::new(),
-        close_connections: CancellationToken::new(),
         drained: CancellationToken::new(),
         failure: Mutex::new(None),
         tls,
@@ -150,8 +152,6 @@ struct TaskContext {
     stop_accepting: CancellationToken,
     /// Every connection task, on whichever runtime it runs.
     connections: TaskTracker,
-    /// Cancelled at the shutdown deadline: connection tasks then close their sockets.
-    close_connections: CancellationToken,
     /// Cancelled once the connections have drained (or were given up on): the runtimes end.
     drained: CancellationToken,
     /// The first error that ends the server (a fatal accept error, a runtime that would not
@@ -247,9 +247,9 @@ impl RuntimeWorker {
             // Connection tasks of this runtime run until the coordinator says they have drained.
             shared.drained.cancelled().await;
         });
-        // Connection tasks have ended by now (or been given up on after the grace period); any
-        // task left is dropped here.
-        runtime.shutdown_timeout(CLOSE_GRACE);
+        // Connection tasks still running now outlived the shutdown deadline: they are dropped
+        // here, each writing its close record ([`CloseRecord`]) as closed by shutdown.
+        runtime.shutdown_timeout(BLOCKING_POOL_WAIT);
     }
 }
 
@@ -281,17 +281,9 @@ async fn coordinate_shutdown(
         .await
         .is_err()
     {
+        // The runtimes drop the tasks still running when they end; each one's close record
+        // then says the server closed it.
         shared.lifecycle.log_deadline(connections.len());
-        shared.close_connections.cancel();
-        if tokio::time::timeout(CLOSE_GRACE, connections.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                live = connections.len(),
-                "connections did not close in time"
-            );
-        }
     }
     shared.drained.cancel();
 }
@@ -435,26 +427,62 @@ async fn serve_connection(
     _permit: Permit,
     shared: Arc<TaskContext>,
 ) {
-    let mut bytes = 0u64;
-    let end = tokio::select! {
-        biased;
-        () = shared.close_connections.cancelled() => End::Shutdown,
-        ended = async {
-            // What came with the PROXY header is the start of the stream: echoed first.
-            shared.lifecycle.received(leftover.len());
-            stream.write_all(&leftover).await.map_err(End::Failed)?;
-            shared.lifecycle.sent(leftover.len());
-            bytes += leftover.len() as u64;
-            echo_until_end(&mut stream, &mut bytes, shared.config.idle_timeout, &shared.lifecycle).await
-        } => {
-            match ended {
-                Ok(()) => End::ClientClosed,
-                Err(end) => end,
-            }
-        }
-    };
+    let mut record = CloseRecord::new(&shared.lifecycle, admitted);
+    let ended = async {
+        // What came with the PROXY header is the start of the stream: echoed first.
+        shared.lifecycle.received(leftover.len());
+        stream.write_all(&leftover).await.map_err(End::Failed)?;
+        shared.lifecycle.sent(leftover.len());
+        record.echoed += leftover.len() as u64;
+        echo_until_end(
+            &mut stream,
+            &mut record.echoed,
+            shared.config.idle_timeout,
+            &shared.lifecycle,
+        )
+        .await
+    }
+    .await;
     drop(stream);
-    shared.lifecycle.close(admitted, bytes, &end);
+    record.close(&ended.err().unwrap_or(End::ClientClosed));
+}
+
+/// The one close record of a connection. Its task writes it when the connection ends; a task
+/// still running at the shutdown deadline is dropped with its runtime instead, and the record
+/// then says the server closed it. So a connection task waits on its socket alone: no
+/// shutdown signal is polled (and its lock taken) at every wake-up.
+pub(super) struct CloseRecord<'a> {
+    lifecycle: &'a Lifecycle,
+    /// Taken when the record is written.
+    admitted: Option<Admitted>,
+    /// Bytes echoed so far.
+    pub(super) echoed: u64,
+}
+
+impl<'a> CloseRecord<'a> {
+    pub(super) fn new(lifecycle: &'a Lifecycle, admitted: Admitted) -> Self {
+        CloseRecord {
+            lifecycle,
+            admitted: Some(admitted),
+            echoed: 0,
+        }
+    }
+
+    /// Writes the record: the connection ended this way.
+    pub(super) fn close(mut self, end: &End) {
+        if let Some(admitted) = self.admitted.take() {
+            self.lifecycle.close(admitted, self.echoed, end);
+        }
+    }
+}
+
+impl Drop for CloseRecord<'_> {
+    fn drop(&mut self) {
+        // Not written by its task: the runtime dropped the task at the shutdown deadline.
+        if let Some(admitted) = self.admitted.take() {
+            self.lifecycle.close(admitted, self.echoed, &End::Shutdown);
+        }
+    }
 }
 
 /// A `+proxy` connection: reads its PROXY header within `--proxy-timeout`, admits the client
@@ -466,23 +494,15 @@ async fn serve_proxied(
     permit: Permit,
     shared: Arc<TaskContext>,
 ) {
-    let mut reader = HeaderReader::new();
-    let read = tokio::select! {
-        biased;
-        () = shared.close_connections.cancelled() => Err(HeaderError::Truncated { received: reader.buffered() }),
-        read = tokio::time::timeout(shared.lifecycle.proxy_timeout(), read_header(&mut stream, &mut reader)) => {
-            read.unwrap_or_else(|_elapsed| Err(reader.timed_out()))
-        }
+    let mut wait = HeaderWait {
+        lifecycle: &shared.lifecycle,
+        proxy,
+        reader: Some(HeaderReader::new()),
     };
-    let (header, leftover) = match read {
-        Ok(read) => read,
-        Err(e) => {
-            shared
-                .lifecycle
-                .refuse_because(proxy, Refusal::ProxyHeader, Some(&e));
-            return;
-        }
+    let Some((header, leftover)) = wait.read(&mut stream).await else {
+        return;
     };
+    drop(wait);
     let Ok(admitted) = shared.lifecycle.admit_proxied(listener, proxy, &header) else {
         return;
     };
@@ -491,6 +511,47 @@ async fn serve_proxied(
         tls::serve(stream, admitted, leftover, permit, shared).await;
     } else {
         serve_connection(stream, admitted, leftover, permit, shared).await;
+    }
+}
+
+/// The wait for a `+proxy` connection's header, within `--proxy-timeout`. A task dropped
+/// while it waits (at the shutdown deadline) still records the refusal.
+struct HeaderWait<'a> {
+    lifecycle: &'a Lifecycle,
+    proxy: SocketAddr,
+    /// Taken once the wait has an outcome.
+    reader: Option<HeaderReader>,
+}
+
+impl HeaderWait<'_> {
+    /// The header and what followed it; `None` once a missing, bad or late header has been
+    /// refused (counted and logged).
+    async fn read(&mut self, stream: &mut TcpStream) -> Option<(ProxyHeader, Vec<u8>)> {
+        let reader = self.reader.as_mut()?;
+        let read =
+            tokio::time::timeout(self.lifecycle.proxy_timeout(), read_header(stream, reader))
+                .await
+                .unwrap_or_else(|_elapsed| Err(reader.timed_out()));
+        self.reader = None;
+        match read {
+            Ok(read) => Some(read),
+            Err(e) => {
+                self.lifecycle
+                    .refuse_because(self.proxy, Refusal::ProxyHeader, Some(&e));
+                None
+            }
+        }
+    }
+}
+
+impl Drop for HeaderWait<'_> {
+    fn drop(&mut self) {
+        if self.reader.take().is_some() {
+            // As the other event models word it.
+            let why = format_args!("{} before the PROXY header", End::Shutdown);
+            self.lifecycle
+                .refuse_because(self.proxy, Refusal::ProxyHeader, Some(&why));
+        }
     }
 }
 

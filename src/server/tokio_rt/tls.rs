@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::{IdleTimer, TaskContext};
+use super::{CloseRecord, IdleTimer, TaskContext};
 use crate::server::conn::limit::Permit;
 use crate::server::conn::{Admitted, End, Lifecycle};
 use crate::tls::{HandshakeCap, HandshakeError, HandshakePermit, TlsServer};
@@ -65,20 +65,22 @@ pub(super) async fn serve(
         return;
     };
     let peer = admitted.peer;
-    let mut echoed = 0u64;
-    let end = tokio::select! {
-        biased;
-        () = shared.close_connections.cancelled() => End::Shutdown,
-        ended = async {
-            let mut stream = handshake(stream, early, tls).await.map_err(End::Handshake)?;
-            shared.lifecycle.handshake_completed(peer);
-            echo(&mut stream, &mut echoed, shared.config.idle_timeout, &shared.lifecycle).await
-        } => match ended {
-            Ok(()) => End::ClientClosed,
-            Err(end) => end,
-        },
-    };
-    shared.lifecycle.close(admitted, echoed, &end);
+    let mut record = CloseRecord::new(&shared.lifecycle, admitted);
+    let ended = async {
+        let mut stream = handshake(stream, early, tls)
+            .await
+            .map_err(End::Handshake)?;
+        shared.lifecycle.handshake_completed(peer);
+        echo(
+            &mut stream,
+            &mut record.echoed,
+            shared.config.idle_timeout,
+            &shared.lifecycle,
+        )
+        .await
+    }
+    .await;
+    record.close(&ended.err().unwrap_or(End::ClientClosed));
 }
 
 /// The handshake, under the cap and within the handshake timeout.
