@@ -521,13 +521,7 @@ fn shutdown_deadline_closes_connections_with_and_without_their_header(model: &st
     served.write_all(&v1_line(served_peer, proxy_addr)).unwrap();
     served.write_all(b"served\n").unwrap();
     common::expect_echo(&mut served, b"served\n", &format!("{model}: served"));
-    server.terminate();
-    let status = server.wait_timeout(PATIENCE).unwrap_or_else(|| {
-        panic!(
-            "{model}: still running after SIGTERM; log:\n{}",
-            server.log()
-        )
-    });
+    let status = server.terminate_and_wait();
     assert!(status.success(), "{model}: exit status {status}");
     for (stream, what) in [(&mut waiting, "half-header"), (&mut served, "served")] {
         assert!(

@@ -589,13 +589,7 @@ fn handshake_cut_short_by_the_shutdown_deadline(model: &str) {
         common::wait_until(PATIENCE, || unread_on_server_side(addr, me) == Some(0)),
         "{model}: the server never read the handshake's first bytes"
     );
-    server.terminate();
-    let status = server.wait_timeout(PATIENCE).unwrap_or_else(|| {
-        panic!(
-            "{model}: still running after SIGTERM; log:\n{}",
-            server.log()
-        )
-    });
+    let status = server.terminate_and_wait();
     assert!(status.success(), "{model}: exit status {status}");
     let mut buf = [0u8; 64];
     stream.set_read_timeout(Some(PATIENCE)).unwrap();

@@ -261,6 +261,12 @@ impl Server {
 
     /// SIGTERM, then wait; panics if the server does not exit in time.
     pub fn stop(mut self) -> ExitStatus {
+        self.terminate_and_wait()
+    }
+
+    /// SIGTERM, then wait, keeping the server's log to read; panics if it does not exit in
+    /// time.
+    pub fn terminate_and_wait(&mut self) -> ExitStatus {
         self.terminate();
         self.wait_timeout(PATIENCE)
             .unwrap_or_else(|| panic!("server did not exit after SIGTERM; log:\n{}", self.log()))
