@@ -444,7 +444,7 @@ async fn serve_connection(
     }
     .await;
     drop(stream);
-    record.close(&ended.err().unwrap_or(End::ClientClosed));
+    record.close(ended);
 }
 
 /// The one close record of a connection. Its task writes it when the connection ends; a task
@@ -468,10 +468,11 @@ impl<'a> CloseRecord<'a> {
         }
     }
 
-    /// Writes the record: the connection ended this way.
-    pub(super) fn close(mut self, end: &End) {
+    /// Writes the record: the connection's serving ended this way (`Ok`: the client closed).
+    pub(super) fn close(mut self, ended: Result<(), End>) {
         if let Some(admitted) = self.admitted.take() {
-            self.lifecycle.close(admitted, self.echoed, end);
+            let end = ended.err().unwrap_or(End::ClientClosed);
+            self.lifecycle.close(admitted, self.echoed, &end);
         }
     }
 }

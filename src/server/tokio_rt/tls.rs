@@ -80,7 +80,7 @@ pub(super) async fn serve(
         .await
     }
     .await;
-    record.close(&ended.err().unwrap_or(End::ClientClosed));
+    record.close(ended);
 }
 
 /// The handshake, under the cap and within the handshake timeout.
