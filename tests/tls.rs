@@ -564,8 +564,9 @@ fn unread_on_server_side(server: SocketAddr, client: SocketAddr) -> Option<u64> 
     })
 }
 
-/// For the event models: a handshake still unfinished at the shutdown deadline is closed and
-/// its close line says shutdown closed it; the server exits 0.
+/// A handshake still unfinished at the shutdown deadline is closed and its close line says
+/// shutdown closed it, not the client (the blocking models' read sees an end of stream once
+/// their deadline shuts the socket down); the server exits 0.
 fn handshake_cut_short_by_the_shutdown_deadline(model: &str) {
     if !runs_here(model) {
         return;
@@ -607,6 +608,16 @@ fn handshake_cut_short_by_the_shutdown_deadline(model: &str) {
         close.contains("closed at shutdown"),
         "{model}: close line {close:?} does not say shutdown closed it"
     );
+}
+
+#[test]
+fn thread_handshake_cut_short_by_the_shutdown_deadline() {
+    handshake_cut_short_by_the_shutdown_deadline("thread");
+}
+
+#[test]
+fn process_handshake_cut_short_by_the_shutdown_deadline() {
+    handshake_cut_short_by_the_shutdown_deadline("process");
 }
 
 #[test]

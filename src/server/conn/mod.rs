@@ -251,9 +251,14 @@ impl Lifecycle {
     /// The end of an admitted connection that echoed `bytes` (for its log line: the counters
     /// were fed as the bytes flowed): its one info line, the counters, its slot back.
     pub fn close(&self, admitted: Admitted, bytes: u64, end: &End) {
-        // A connection that ended after the deadline shut it down was closed by the server.
+        // A connection that ended after the deadline shut it down was closed by the server; a
+        // handshake it cut short is not the client's failure either.
         let end = match end {
-            End::ClientClosed | End::Failed(_) | End::Truncated | End::IdleTimeout
+            End::ClientClosed
+            | End::Failed(_)
+            | End::Truncated
+            | End::IdleTimeout
+            | End::Handshake(_)
                 if self.deadline_passed.load(Ordering::SeqCst) =>
             {
                 &End::Shutdown
