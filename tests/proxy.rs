@@ -538,14 +538,7 @@ fn shutdown_deadline_closes_connections_with_and_without_their_header(model: &st
             .unwrap_or_else(|| panic!("{model}: no '{what}' line for {peer}; log:\n{log}"))
     };
     let refusal = line_of("connection refused", waiting_peer);
-    // The blocking models end a header wait by shutting its socket down, which their read
-    // sees as the client's end of stream (the same discrepancy as their close lines, see
-    // tests/in_process.rs); the event models know it was the deadline.
-    let why = if matches!(model, "thread" | "process") {
-        "connection closed after 10 bytes of an incomplete PROXY header"
-    } else {
-        "closed at shutdown before the PROXY header"
-    };
+    let why = "closed at shutdown before the PROXY header";
     assert!(
         refusal.contains("reason=proxy-header") && refusal.contains(why),
         "{model}: refusal line {refusal:?} does not say {why:?}"

@@ -193,6 +193,16 @@ impl Lifecycle {
         reason: Refusal,
         detail: Option<&dyn fmt::Display>,
     ) {
+        // A header wait that the deadline cut short: the blocking models read their own
+        // shutdown of the socket as the proxy's end of stream; say what it was, as the event
+        // models do.
+        let at_shutdown = format_args!("{} before the PROXY header", End::Shutdown);
+        let detail =
+            if reason == Refusal::ProxyHeader && self.deadline_passed.load(Ordering::SeqCst) {
+                Some(&at_shutdown as &dyn fmt::Display)
+            } else {
+                detail
+            };
         self.stats.connection_refused(reason);
         if self
             .admission
